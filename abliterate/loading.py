@@ -1,0 +1,166 @@
+"""Load a model and its tokenizer from a local folder or a hub id, with the options every command shares.
+
+User mistakes (missing folder, no config.json, unknown hub id, no chat template) become one-line UserErrors.
+Nothing here runs code from the model folder unless the user passes --trust-remote-code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from .cli import UserError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, quant_flag: str = "--quant") -> None:
+    """The loading flags shared by measure, chat and evaluate."""
+    g = parser.add_argument_group("model loading")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights dtype (default: auto = as stored in the checkpoint; float32 on CPU for half types)")
+    g.add_argument("--device", default=None,
+                   help="put the whole model on this device (cpu, cuda, cuda:1, mps); overrides --device-map")
+    g.add_argument("--device-map", default=None,
+                   help="accelerate device map (default: 'auto' over all GPUs when CUDA is present, else CPU/MPS)")
+    g.add_argument(quant_flag, dest="quant", choices=("4bit", "8bit"), default=None,
+                   help="load with bitsandbytes 4-bit or 8-bit quantization (needs CUDA; ignored with a message otherwise)")
+    g.add_argument("--flash-attn", action="store_true",
+                   help="use flash_attention_2 (needs the flash-attn package and a GPU)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model folder's own Python code to run (off by default: nothing we read executes)")
+    g.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template file to use when the tokenizer has none")
+
+
+def resolve_model(model: str) -> str:
+    """Check a model argument: an existing folder with config.json, or something shaped like a hub id."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"--model {model} is a file; give the model folder (the one holding config.json)")
+        if not (p / "config.json").is_file():
+            raise UserError(f"--model {model}: folder has no config.json; give a Hugging Face model folder")
+        return str(p)
+    if model.startswith((".", "/", "~")) or not _HUB_ID.match(model):
+        raise UserError(f"--model {model}: no such folder, and it is not a hub id (owner/name); fix the path")
+    return model
+
+
+def read_config(model: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--model {model}: cannot load its config ({first}); check the id or path") from None
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False, chat_template: str | None = None,
+                   require_chat_template: bool = True):
+    """Tokenizer with left padding (the last prompt token is then at position -1 for every row)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--model {model}: cannot load its tokenizer ({first})") from None
+    if chat_template:
+        path = Path(chat_template)
+        if not path.is_file():
+            raise UserError(f"--chat-template {chat_template}: no such file; give a Jinja template file")
+        tok.chat_template = path.read_text(encoding="utf-8")
+    if require_chat_template and not getattr(tok, "chat_template", None):
+        raise UserError(
+            f"--model {model}: the tokenizer has no chat template; pass --chat-template FILE.jinja "
+            "(a base model without one is not a chat model)"
+        )
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def default_device_map(device: str | None, device_map: str | None):
+    import torch
+
+    if device:
+        return {"": device}
+    if device_map:
+        return device_map
+    if torch.cuda.is_available():
+        return "auto"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return {"": "mps"}
+    return {"": "cpu"}
+
+
+def load_model(model: str, dtype: str = "auto", device: str | None = None, device_map: str | None = None,
+               quant: str | None = None, flash_attn: bool = False, trust_remote_code: bool = False,
+               verbose: bool = False):
+    """Load a causal LM for inference (eval mode, no grad needed)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(model, trust_remote_code)
+    dmap = default_device_map(device, device_map)
+    on_cpu = isinstance(dmap, dict) and str(dmap.get("", "")).startswith("cpu")
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "device_map": dmap}
+
+    if dtype == "auto":
+        # Half types are slow and lossy on most CPUs; compute in float32 there.
+        kwargs["dtype"] = torch.float32 if on_cpu else "auto"
+    else:
+        kwargs["dtype"] = getattr(torch, dtype)
+
+    model_type = getattr(config, "model_type", "")
+    if flash_attn:
+        kwargs["attn_implementation"] = "flash_attention_2"
+    elif model_type == "gpt_oss" or on_cpu:
+        # GPT-OSS attention sinks need eager attention (sdpa is refused for it); on CPU eager is also exact.
+        kwargs["attn_implementation"] = "eager"
+
+    qcfg = getattr(config, "quantization_config", None)
+    qmethod = (qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None))
+    if quant:
+        if not torch.cuda.is_available():
+            print(f"note: --quant {quant} skipped: bitsandbytes quantization needs a CUDA GPU; loading unquantized",
+                  file=sys.stderr)
+        elif qmethod is not None:
+            print(f"note: --quant {quant} skipped: the checkpoint is already quantized ({qmethod})", file=sys.stderr)
+        else:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = (
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+                if quant == "4bit" else BitsAndBytesConfig(load_in_8bit=True)
+            )
+    if str(qmethod) == "mxfp4" and "quantization_config" not in kwargs and (on_cpu or not torch.cuda.is_available()):
+        # Original GPT-OSS checkpoints: without GPU kernels, dequantize the MXFP4 experts to bf16 on load.
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--model {model}: cannot load the model ({first})") from None
+    lm.eval()
+    if verbose:
+        print(f"loaded {model}: {model_type}, dtype {next(lm.parameters()).dtype}, device map {dmap}", file=sys.stderr)
+    return lm
+
+
+def model_type_of(model: str) -> str:
+    """model_type from a local config.json without importing transformers (for quick checks)."""
+    cfg = Path(model) / "config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text()).get("model_type", "")
+    return ""

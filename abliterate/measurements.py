@@ -1,0 +1,174 @@
+"""The measurement file: what measure.py writes and analyze.py / sharded_ablate.py read.
+
+Format (DESIGN.md section 5): one safetensors file. Tensors, all indexed by *measurement index* k:
+
+    harmful_mean, harmless_mean   [L+1, H] float64   class means of the residual at the last prompt token
+    directions                    [L+1, H] float64   refusal direction per index (harmful - harmless mean,
+                                                     projected against the harmless mean when `projected`);
+                                                     not normalised: its norm is the separation in activation units
+    harmful_sq_norm, harmless_sq_norm [L+1] float64  mean squared norm of the activations (gives total variance)
+    harmful_proj, harmless_proj   [L+1, N] float32   each prompt's projection on index k's unit direction
+                                                     (per-prompt statistics for separation scores)
+
+LAYER CONVENTION: index 0 is the embedding output; index k in 1..L is the residual stream after decoder
+layer k-1 (the input of layer k). Index L is the last decoder layer's output *before* the final norm.
+This is transformers' `hidden_states` numbering, except that its last entry there is after the final norm.
+
+The JSON metadata lives in the safetensors header (string values only), under the key "abliterate".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cli import UserError
+
+FORMAT = "abliterate.measurements/1"
+LAYER_CONVENTION = (
+    "index 0 = embedding output; index k (1..L) = residual stream after decoder layer k-1 "
+    "(index L is before the final norm); activations at the last prompt token"
+)
+TENSOR_NAMES = (
+    "harmful_mean",
+    "harmless_mean",
+    "directions",
+    "harmful_sq_norm",
+    "harmless_sq_norm",
+    "harmful_proj",
+    "harmless_proj",
+)
+
+
+@dataclass
+class Measurements:
+    harmful_mean: torch.Tensor  # [L+1, H]
+    harmless_mean: torch.Tensor  # [L+1, H]
+    directions: torch.Tensor  # [L+1, H]
+    harmful_sq_norm: torch.Tensor | None = None  # [L+1]
+    harmless_sq_norm: torch.Tensor | None = None  # [L+1]
+    harmful_proj: torch.Tensor | None = None  # [L+1, N_harmful]
+    harmless_proj: torch.Tensor | None = None  # [L+1, N_harmless]
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def num_indices(self) -> int:
+        """L+1: the number of measurement indices (embedding output plus one per decoder layer)."""
+        return int(self.harmful_mean.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_indices - 1
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.harmful_mean.shape[1])
+
+    def direction(self, index: int) -> torch.Tensor:
+        """The (unnormalised) refusal direction at measurement index `index`, float64."""
+        if not 0 <= index < self.num_indices:
+            raise UserError(
+                f"measurement index {index} is out of range: this file has indices 0..{self.num_indices - 1} "
+                f"({LAYER_CONVENTION})"
+            )
+        return self.directions[index].to(torch.float64)
+
+    def validate(self, source: str = "measurements") -> None:
+        """Shapes agree and every number is finite; raise UserError naming the tensor otherwise."""
+        n, h = self.harmful_mean.shape if self.harmful_mean.dim() == 2 else (None, None)
+        if n is None:
+            raise UserError(f"{source}: harmful_mean must be 2-D [layers+1, hidden], got {tuple(self.harmful_mean.shape)}")
+        for name in TENSOR_NAMES:
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if t.shape[0] != n:
+                raise UserError(f"{source}: tensor {name} has {t.shape[0]} rows, expected {n}; the file is inconsistent")
+            if name in ("harmless_mean", "directions") and tuple(t.shape) != (n, h):
+                raise UserError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {(n, h)}")
+            if not torch.isfinite(t).all():
+                bad = (~torch.isfinite(t.reshape(n, -1))).any(dim=1).nonzero().flatten().tolist()
+                raise UserError(
+                    f"{source}: tensor {name} has NaN or inf values at measurement indices {bad[:10]}; "
+                    "re-measure (try --dtype float32 or --clip)"
+                )
+
+
+def save_measurements(m: Measurements, path: str | Path) -> None:
+    """Write `m` to `path` (a safetensors file). Callers wanting atomicity pass a temporary path."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name in TENSOR_NAMES:
+        t = getattr(m, name)
+        if t is not None:
+            tensors[name] = t.detach().cpu().contiguous()
+    meta = dict(m.metadata)
+    meta.setdefault("format", FORMAT)
+    meta.setdefault("layer_convention", LAYER_CONVENTION)
+    save_file(tensors, str(path), metadata={"abliterate": json.dumps(meta, sort_keys=True)})
+
+
+def load_measurements(path: str | Path) -> Measurements:
+    """Load a measurement file: ours (.safetensors) or the peer tool's legacy torch dict (.pt/.refuse/.bin).
+
+    Raises UserError with one line for a missing, corrupt or foreign file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"measurement file {p} does not exist; run measure.py first or fix the path")
+    if p.is_dir():
+        raise UserError(f"measurement file {p} is a folder; give the .safetensors file measure.py wrote")
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    if _looks_like_safetensors(p):
+        return _load_safetensors(p)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch.save) or raw pickle protocol
+        from .legacy import load_legacy_measurements
+
+        return load_legacy_measurements(p)
+    raise UserError(
+        f"{p} is not a measurement file (neither safetensors nor a torch .pt dict); give the file measure.py wrote"
+    )
+
+
+def _looks_like_safetensors(p: Path) -> bool:
+    size = p.stat().st_size
+    if size < 10:
+        return False
+    with open(p, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if n <= 0 or n > min(size - 8, 100_000_000):
+            return False
+        first = fh.read(1)
+    return first == b"{"
+
+
+def _load_safetensors(p: Path) -> Measurements:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta_raw = (f.metadata() or {}).get("abliterate")
+            keys = set(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys if k in TENSOR_NAMES}
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
+        raise UserError(f"{p}: cannot read it as safetensors ({exc}); the file is truncated or corrupt, re-measure") from None
+    if meta_raw is None or "harmful_mean" not in tensors or "harmless_mean" not in tensors:
+        raise UserError(
+            f"{p} is a safetensors file but not an abliterate measurement file (no 'abliterate' metadata or means); "
+            "give the file measure.py wrote"
+        )
+    try:
+        meta = json.loads(meta_raw)
+    except json.JSONDecodeError:
+        raise UserError(f"{p}: its 'abliterate' metadata is not valid JSON; the file is corrupt, re-measure") from None
+    if "directions" not in tensors:
+        tensors["directions"] = tensors["harmful_mean"].double() - tensors["harmless_mean"].double()
+    m = Measurements(metadata=meta, **tensors)
+    m.validate(str(p))
+    return m
+
