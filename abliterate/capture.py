@@ -265,7 +265,7 @@ class Runner:
         bar = tqdm(total=len(order), desc=desc, unit="prompt", file=sys.stderr, disable=not self.options.progress,
                    dynamic_ncols=True)
         start = 0
-        with LastTokenHooks(self.layers) as hooks:
+        with LastTokenHooks(self.layers) as hooks, bar:  # closing the bar first keeps an error on its own line
             while start < len(order):
                 rows = order[start:start + self.batch_size]
                 t0 = time.perf_counter()
@@ -286,7 +286,6 @@ class Runner:
                                f"{(time.perf_counter() - t0) * 1000:.0f} ms, {_memory_note()}", file=sys.stderr)
                 start += len(rows)
                 bar.update(len(rows))
-        bar.close()
 
     def _shrink(self) -> None:
         if self.batch_size == 1:

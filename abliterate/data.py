@@ -25,7 +25,8 @@ def load_prompts(source: str | None, kind: str, split: str = "train", column: st
     """The prompts of `source`, or the bundled `kind` set ("harmful"/"harmless") of `split` when source is None.
 
     User files are used whole (`split` only applies to the bundled sets and to hub datasets). `limit` keeps the
-    first N prompts.
+    first N prompts. `column` picks the field of records (.json/.jsonl/.csv/.parquet/hub); files without fields
+    (.txt, JSON lists of strings) do not use it, so one --column can serve a .txt and a .csv together.
     """
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be at least 1")
@@ -57,8 +58,6 @@ def _load_source(source: str, column: str | None, split: str) -> list[str]:
             f"prompt file {source}: unknown extension {ext or '(none)'!r}; use one of {', '.join(SUPPORTED_EXTENSIONS)}"
         )
     if ext == ".txt":
-        if column:
-            raise UserError(f"--column {column}: {source} is a plain text file (one prompt per line) and has no columns")
         return _read_text(path).splitlines()
     if ext == ".json":
         return _from_json(path, column)
@@ -95,9 +94,7 @@ def _records_to_texts(records: list, column: str | None, where: str, line_number
     chosen = None
     for i, rec in enumerate(records):
         loc = f"{where} line {line_numbers[i]}" if line_numbers else f"{where} entry {i}"
-        if isinstance(rec, str):
-            if column:
-                raise UserError(f"--column {column}: {loc} is a plain string, not an object with fields; drop --column")
+        if isinstance(rec, str):  # plain strings have no fields: --column (meant for the other file) does not apply
             texts.append(rec)
             continue
         if not isinstance(rec, dict):
