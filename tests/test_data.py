@@ -68,9 +68,14 @@ def test_blank_entries_dropped_with_a_note(tmp_path, capsys):
 @pytest.mark.parametrize("text", ["", "\n  \n\t\n"])
 def test_empty_or_blank_file(tmp_path, text):
     for ext in (".txt", ".jsonl", ".json", ".csv"):
-        body = text if ext != ".json" or not text.strip() else text
         with pytest.raises(UserError, match="no prompts"):
-            load_prompts(write(tmp_path, "e" + ext, body), "harmful")
+            load_prompts(write(tmp_path, "e" + ext, text), "harmful")
+
+
+def test_empty_json_list_and_blank_strings(tmp_path):
+    for body in ("[]", '["", "   "]', '[{"text": " "}]'):
+        with pytest.raises(UserError, match="no prompts"):
+            load_prompts(write(tmp_path, "e.json", body), "harmful")
 
 
 def test_missing_file_and_unknown_extension(tmp_path):

@@ -380,3 +380,27 @@ def test_interrupted_run_leaves_nothing(llama_folder, tmp_path, prompt_files, ru
     code, _, err = run_cli(main, base_args(llama_folder, out, prompt_files))
     assert code == 130 and not out.exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_default_prompts_are_the_bundled_train_split(llama_folder, tmp_path, run_cli, monkeypatch):
+    """Without --data-* flags, measure uses the bundled sets' train split (a stand-in data folder here, so the
+    test does not depend on the shipped files' contents)."""
+    from abliterate import bundled
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for kind, texts in (("harmful", HARMFUL * 3), ("harmless", HARMLESS * 2)):
+        texts = [f"{t} {i}" for i, t in enumerate(texts)]
+        (data / f"{kind}.jsonl").write_text("\n".join(json.dumps({"text": t, "category": "x"}) for t in texts))
+    monkeypatch.setattr(bundled, "data_folder", lambda: data)
+    out = tmp_path / "m.safetensors"
+    code, _, err = run_cli(main, ["-m", llama_folder, "-o", out])
+    assert code == 0, err
+    meta = load_measurements(out).metadata
+    train_harmful = bundled.bundled_prompts("harmful", "train")
+    assert 0 < meta["n_harmful"] == len(train_harmful) < len(HARMFUL) * 3
+    assert meta["n_harmless"] == len(bundled.bundled_prompts("harmless", "train"))
+    from abliterate.data import prompts_sha256
+
+    assert meta["harmful_sha256"] == prompts_sha256(train_harmful)
+    assert meta["data_harmful"] == "bundled:harmful/train"
