@@ -12,14 +12,19 @@ Statistics, per class (harmful / harmless):
   - a per-prompt buffer of the last-token activations, float32 on CPU, [L+1, N, H], kept only for the run:
     each prompt's projection on its index's final unit direction needs the direction, which is known only after
     both classes are done. The buffer is the one thing that grows with the number of prompts; --verbose prints
-    its size (e.g. gpt-oss-20b, 25 indices x 2880 x 4 bytes = 288 KB per prompt).
+    its size (e.g. gpt-oss-20b, 25 indices x 2880 x 4 bytes = 288 KB per prompt). Past SPILL_BYTES (both classes
+    together) it lives in a memory-mapped temporary file instead of RAM, deleted when the run ends, so RAM use
+    stays flat however many prompts are measured.
 Prompts are sorted by token length (longest first, so a CUDA out-of-memory shows up on the first batch) to cut
 padding; results are stored back in the caller's prompt order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +35,7 @@ from .directions import difference_of_means, project_out, winsorize
 from .measurements import Measurements
 
 _SKIP_MODULE_PARTS = ("vision", "visual", "audio", "image", "mtp", "encoder.")
+SPILL_BYTES = 2 * 2**30  # per-prompt buffers larger than this (both classes) go to a memory-mapped temp file
 
 
 # ----------------------------------------------------------------------------------------------- locating layers
@@ -152,6 +158,7 @@ class ClassStats:
     hidden: int
     n_prompts: int
     clip: float | None = None
+    spill_file: str | None = None  # back the buffer with this (new) file instead of RAM
     total: torch.Tensor = field(init=False)
     sq_norm_total: torch.Tensor = field(init=False)
     buffer: torch.Tensor = field(init=False)
@@ -160,12 +167,18 @@ class ClassStats:
     def __post_init__(self):
         self.total = torch.zeros(self.num_indices, self.hidden, dtype=torch.float64)
         self.sq_norm_total = torch.zeros(self.num_indices, dtype=torch.float64)
-        self.buffer = torch.empty(self.num_indices, self.n_prompts, self.hidden, dtype=torch.float32)
+        shape = (self.num_indices, self.n_prompts, self.hidden)
+        if self.spill_file:
+            numel = shape[0] * shape[1] * shape[2]
+            self.buffer = torch.from_file(self.spill_file, shared=True, size=numel, dtype=torch.float32).view(shape)
+        else:
+            self.buffer = torch.empty(shape, dtype=torch.float32)
 
     def add(self, acts: torch.Tensor, rows: list[int]) -> None:
         """acts: [L+1, B, H] float64 for the prompts at positions `rows` of the caller's list."""
         if self.clip is not None and self.clip < 1.0:
-            acts = winsorize(acts, self.clip)
+            # one index at a time: torch.quantile refuses inputs past 16M elements
+            acts = torch.stack([winsorize(a, self.clip) for a in acts])
         self.total += acts.sum(dim=1)
         self.sq_norm_total += acts.pow(2).sum(dim=-1).sum(dim=1)
         self.buffer[:, rows, :] = acts.to(torch.float32)
@@ -314,18 +327,42 @@ def measure_directions(model, tokenizer, harmful_ids: list[list[int]], harmless_
     """Run both prompt classes and return the Measurements (metadata: capture facts only) and run info."""
     runner = Runner(model, tokenizer.pad_token_id, options)
     hidden = int(text_config(model).hidden_size)
-    harmful = ClassStats(runner.num_indices, hidden, len(harmful_ids), options.clip)
-    harmless = ClassStats(runner.num_indices, hidden, len(harmless_ids), options.clip)
-    if options.verbose:
-        mib = (harmful.buffer_bytes + harmless.buffer_bytes) / 2**20
-        print(f"decoder layers: {len(runner.layers)} (owner {type(runner.text_model).__name__}); per-prompt buffer "
-              f"{runner.num_indices} x {len(harmful_ids) + len(harmless_ids)} x {hidden} float32 = {mib:.1f} MiB "
-              "on CPU for the run", file=sys.stderr)
-    t0 = time.perf_counter()
-    runner.run(harmful_ids, harmful, "harmful")
-    runner.run(harmless_ids, harmless, "harmless")
-    seconds = time.perf_counter() - t0
+    n_total = len(harmful_ids) + len(harmless_ids)
+    buffer_bytes = 4 * runner.num_indices * n_total * hidden
+    with contextlib.ExitStack() as stack:
+        spill = None
+        if buffer_bytes > SPILL_BYTES:
+            spill = stack.enter_context(tempfile.TemporaryDirectory(prefix="abliterate-acts-"))
+        where = f"memory-mapped in {spill} (deleted at the end)" if spill else "in RAM"
+        if spill or options.verbose:
+            print(f"per-prompt activation buffer: {runner.num_indices} indices x {n_total} prompts x {hidden} float32 "
+                  f"= {buffer_bytes / 2**20:.1f} MiB, {where}", file=sys.stderr)
+        if options.verbose:
+            print(f"decoder layers: {len(runner.layers)} (run by {type(runner.text_model).__name__})",
+                  file=sys.stderr)
+        harmful = ClassStats(runner.num_indices, hidden, len(harmful_ids), options.clip,
+                             os.path.join(spill, "harmful.f32") if spill else None)
+        harmless = ClassStats(runner.num_indices, hidden, len(harmless_ids), options.clip,
+                              os.path.join(spill, "harmless.f32") if spill else None)
+        t0 = time.perf_counter()
+        runner.run(harmful_ids, harmful, "harmful")
+        runner.run(harmless_ids, harmless, "harmless")
+        seconds = time.perf_counter() - t0
+        m = _finish(harmful, harmless, options)
+        del harmful.buffer, harmless.buffer  # release the mapping before the folder goes
+    m.metadata.update({"num_layers": len(runner.layers), "batch_size": options.batch_size})
+    info = {
+        "seconds": seconds,
+        "final_batch_size": runner.batch_size,
+        "tokens": runner.tokens_seen,
+        "padded_tokens": runner.padded_tokens,
+        "buffer_bytes": buffer_bytes,
+    }
+    return m, info
 
+
+def _finish(harmful: ClassStats, harmless: ClassStats, options: CaptureOptions) -> Measurements:
+    """Means, directions and per-prompt projections from both classes' statistics."""
     harmful_mean, harmless_mean = harmful.mean(), harmless.mean()
     directions = difference_of_means(harmful_mean, harmless_mean)
     if options.projected:
@@ -340,21 +377,12 @@ def measure_directions(model, tokenizer, harmful_ids: list[list[int]], harmless_
         harmful_proj=harmful.projections(unit_dirs),
         harmless_proj=harmless.projections(unit_dirs),
         metadata={
-            "num_layers": len(runner.layers),
-            "hidden_size": hidden,
+            "hidden_size": harmful.hidden,
             "n_harmful": harmful.count,
             "n_harmless": harmless.count,
             "position": "last_prompt_token",
             "projected": bool(options.projected),
             "clip": options.clip,
-            "batch_size": options.batch_size,
         },
     )
-    info = {
-        "seconds": seconds,
-        "final_batch_size": runner.batch_size,
-        "tokens": runner.tokens_seen,
-        "padded_tokens": runner.padded_tokens,
-        "buffer_bytes": harmful.buffer_bytes + harmless.buffer_bytes,
-    }
-    return m, info
+    return m

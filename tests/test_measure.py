@@ -184,6 +184,21 @@ def test_projected_and_clip(llama_loaded, measured):
     assert (clipped.harmful_mean - measured["llama"]["harmful"].mean(0)).abs().max() > 1e-3
 
 
+def test_large_buffer_spills_to_a_temporary_file(llama_loaded, monkeypatch, capsys):
+    from abliterate import capture as cap
+
+    ref, _ = capture(llama_loaded, batch_size=4)
+    monkeypatch.setattr(cap, "SPILL_BYTES", 0)
+    made = []
+    real_from_file = torch.from_file
+    monkeypatch.setattr(torch, "from_file", lambda path, *a, **k: made.append(path) or real_from_file(path, *a, **k))
+    spilled, _ = capture(llama_loaded, batch_size=4)
+    assert "memory-mapped" in capsys.readouterr().err and len(made) == 2
+    assert not any(os.path.exists(p) for p in made)  # deleted at the end
+    for name in ("harmful_mean", "harmless_proj", "harmful_proj"):
+        assert torch.equal(getattr(spilled, name), getattr(ref, name))
+
+
 def test_out_of_memory_halves_the_batch(llama_loaded, monkeypatch, capsys):
     from abliterate import capture as cap
 
@@ -223,7 +238,7 @@ def test_summary_and_verbose(measured, prompt_files, tmp_path, run_cli):
                                              "--system-prompt", "be brief", "--limit", "3", "--batch-size", "2"))
     assert code == 0
     assert "prompts/s" in out and "best" in out and str(out_file) in out
-    assert "batch [2 x" in err and "per-prompt buffer" in err
+    assert "batch [2 x" in err and "per-prompt activation buffer" in err
     meta = load_measurements(out_file).metadata
     assert meta["n_harmful"] == 3 and meta["system_prompt"] == "be brief"
 
@@ -404,3 +419,27 @@ def test_default_prompts_are_the_bundled_train_split(llama_folder, tmp_path, run
 
     assert meta["harmful_sha256"] == prompts_sha256(train_harmful)
     assert meta["data_harmful"] == "bundled:harmful/train"
+
+
+def test_finds_text_layers_inside_a_vision_language_wrapper():
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaModel
+
+    from abliterate.capture import find_decoder_layers
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(text_config=cfg)
+            self.model = torch.nn.Module()
+            self.model.vision_tower = torch.nn.Module()
+            self.model.vision_tower.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
+            self.model.language_model = LlamaModel(cfg)
+
+    w = Wrapper()
+    owner, layers = find_decoder_layers(w)
+    assert owner is w.model.language_model and layers is w.model.language_model.layers
