@@ -443,3 +443,16 @@ def test_finds_text_layers_inside_a_vision_language_wrapper():
     w = Wrapper()
     owner, layers = find_decoder_layers(w)
     assert owner is w.model.language_model and layers is w.model.language_model.layers
+
+
+def test_max_length_keeps_the_end_of_long_prompts(llama_loaded, capsys):
+    model, tok, _ = llama_loaded
+    texts = format_prompts(tok, ["short", HARMLESS[1]])
+    full = tokenize_prompts(tok, texts)
+    cut = tokenize_prompts(tok, texts, max_length=6)
+    longer = sum(len(f) > 6 for f in full)
+    assert longer >= 1 and f"{longer} prompt(s) longer than --max-length 6" in capsys.readouterr().err
+    assert all(len(c) <= 6 for c in cut)
+    assert [c == f[-6:] for c, f in zip(cut, full)] == [True, True]  # the assistant header stays last
+    with_system = format_prompts(tok, ["hi"], system_prompt="be brief")[0]
+    assert "be brief" in with_system and with_system.endswith("<|assistant|>")
