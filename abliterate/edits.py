@@ -10,7 +10,8 @@ One formula covers all three kinds (DESIGN.md section 4), applied to every hidde
     conventional:     v <- v - s (v . r) r
                       = (I - s r r^T) W for [H, in], W (I - s r r^T) for [..., H], W - s (W r) r^T for a reader,
                       b - s (b . r) r for a bias.
-    norm_preserving:  v' = v - s (v . r) r, then v <- v' |v| / |v'|   (v left as v' = 0 when |v'| = 0).
+    norm_preserving:  v' = v - s (v . r) r, then v <- v' |v| / |v'|   (v <- 0 when |v'| is rounding noise,
+                      i.e. v lay along r and s = 1: nothing is left to restore).
 
 What holds: with s = 1 the result has no component along r in both methods (norm_preserving rescales a vector
 that is already orthogonal to r); s = 0 leaves the tensor unchanged; 0 < s < 1 keeps (1 - s) of the component
@@ -68,7 +69,11 @@ def edit_tensor(
     _remove_component(vectors, r, scale)
     if method == "norm_preserving":
         new_norms = torch.linalg.vector_norm(vectors, dim=-1)
-        factor = torch.where(new_norms > 0, norms / new_norms.clamp_min(torch.finfo(compute).tiny), 1.0)
+        # A vector that lay (numerically) along r has only rounding noise left: scaling that noise up to |v|
+        # would write a random vector, so it becomes exactly zero instead.
+        noise = norms * (torch.finfo(compute).eps * 8 * math.sqrt(vectors.shape[-1]))
+        gone = new_norms <= noise
+        factor = torch.where(gone, 0.0, norms / torch.where(gone, 1.0, new_norms))
         vectors.mul_(factor.unsqueeze(-1))
     return work if work.dtype == tensor.dtype else work.to(tensor.dtype)
 
