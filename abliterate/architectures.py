@@ -16,7 +16,7 @@ are written per expert (`experts.K.down_proj.weight`, `experts.K.w2.weight`); th
 `mlp.experts.down_proj` [E, H, I] (F.linear per expert, hidden axis 1) is in the table too, for checkpoints
 written without that conversion. GPT-OSS and Llama4 store fused experts [E, I, H] (hidden axis 2).
 
-Post-sublayer norms (Gemma2/3, OLMo2/3, EXAONE4): the attention and MLP outputs pass through an RMSNorm with a
+Post-sublayer norms (Gemma2/3, OLMo2/3, EXAONE4, GLM4): the attention and MLP outputs pass through an RMSNorm with a
 per-channel gain g before they join the residual, so removing r from o_proj's output does not remove it from the
 residual. Because the norm divides by a scalar, r . (g * x / rms(x)) = 0 exactly when (g * r) . x = 0: such
 writers must be edited along u = unit(g * r) (`edits.direction_through_norm`), with g read from the tensor the
@@ -127,6 +127,8 @@ FAMILIES: dict[str, tuple[Rule, ...]] = {
     "gemma2": _dense("post_attention_layernorm.weight", "post_feedforward_layernorm.weight", 1.0),
     # OLMo2/3, EXAONE4: the same post-sublayer norms, plain gain (weight, no offset).
     "olmo2": _dense("post_attention_layernorm.weight", "post_feedforward_layernorm.weight", 0.0),
+    # GLM4 (dense): post_self_attn_layernorm / post_mlp_layernorm, plain gain.
+    "glm4": _dense("post_self_attn_layernorm.weight", "post_mlp_layernorm.weight", 0.0),
     "gpt_oss": (
         Rule(r"self_attn\.o_proj\.weight", "attention_output", "writes", 0),
         Rule(r"self_attn\.o_proj\.bias", "biases", "bias", 0),
@@ -181,10 +183,11 @@ FAMILIES: dict[str, tuple[Rule, ...]] = {
 MODEL_TYPE_FAMILY: dict[str, str] = {
     **{t: "llama" for t in (
         "llama", "mistral", "mistral3", "ministral", "qwen2", "qwen3", "gemma", "phi3", "granite", "olmo",
-        "qwen2_vl", "qwen2_5_vl", "smollm3", "cohere", "helium", "glm", "glm4", "starcoder2_llama",
+        "qwen2_vl", "qwen2_5_vl", "smollm3", "cohere", "helium", "glm",
     )},
     **{t: "gemma2" for t in ("gemma2", "gemma3", "gemma3_text")},
     **{t: "olmo2" for t in ("olmo2", "olmo3", "exaone4")},
+    "glm4": "glm4",
     "gpt_oss": "gpt_oss",
     **{t: "qwen2_moe" for t in ("qwen2_moe", "qwen3_moe")},
     **{t: "deepseek_v3" for t in ("deepseek_v3", "deepseek_v2", "glm4_moe")},
@@ -206,6 +209,32 @@ _GENERIC_MLP_BLOCKS = {"mlp", "ffn", "feed_forward", "block_sparse_moe", "moe", 
 _GENERIC_ATTN_OUT = {"o_proj", "out_proj", "dense", "c_proj", "wo"}
 _GENERIC_MLP_OUT = {"down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "wo"}
 _GENERIC_ROUTERS = {"gate", "router"}
+
+
+# Norm weights that sit after a sublayer (before the residual add) in the families known to have them.
+_POST_NORM_KEY = re.compile(
+    r"\.(?:post_feedforward_layernorm|post_mlp_layernorm|post_self_attn_layernorm|post_attn_norm|post_ffw_norm)"
+    r"\.weight$"
+)
+
+
+def post_norm_warnings(keys, model_type: str) -> list[str]:
+    """Warnings when a checkpoint has post-sublayer norms that the table entry used does not account for.
+
+    Writers followed by such a norm need editing along unit(gain * r); a generic or mismatched entry edits them
+    along r, which does not remove r from the residual exactly. The caller prints these (never silently).
+    """
+    family = family_of(model_type)
+    if family != "generic" and any(rule.post_norm for rule in FAMILIES[family]):
+        return []
+    hits = [k for k in keys if _POST_NORM_KEY.search(k)]
+    if not hits:
+        return []
+    return [
+        f"model_type {model_type!r} (table entry {family!r}) has post-sublayer norms such as {hits[0]} that the "
+        f"architecture table does not account for: the edit removes r before those norms, so the residual keeps "
+        f"part of it; add the family to abliterate/architectures.py"
+    ]
 
 
 def family_of(model_type: str) -> str:

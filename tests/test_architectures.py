@@ -16,6 +16,7 @@ from abliterate.architectures import (
     dequantized_role,
     family_of,
     hidden_axis_in_slice,
+    post_norm_warnings,
 )
 
 H = 32
@@ -215,6 +216,19 @@ def test_gemma3_vlm_prefix_and_post_norms():
     olmo = classify("model.layers.2.mlp.down_proj.weight", (H, 64), "olmo2", H)
     assert (olmo.post_norm, olmo.post_norm_offset) == ("model.layers.2.post_feedforward_layernorm.weight", 0.0)
     assert classify("model.layers.2.mlp.down_proj.weight", (H, 64), "llama", H).post_norm is None
+    glm = classify("model.layers.2.self_attn.o_proj.weight", (H, 64), "glm4", H)
+    assert (glm.post_norm, glm.post_norm_offset) == ("model.layers.2.post_self_attn_layernorm.weight", 0.0)
+
+
+def test_post_norm_warnings():
+    keys = ["model.layers.0.self_attn.o_proj.weight", "model.layers.0.post_feedforward_layernorm.weight",
+            "model.layers.0.post_attention_layernorm.weight"]
+    assert post_norm_warnings(keys, "gemma2") == []
+    [warning] = post_norm_warnings(keys, "brand_new_lm")
+    assert "model.layers.0.post_feedforward_layernorm.weight" in warning and "brand_new_lm" in warning
+    assert post_norm_warnings(keys, "llama")  # a mismatched table entry is flagged too
+    # Llama's post_attention_layernorm is the pre-MLP norm, not a post-sublayer one: no warning.
+    assert post_norm_warnings(["model.layers.0.post_attention_layernorm.weight"], "brand_new_lm") == []
 
 
 def test_mxfp4_blocks_and_scales():

@@ -158,24 +158,47 @@ def test_logits_equal_inference_time_ablation(built, arch):
     plain = _logits(original, ids)
     _add_removal_hooks(original, plan["directions"], plan["scales"], plan["embeddings_r"], plan["embeddings_scale"])
     hooked = _logits(original, ids)
-    assert _rel(edited, hooked) < 1e-4
+    assert _rel(edited, hooked) < 1e-5  # measured ~1.5e-7 (float32 rounding)
     assert _rel(edited, plain) > 1e-2  # the edit did something, so the comparison above is not trivial
 
 
-def test_logits_equal_inference_time_ablation_bf16(built):
-    src, folder, plan, cfg = built("llama", "per_layer", torch.bfloat16)
+def _record_routing(model, ids_shape) -> list[torch.Tensor]:
+    """Hooks collecting each MoE layer's chosen experts as [batch, seq, top_k] (sorted); none for dense models."""
+    chosen: list[torch.Tensor] = []
+    for layer in model.model.layers:
+        router = getattr(layer.mlp, "router", None)
+        if router is not None:
+            router.register_forward_hook(
+                lambda mod, inp, out: chosen.append(out[2].sort(-1).values.reshape(*ids_shape, -1))
+            )
+    return chosen
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
+def test_logits_equal_inference_time_ablation_bf16(built, arch):
+    src, folder, plan, cfg = built(arch, "per_layer", torch.bfloat16)
     ids = _prompts(cfg["vocab_size"], seed=2)
     edited_model = _load(folder, torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in edited_model.parameters())
+    routes_edited = _record_routing(edited_model, ids.shape)
     edited = _logits(edited_model, ids)
     original = _load(src, torch.bfloat16)
     plain = _logits(original, ids)
+    routes_hooked = _record_routing(original, ids.shape)
     _add_removal_hooks(original, plan["directions"], plan["scales"], plan["embeddings_r"], plan["embeddings_scale"])
     hooked = _logits(original, ids)
-    # Weights rounded to bf16 after the edit vs activations rounded after the hook: bf16-sized differences,
-    # well below the size of the edit itself.
-    assert _rel(edited, hooked) < 3e-2
-    assert _rel(edited, plain) > 5 * _rel(edited, hooked)
+    # bf16 rounding (weights after the edit vs activations after the hook) can flip a near-tied top-k expert
+    # choice, which changes that token, and later ones through attention, by design of the router. Compare
+    # the positions where every layer routed alike at that position and all earlier ones.
+    flipped = torch.zeros(ids.shape, dtype=torch.bool)
+    for a, b in zip(routes_edited, routes_hooked[: len(routes_edited)]):
+        flipped |= (a != b).any(-1)
+    same = ~(flipped.cummax(dim=1).values)
+    assert same.float().mean() > 0.6, "too few positions routed alike to compare"
+    per_position = (edited - hooked).norm(dim=-1) / hooked.norm(dim=-1)
+    # bf16-sized differences (measured ~5e-3), well below the size of the edit itself (~0.17).
+    assert per_position[same].max() < 3e-2
+    assert _rel(edited, plain) > 5 * float(per_position[same].median())
 
 
 @pytest.mark.parametrize("arch, router_path", [("gpt_oss", "mlp.router"), ("qwen3_moe", "mlp.gate")])
