@@ -196,8 +196,9 @@ MODEL_TYPE_FAMILY: dict[str, str] = {
     "gpt2": "gpt2",
 }
 
-# Embedding tables that write the token vectors into the residual stream, [V, H] (hidden axis 1).
-_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in)\.weight$")
+# Embedding tables whose rows are added into the residual stream, [V, H] (hidden axis 1): token tables, and
+# GPT-2's learned position table `wpe` (it writes into the residual as well).
+_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|wpe|word_embeddings|embed_in)\.weight$")
 # A decoder-layer key: <prefix>(layers|h).N.<suffix>; the first such component counts.
 _LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*?\.)?)(?P<stack>layers|h)\.(?P<layer>\d+)\.(?P<suffix>.+)$")
 _NOT_LANGUAGE = ("vision", "visual", "audio", "image", "speech", "projector")

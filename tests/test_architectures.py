@@ -148,8 +148,8 @@ def test_qwen2_moe_shared_expert_and_its_gate():
     roles = _by_suffix(_classify_all(keys, "qwen2_moe"), 3)
     assert roles["mlp.shared_expert.down_proj.weight"].kind == "writes"
     # The [1, H] sigmoid gate of the shared expert reads the residual: router group, input side.
-    assert (roles["mlp.shared_expert_gate.weight"].group, roles["mlp.shared_expert_gate.weight"].kind) == ("router", "reads")
-    assert roles["mlp.shared_expert_gate.weight"].hidden_axis == 1
+    gate = roles["mlp.shared_expert_gate.weight"]
+    assert (gate.group, gate.kind, gate.hidden_axis) == ("router", "reads", 1)
     assert "mlp.shared_expert.gate_proj.weight" not in roles
     assert roles["mlp.experts.7.down_proj.weight"].layer == 3
 
@@ -180,7 +180,8 @@ def test_llama4_fused_experts_and_vlm_wrapper():
     }
     roles = _classify_all(keys, "llama4")
     layer0 = _by_suffix(roles, 0)
-    assert (layer0["feed_forward.experts.down_proj"].hidden_axis, layer0["feed_forward.experts.down_proj"].expert_axis) == (2, 0)
+    experts = layer0["feed_forward.experts.down_proj"]
+    assert (experts.hidden_axis, experts.expert_axis) == (2, 0)
     assert layer0["feed_forward.router.weight"].kind == "reads"
     assert layer0["feed_forward.shared_expert.down_proj.weight"].hidden_axis == 0
     assert "feed_forward.experts.gate_up_proj" not in layer0
@@ -262,7 +263,8 @@ def test_generic_fallback_names_and_shapes():
     mt = "brand_new_lm"
     assert family_of(mt) == "generic"
     c = lambda k, s: classify(k, s, mt, H)  # noqa: E731
-    assert (c("model.layers.0.self_attn.o_proj.weight", (H, 48)).group, c("model.layers.0.self_attn.o_proj.weight", (H, 48)).hidden_axis) == ("attention_output", 0)
+    o_proj = c("model.layers.0.self_attn.o_proj.weight", (H, 48))
+    assert (o_proj.group, o_proj.hidden_axis) == ("attention_output", 0)
     # The axis comes from the shape when it can: a Conv1D-style [in, H] writer has hidden axis 1.
     assert c("transformer.h.3.attn.c_proj.weight", (48, H)).hidden_axis == 1
     assert c("transformer.h.3.attn.c_proj.weight", (48, H)).layer == 3
@@ -286,7 +288,7 @@ def test_generic_fallback_names_and_shapes():
 
 
 def test_errors_name_the_key_and_shape():
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight: shape \[31, 32\].*hidden_size is 32"):
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.o_proj\.weight: shape \[31, 32\].*hidden_size is 32"):
         classify("model.layers.1.self_attn.o_proj.weight", (31, 32), "llama", 32)
     with pytest.raises(ValueError, match=r"down_proj: shape \[4, 32, 16\]"):
         classify("model.layers.1.mlp.experts.down_proj", (4, 32, 16), "gpt_oss", 32)  # [E, H, I] is not gpt_oss
