@@ -1,0 +1,76 @@
+"""An in-memory reference abliteration of a whole state dict (simple, non-streaming; tests compare against it).
+
+Classifies every on-disk key with `architectures.classify` and edits it with `edits.edit_tensor`. The streaming
+rewriter (shards.py) must produce the same tensors; this module is the plain statement of what they should be.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from abliterate.architectures import ROLE_GROUPS, TensorRole, classify
+from abliterate.edits import direction_through_norm, edit_tensor
+
+
+def plan_edits(
+    state_dict: dict[str, torch.Tensor],
+    model_type: str,
+    hidden_size: int,
+    layers: set[int] | None,
+    roles: set[str],
+    embeddings: bool = False,
+) -> dict[str, TensorRole]:
+    """key -> role for every tensor that would be edited (decoder layers in `layers`, None = all)."""
+    unknown = set(roles) - set(ROLE_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown role group(s) {sorted(unknown)}; known: {list(ROLE_GROUPS)}")
+    chosen: dict[str, TensorRole] = {}
+    for key, tensor in state_dict.items():
+        role = classify(key, tuple(tensor.shape), model_type, hidden_size)
+        if role is None or role.group not in roles:
+            continue
+        if role.layer is None:
+            if embeddings:
+                chosen[key] = role
+        elif layers is None or role.layer in layers:
+            chosen[key] = role
+    return chosen
+
+
+def ablate_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    model_type: str,
+    hidden_size: int,
+    directions: dict[int, torch.Tensor],
+    scales: dict[int, float],
+    roles: set[str],
+    method: str = "conventional",
+    embeddings_r: torch.Tensor | None = None,
+    embeddings_scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """A new state dict (on-disk keys) with every classified tensor of the planned layers edited.
+
+    directions: decoder layer -> unit r (float64 or float32); scales: decoder layer -> s (missing = 1.0).
+    roles: the enabled ROLE_GROUPS; the embedding table is edited along `embeddings_r` only when "embeddings"
+    is in roles and embeddings_r is given. Writers followed by a post-sublayer norm are edited along
+    unit(gain * r) (see architectures module notes). MXFP4 blocks are refused: dequantize them first.
+    Raises ValueError when a planned layer gets no edited tensor.
+    """
+    want_embeddings = "embeddings" in roles and embeddings_r is not None
+    chosen = plan_edits(state_dict, model_type, hidden_size, set(directions), roles, want_embeddings)
+    edited_layers = {role.layer for role in chosen.values()}
+    missing = sorted(set(directions) - edited_layers)
+    if missing:
+        raise ValueError(f"no tensor to edit for layer(s) {missing} with roles {sorted(roles)} ({model_type})")
+    out = dict(state_dict)
+    for key, role in chosen.items():
+        if role.layer is None:
+            r, s = embeddings_r, embeddings_scale
+        else:
+            r, s = directions[role.layer], scales.get(role.layer, 1.0)
+        if role.post_norm is not None:
+            if role.post_norm not in state_dict:
+                raise ValueError(f"{key}: its post-sublayer norm {role.post_norm} is not in the state dict")
+            r = direction_through_norm(r, state_dict[role.post_norm], role.post_norm_offset)
+        out[key] = edit_tensor(state_dict[key], role, r, s, method)
+    return out
