@@ -10,6 +10,7 @@ requantize, edited MXFP4 again.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
@@ -94,10 +95,19 @@ def _edited_output(info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> OutTen
     def write(fh: BinaryIO) -> None:
         if e.fused_experts and len(info.shape) >= 2 and info.shape[0] > 0:
             per = info.nbytes // info.shape[0]
-            for k in range(info.shape[0]):
-                buf = read_bytes(ctx.src, info.begin + k * per, per)
-                w = _to_tensor(buf, info.dtype, info.shape[1:]).to(ctx.device, torch.float32)
-                _write_tensor(fh, e.edit(w, True).to(dtype))
+            # One writer thread overlaps writing expert k with editing expert k+1 (both release the GIL);
+            # at most two slices are alive at a time.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = None
+                for k in range(info.shape[0]):
+                    buf = read_bytes(ctx.src, info.begin + k * per, per)
+                    w = _to_tensor(buf, info.dtype, info.shape[1:]).to(ctx.device, torch.float32)
+                    edited = e.edit(w, True).to(dtype)
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(_write_tensor, fh, edited)
+                if pending is not None:
+                    pending.result()
         else:
             buf = read_bytes(ctx.src, info.begin, info.nbytes)
             w = _to_tensor(buf, info.dtype, info.shape).to(ctx.device, torch.float32)

@@ -56,6 +56,24 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(p).free
 
 
+def _bound_heap_growth() -> None:
+    """Serve large allocations with mmap so each freed tensor returns to the OS at once (glibc only).
+
+    glibc raises its mmap threshold after large frees, after which the per-expert float32 buffers come from the
+    heap and fragment it; RSS then creeps upward with every tensor. A fixed threshold keeps peak RSS at one
+    edited slice plus the interpreter.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass
+
+
 def pick_device(device: str | None):
     import torch
 
@@ -125,6 +143,7 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False  # edits in true float32
+    _bound_heap_growth()
     partial.mkdir(parents=True, exist_ok=True)
     _clean_partial(partial, done)
     (partial / MARKER_DIR).mkdir(exist_ok=True)
