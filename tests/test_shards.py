@@ -153,3 +153,24 @@ def test_changed_plan_redoes_finished_shards(tiny_model, meas, tmp_path, monkeyp
     b[RECORD_NAME] = a[RECORD_NAME]  # the records differ only in the output path they name
     b["README.md"] = a["README.md"]
     assert a == b
+
+
+@pytest.mark.parametrize("entries, extra, needle", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"", "describes"),  # buffer missing
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "its shape needs 8"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, b"\0" * 6, "overlapping or gapped"),
+    ({"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}, b"\0", "unknown dtype 'Q9'"),
+    ({"__metadata__": {"k": 1}}, b"", "__metadata__ must map strings"),
+])
+def test_header_validation(tmp_path, entries, extra, needle):
+    import json
+
+    from abliterate.cli import UserError
+
+    raw = json.dumps(entries).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + extra)
+    with pytest.raises(UserError) as exc:
+        read_header(path)
+    assert needle in str(exc.value) and str(path) in str(exc.value)
