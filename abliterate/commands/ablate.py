@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", help="device for the edit math (default: cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="more detail")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list every edited tensor after the run")
     return p
 
 
@@ -63,6 +63,9 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"{key:<60} {role:<24} {group:<17} {axis:>4}  {shard}")
         print(f"dry run: {len(s.rows)} tensors in layers {_ranges(s.layers)} would be edited; nothing written")
         return 0
+    if args.verbose:
+        for key, role, group, axis, shard in s.rows:
+            print(f"  edited {key} ({role}, hidden axis {axis}) in {shard}")
     print(f"wrote {s.output}")
     print(f"  edited tensors: " + ", ".join(f"{k} {v}" for k, v in sorted(s.counts_by_role.items())))
     print(f"  layers: {_ranges(s.layers)}")
