@@ -28,10 +28,12 @@ def _finite(values: list[float]) -> list[float]:
 def draw_chart(
     a: Analysis, path: str | Path, chosen: int | None = None, band: tuple[int, int] | None = None, title: str = ""
 ) -> None:
-    """Write the PNG to `path` (format forced to PNG, so a temporary name without .png works).
+    """Write the PNG to `path` (format forced to PNG, so a temporary name without .png works)."""
+    build_figure(a, chosen, band, title).savefig(str(path), format="png", dpi=DPI)
 
-    `chosen` draws a vertical line at that measurement index in every panel; `band` shades the candidates.
-    """
+
+def build_figure(a: Analysis, chosen: int | None = None, band: tuple[int, int] | None = None, title: str = ""):
+    """The matplotlib Figure (Agg canvas): `chosen` is a vertical line in every panel, `band` shaded."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -86,4 +88,4 @@ def draw_chart(
     if title:
         fig.suptitle(title, fontsize=13)
     fig.subplots_adjust(left=0.06, right=0.95, bottom=0.05, top=0.93, hspace=0.38, wspace=0.22)
-    fig.savefig(str(path), format="png", dpi=DPI)
+    return fig
