@@ -37,13 +37,14 @@ The suggestion rule (`suggest`):
    the largest Cohen's d among them (AUROC saturates at 1.0 on real models; d keeps ranking them). Without
    projections: the largest `quality`; without variance statistics either (legacy files): `peer_quality`.
    Ties (a score within 1% of the best) go to the earlier index: its direction is removed from more layers.
-3. Target layers: removing r-hat from the writers of decoder layers s..L-1 leaves exactly the component along
-   r-hat that layers before s (and the embedding) wrote, i.e. (d at index s) . r-hat. So the first edited layer
-   is the latest s <= k whose carried-over separation |d_s . r-hat| is at most 10% of |d_k . r-hat| = |d_k|:
-   after the edit at most 10% of the chosen separation is left along r-hat, and layers before s (where the
-   direction is not yet formed) stay untouched. The last edited layer is L-2: the final decoder layer writes
-   straight into the final norm and the output head, where an edit mostly perturbs next-token predictions
-   (models with fewer than 4 layers edit through L-1).
+3. Target layers. Let a_j = (d_j . r-hat) / (d_k . r-hat): the share of the chosen separation that lies along
+   r-hat at index j. Removing r-hat from the writers of decoder layers s..L-1 leaves along r-hat exactly what
+   the embedding and layers before s wrote, a_s. So the first edited layer is the latest s < k with
+   |a_s| <= 10%: at most 10% of the chosen separation survives, and earlier layers, where the direction has
+   not formed yet, stay untouched. The last decoder layer (L-1) writes straight into the final norm and the
+   output head, where an edit mostly perturbs next-token predictions; it is left alone unless its own write
+   along r-hat, |a_L - a_(L-1)|, exceeds 10% too (then leaving it would re-add the direction). So the range
+   ends at L-2 on typical models, and at L-1 when the last layer carries refusal (common in tiny models).
 4. Scale 1.0 (remove the whole component), sparsity 1.0.
 """
 
@@ -113,7 +114,7 @@ class Suggestion:
     last_layer: int
     criterion: str  # "auroc+cohens_d", "quality" or "peer_quality"
     band: tuple[int, int]  # candidate indices considered (inclusive)
-    carried_over: list[float]  # |d_j . r-hat| / |d_k| for j = 0..k
+    along: list[float]  # a_j = (d_j . r-hat) / (d_k . r-hat) for j = 0..L (rule 3)
     reasons: list[str]
 
     @property
@@ -257,17 +258,17 @@ def choose_measurement(a: Analysis) -> tuple[int, str, tuple[int, int]]:
     return _best(cands, a.peer_quality), "peer_quality", band
 
 
-def carried_over(m: Measurements, k: int) -> list[float]:
-    """|d_j . r-hat_k| / |d_k| for j = 0..k: the share of index k's separation along r-hat_k present at index j."""
-    mu_h = m.harmful_mean.to(torch.float64)
-    mu_l = m.harmless_mean.to(torch.float64)
+def share_along(m: Measurements, k: int) -> list[float]:
+    """a_j = (d_j . r-hat_k) / (d_k . r-hat_k) for j = 0..L: index k's separation along its direction, as present
+    at index j (signed). d is the raw mean difference, r-hat_k the unit stored direction of index k."""
+    diffs = m.harmful_mean.to(torch.float64) - m.harmless_mean.to(torch.float64)
     r = m.directions[k].to(torch.float64)
     r_norm = torch.linalg.vector_norm(r).item()
-    ref = abs(((mu_h[k] - mu_l[k]) @ r).item()) / r_norm if r_norm > 0 else 0.0
-    if ref == 0:
-        return [0.0] * (k + 1)
-    r_hat = r / r_norm
-    return [abs(((mu_h[j] - mu_l[j]) @ r_hat).item()) / ref for j in range(k + 1)]
+    if r_norm == 0:
+        return [0.0] * m.num_indices
+    along = (diffs @ (r / r_norm)).tolist()
+    ref = along[k]
+    return [v / ref if ref != 0 else 0.0 for v in along]
 
 
 def suggest(m: Measurements, a: Analysis | None = None) -> Suggestion:
@@ -275,23 +276,23 @@ def suggest(m: Measurements, a: Analysis | None = None) -> Suggestion:
     a = a if a is not None else analyze(m)
     L = a.num_layers
     k, criterion, band = choose_measurement(a)
-    carry = carried_over(m, k)
-    # Latest index s <= k with little carried-over separation; the edits start at decoder layer s (the layer
-    # reading index s). Index 0 always qualifies when nothing better does: then the embedding writes the rest.
-    below = [j for j in range(k + 1) if carry[j] <= CARRY_OVER_LIMIT]
+    along = share_along(m, k)
+    # Latest index s < k with little separation along r-hat; the edits start at decoder layer s (the layer
+    # reading index s). Index 0 is the fallback: then the embedding output already carries some of it.
+    below = [j for j in range(k) if abs(along[j]) <= CARRY_OVER_LIMIT]
     first = below[-1] if below else 0
-    first = min(first, max(k - 1, 0))  # the layer that produced index k is always edited
-    last = L - 2 if L >= 4 else L - 1
-    last = max(last, first)
-    reasons = _reasons(a, k, criterion, band, first, last, carry)
-    return Suggestion(k, first, last, criterion, band, carry, reasons)
+    last_write = abs(along[L] - along[L - 1])
+    last = L - 1 if last_write > CARRY_OVER_LIMIT else L - 2
+    last = max(last, first, k - 1)  # the layer that produced index k is always edited
+    reasons = _reasons(a, k, criterion, band, first, last, along)
+    return Suggestion(k, first, last, criterion, band, along, reasons)
 
 
 def _fmt(x: float, spec: str = ".3f") -> str:
     return "n/a" if isinstance(x, float) and math.isnan(x) else format(x, spec)
 
 
-def _reasons(a: Analysis, k: int, criterion: str, band, first: int, last: int, carry) -> list[str]:
+def _reasons(a: Analysis, k: int, criterion: str, band, first: int, last: int, along) -> list[str]:
     L = a.num_layers
     lines = [
         f"measurement index {k} (residual after decoder layer {k - 1}) of 0..{L}: "
@@ -314,14 +315,20 @@ def _reasons(a: Analysis, k: int, criterion: str, band, first: int, last: int, c
             "(legacy file: no variance or per-prompt statistics; re-measure with measure.py for a better choice)"
         )
     lines.append(
-        f"layers {first}..{last}: index {first} (input of layer {first}) still carries "
-        f"{carry[first]:.0%} of the chosen separation along this direction, so editing from layer {first} on "
-        f"leaves at most that much"
+        f"layers {first}..{last}: the input of layer {first} (index {first}) carries {abs(along[first]):.0%} of "
+        f"the chosen separation along this direction, so editing from layer {first} on leaves at most that much "
+        f"(the rule: the latest such index with at most {CARRY_OVER_LIMIT:.0%})"
     )
-    if carry[first] > CARRY_OVER_LIMIT:
+    if abs(along[first]) > CARRY_OVER_LIMIT:
         lines.append(
             "the embedding output already carries it; consider roles.embeddings with embeddings_measurement"
         )
+    write = abs(along[L] - along[L - 1])
     if last < L - 1:
-        lines.append(f"layer {L - 1} (the last) is left alone: it writes straight into the output head")
+        lines.append(
+            f"layer {L - 1} (the last) is left alone: it writes only {write:.0%} of the separation along the "
+            "direction and feeds the output head directly"
+        )
+    else:
+        lines.append(f"layer {L - 1} (the last) is edited too: it writes {write:.0%} of the separation along it")
     return lines

@@ -28,12 +28,12 @@ def measurements_from_activations(harmful: torch.Tensor, harmless: torch.Tensor,
     )
 
 
-def separation_profile(num_layers: int, peak: int, height: float = 4.0, width: float = 3.0) -> list[float]:
+def separation_profile(num_layers: int, peak: int, height: float = 6.0, width: float = 2.0) -> list[float]:
     """Separation (in noise standard deviations) along the planted direction at each index: a bump at `peak`."""
     return [0.0] + [height * math.exp(-(((k - peak) / width) ** 2)) for k in range(1, num_layers + 1)]
 
 
-def planted_activations(num_layers=24, hidden=16, n=64, peak=13, seed=0, distractors=True):
+def planted_activations(num_layers=24, hidden=16, n=160, peak=13, seed=0, distractors=True, width=2.0):
     """Activations whose refusal separation along one fixed direction peaks at index `peak`.
 
     Index 0 (embedding output) has no separation. With `distractors`, index 3 (too early) and the last index
@@ -43,7 +43,7 @@ def planted_activations(num_layers=24, hidden=16, n=64, peak=13, seed=0, distrac
     g = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))
     refusal, other, late = basis[:, 0], basis[:, 1], basis[:, 2]
-    profile = separation_profile(num_layers, peak)
+    profile = separation_profile(num_layers, peak, width=width)
     harmful = torch.randn(num_layers + 1, n, hidden, generator=g, dtype=torch.float64)
     harmless = torch.randn(num_layers + 1, n, hidden, generator=g, dtype=torch.float64)
     for k in range(num_layers + 1):

@@ -117,11 +117,11 @@ def test_candidate_band():
 
 
 def _expected_first_layer(m: Measurements, k: int) -> int:
-    """The carry-over rule written out independently: latest j <= k with |d_j . r_k| <= 10% |d_k . r_k|."""
+    """The carry-over rule written out independently: latest j < k with |d_j . r_k| <= 10% |d_k . r_k|."""
     r = m.directions[k] / m.directions[k].norm()
     diffs = m.harmful_mean - m.harmless_mean
     ref = abs(float(diffs[k] @ r))
-    return max(j for j in range(k + 1) if abs(float(diffs[j] @ r)) <= 0.1 * ref)
+    return max(j for j in range(k) if abs(float(diffs[j] @ r)) <= 0.1 * ref)
 
 
 @pytest.mark.parametrize("num_layers,peak", [(24, 13), (94, 50), (32, 20)])
@@ -164,11 +164,25 @@ def test_ties_go_to_the_earlier_index():
     assert suggest(m, a).measurement == 12
 
 
-def test_tiny_model_suggestion_edits_the_layer_that_wrote_the_direction():
-    m = measurements_from_activations(*planted_activations(num_layers=2, peak=1, distractors=False))
+def test_last_layer_is_edited_only_when_it_writes_the_direction():
+    harmful, harmless = planted_activations(num_layers=24, peak=13)
+    m = measurements_from_activations(harmful, harmless)
+    s = suggest(m)
+    assert abs(s.along[24] - s.along[23]) <= 0.1 and s.last_layer == 22
+    refusal = m.directions[13] / m.directions[13].norm()
+    harmful[24] += 2.0 * refusal  # the last decoder layer now writes half the chosen separation along it
+    s = suggest(measurements_from_activations(harmful, harmless))
+    assert s.measurement == 13
+    assert abs(s.along[24] - s.along[23]) > 0.1 and s.last_layer == 23
+    assert "layer 23 (the last) is edited too" in s.reasons[-1]
+
+
+def test_tiny_model_suggestion_edits_the_layers_that_write_the_direction():
+    # 2 decoder layers, separation growing to the end: only index 1 is a candidate, both layers write along it
+    m = measurements_from_activations(*planted_activations(num_layers=2, peak=2, width=1.0, distractors=False))
     s = suggest(m)
     assert s.measurement == 1
-    assert s.layers == [0, 1]  # fewer than 4 layers: through the last one
+    assert s.layers == [0, 1]
 
 
 def test_chart_marks_the_chosen_index_in_every_panel():

@@ -71,6 +71,11 @@ def _main(argv=None) -> int:
     source = Path(args.measurements)
     m = load_measurements(source)
     m.validate(str(source))
+    if m.num_indices < 2:
+        raise UserError(
+            f"{source} has {m.num_indices} measurement index; it needs the embedding output and at least one "
+            "decoder layer (re-measure)"
+        )
     outputs = _outputs(args, source)
     plan_model = plan_output = None
     if "--suggest" in outputs:
