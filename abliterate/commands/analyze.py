@@ -15,17 +15,23 @@ from ..measurements import LAYER_CONVENTION, load_measurements
 from ..plan_suggestion import model_reference, plan_paths, render_plan
 
 DESCRIPTION = f"""\
-Per-layer diagnostics of a measurement file (measure.py output, or the peer tool's legacy .pt file):
-cosine of the harmful and harmless means, their norms, the refusal direction's norm, signal-to-noise
-ratio, purity, signal quality, separation of the per-prompt projections (AUROC, Cohen's d) and the
-direction's rotation between consecutive indices. Key metrics: higher separation, SNR and quality,
-lower harmful/harmless cosine. The formulas are in abliterate/analysis.py.
+Per-layer diagnostics of a measurement file (measure.py output, or the peer tool's legacy .pt file).
+One table row per measurement index:
+  cos         cosine of the harmful and harmless means (lower = more distinct)
+  |harmful| |harmless| |r|   norms of the two means and of the refusal direction r
+  SNR         |mean difference| / average within-class std per dimension (needs variance statistics)
+  purity      share of the mean difference orthogonal to the harmless mean
+  quality     SNR x purity (legacy files: peerQ, the peer tool's relative estimate)
+  AUROC, d    separation of the per-prompt projections on r (needs measure.py's per-prompt statistics)
+  rot deg     angle between r at this index and at the previous one
+"-" marks a number the file cannot give. Formulas: abliterate/analysis.py.
 
 Layer convention: {LAYER_CONVENTION}.
 
 --suggest writes a plan for sharded_ablate.py: the measurement index with the best separation in the
-middle-to-late band (40%..85% of depth), the decoder layers from where the direction forms through the
-second-to-last, scale 1.0, with comments that explain the choice."""
+middle-to-late band (40%..85% of depth); the decoder layers from the latest one whose input carries at
+most 10% of that separation along r, through the second-to-last (the last too when it writes along r);
+scale 1.0; with comments that explain the choice."""
 
 
 def build_parser() -> argparse.ArgumentParser:
