@@ -32,7 +32,7 @@ The suggestion rule (`suggest`):
 1. Candidate measurement indices: the middle-to-late band round_up(0.40 L) .. round_down(0.85 L), never the
    embedding output (0) nor the last index (L, before the final norm). Refusal is read out from the middle of the
    network on (Arditi et al. 2024); the last index mostly encodes the next token. Small models whose band is
-   empty fall back to 1..L-1 (then 1..L).
+   empty fall back to 1..L-1 (then 1..L). Legacy imports (the peer tool's .pt) have indices 0..L-1 only.
 2. Score: with per-prompt projections, keep the candidates whose AUROC is within 0.01 of the best one and take
    the largest Cohen's d among them (AUROC saturates at 1.0 on real models; d keeps ranking them). Without
    projections: the largest `quality`; without variance statistics either (legacy files): `peer_quality`.
@@ -81,7 +81,8 @@ METRICS = (
 class Analysis:
     """One list per metric, one value per measurement index 0..L; NaN marks a value the file cannot give."""
 
-    num_layers: int
+    num_layers: int  # L, decoder layers of the model
+    num_indices: int  # rows in the file: L+1, or L for legacy imports (no index L)
     hidden_size: int
     has_variance: bool  # *_sq_norm present: snr and quality available
     has_projections: bool  # *_proj present: auroc and cohens_d available
@@ -96,10 +97,6 @@ class Analysis:
     auroc: list[float] = field(default_factory=list)
     cohens_d: list[float] = field(default_factory=list)
     rotation_deg: list[float] = field(default_factory=list)
-
-    @property
-    def num_indices(self) -> int:
-        return self.num_layers + 1
 
     def row(self, k: int) -> dict:
         return {name: getattr(self, name)[k] for name in METRICS}
@@ -174,6 +171,15 @@ def _angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.acos(cos))
 
 
+def decoder_layers(m: Measurements) -> int:
+    """L. Normally rows - 1; legacy imports stop at index L-1 and record L as metadata num_layers."""
+    rows = m.num_indices
+    recorded = m.metadata.get("num_layers")
+    if isinstance(recorded, int) and recorded == rows and rows in m.metadata.get("missing_indices", []):
+        return recorded
+    return rows - 1
+
+
 def analyze(m: Measurements) -> Analysis:
     """Every metric of the module docstring, for every measurement index of `m`."""
     mu_h = m.harmful_mean.to(torch.float64)
@@ -182,7 +188,8 @@ def analyze(m: Measurements) -> Analysis:
     n, h = mu_h.shape
     has_var = m.harmful_sq_norm is not None and m.harmless_sq_norm is not None
     has_proj = m.harmful_proj is not None and m.harmless_proj is not None
-    a = Analysis(num_layers=n - 1, hidden_size=h, has_variance=has_var, has_projections=has_proj)
+    a = Analysis(num_layers=decoder_layers(m), num_indices=n, hidden_size=h, has_variance=has_var,
+                 has_projections=has_proj)
     for k in range(n):
         diff = mu_h[k] - mu_l[k]
         norm_h = torch.linalg.vector_norm(mu_h[k]).item()
@@ -225,13 +232,17 @@ def analyze(m: Measurements) -> Analysis:
 # ---------------------------------------------------------------------------------------------- suggestion
 
 
-def candidate_band(num_layers: int) -> tuple[int, int]:
-    """Inclusive range of measurement indices the suggestion may choose (see the module docstring, rule 1)."""
+def candidate_band(num_layers: int, num_indices: int | None = None) -> tuple[int, int]:
+    """Inclusive range of measurement indices the suggestion may choose (see the module docstring, rule 1).
+
+    `num_indices` (default L+1) caps the range for files that lack the last index.
+    """
+    top = (num_layers + 1 if num_indices is None else num_indices) - 1
     lo = max(1, math.ceil(BAND[0] * num_layers))
-    hi = min(num_layers - 1, math.floor(BAND[1] * num_layers))
+    hi = min(num_layers - 1, math.floor(BAND[1] * num_layers), top)
     if lo > hi:  # tiny models: any decoder-layer output except the last, else any at all
-        lo, hi = 1, max(1, num_layers - 1)
-    return lo, min(hi, num_layers)
+        lo, hi = 1, max(1, min(num_layers - 1, top))
+    return lo, min(hi, top)
 
 
 def _best(indices: list[int], score: list[float]) -> int:
@@ -247,7 +258,7 @@ def _best(indices: list[int], score: list[float]) -> int:
 
 def choose_measurement(a: Analysis) -> tuple[int, str, tuple[int, int]]:
     """Rule 2: (chosen index, criterion name, band)."""
-    band = candidate_band(a.num_layers)
+    band = candidate_band(a.num_layers, a.num_indices)
     cands = list(range(band[0], band[1] + 1))
     if a.has_projections and any(math.isfinite(a.auroc[k]) for k in cands):
         best_auc = max(a.auroc[k] for k in cands if math.isfinite(a.auroc[k]))
@@ -281,8 +292,9 @@ def suggest(m: Measurements, a: Analysis | None = None) -> Suggestion:
     # reading index s). Index 0 is the fallback: then the embedding output already carries some of it.
     below = [j for j in range(k) if abs(along[j]) <= CARRY_OVER_LIMIT]
     first = below[-1] if below else 0
-    last_write = abs(along[L] - along[L - 1])
-    last = L - 1 if last_write > CARRY_OVER_LIMIT else L - 2
+    # The last layer's own write needs index L, which legacy files lack: then it is left alone (the default).
+    last_write = abs(along[L] - along[L - 1]) if L < len(along) else None
+    last = L - 1 if last_write is not None and last_write > CARRY_OVER_LIMIT else L - 2
     last = max(last, first, k - 1)  # the layer that produced index k is always edited
     reasons = _reasons(a, k, criterion, band, first, last, along)
     return Suggestion(k, first, last, criterion, band, along, reasons)
@@ -295,7 +307,7 @@ def _fmt(x: float, spec: str = ".3f") -> str:
 def _reasons(a: Analysis, k: int, criterion: str, band, first: int, last: int, along) -> list[str]:
     L = a.num_layers
     lines = [
-        f"measurement index {k} (residual after decoder layer {k - 1}) of 0..{L}: "
+        f"measurement index {k} (residual after decoder layer {k - 1}) of 0..{a.num_indices - 1}: "
         f"AUROC {_fmt(a.auroc[k])}, Cohen's d {_fmt(a.cohens_d[k], '.2f')}, SNR {_fmt(a.snr[k], '.2f')}, "
         f"purity {_fmt(a.purity[k])}, quality {_fmt(a.quality[k], '.2f')}",
     ]
@@ -323,6 +335,12 @@ def _reasons(a: Analysis, k: int, criterion: str, band, first: int, last: int, a
         lines.append(
             "the embedding output already carries it; consider roles.embeddings with embeddings_measurement"
         )
+    if L >= len(along):
+        lines.append(
+            f"layer {L - 1} (the last) is left alone: this file lacks index {L}, so its write along the "
+            "direction is unknown; it feeds the output head directly"
+        )
+        return lines
     write = abs(along[L] - along[L - 1])
     if last < L - 1:
         lines.append(

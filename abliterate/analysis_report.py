@@ -83,6 +83,7 @@ def analysis_document(a: Analysis, source: str, metadata: dict, suggestion: Sugg
         "metadata": metadata,
         "layer_convention": LAYER_CONVENTION,
         "num_layers": a.num_layers,
+        "num_indices": a.num_indices,
         "hidden_size": a.hidden_size,
         "has_variance": a.has_variance,
         "has_projections": a.has_projections,

@@ -205,3 +205,26 @@ def test_legacy_file_without_statistics(tmp_path, run_cli, monkeypatch):
     plan = check_plan(tmp_path / "p.yml", num_layers=24, hidden_size=16)
     assert plan["model"] == "org/base"
     assert "legacy file" in (tmp_path / "p.yml").read_text()
+
+
+def test_peer_tool_legacy_pt_file(tmp_path, run_cli, monkeypatch):
+    """llm-abliteration's torch.save dict: harmful_N/harmless_N/refuse_N for N < layers (no index L)."""
+    harmful, harmless = planted_activations()
+    mu_h, mu_l = harmful.mean(1).float(), harmless.mean(1).float()
+    data = {"layers": 24}
+    for n in range(24):  # their hidden_states[n] == our index n; index 24 is not in their files
+        data[f"harmful_{n}"], data[f"harmless_{n}"], data[f"refuse_{n}"] = mu_h[n], mu_l[n], mu_h[n] - mu_l[n]
+    pt = tmp_path / "peer.pt"
+    torch.save(data, pt)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(main, [pt, "--chart", "--json", "a.json", "--suggest", "p.yml", "--model", "org/base"])
+    assert code == 0, err
+    assert "index 24 was not measured" in out
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert (doc["num_layers"], doc["num_indices"]) == (24, 24)
+    assert all(row["auroc"] is None and row["cohens_d"] is None and row["snr"] is None for row in doc["indices"])
+    assert doc["suggestion"]["criterion"] == "peer_quality" and doc["suggestion"]["measurement"] == 13
+    plan = check_plan(tmp_path / "p.yml", num_layers=24, hidden_size=16)
+    assert max(e["layer"] for e in plan["ablate"]) == 22  # the last layer's write is unknown: left alone
+    assert "lacks index 24" in (tmp_path / "p.yml").read_text()
+    assert _png_size(tmp_path / "peer.png") == PIXELS

@@ -92,6 +92,8 @@ def _main(argv=None) -> int:
     s = suggest(m, a)
     name = m.metadata.get("model") or args.model or "unknown model"
     print(f"{source}: {name}, {a.num_layers} decoder layers, hidden size {a.hidden_size}")
+    if a.num_indices == a.num_layers:
+        print(f"(legacy file: measurement indices 0..{a.num_layers - 1}; index {a.num_layers} was not measured)")
     print("\n".join(format_table(a, s)))
 
     written = []
