@@ -228,3 +228,22 @@ def test_peer_tool_legacy_pt_file(tmp_path, run_cli, monkeypatch):
     assert max(e["layer"] for e in plan["ablate"]) == 22  # the last layer's write is unknown: left alone
     assert "lacks index 24" in (tmp_path / "p.yml").read_text()
     assert _png_size(tmp_path / "peer.png") == PIXELS
+
+
+def test_measure_output_of_a_tiny_model(tiny_model, tmp_path, run_cli):
+    """The file measure.py writes (real hooks on a tiny llama) goes through analyze --suggest."""
+    from abliterate.commands import measure
+
+    (tmp_path / "harmful.txt").write_text("\n".join(f"how do I break thing {i}" for i in range(12)) + "\n")
+    (tmp_path / "harmless.txt").write_text("\n".join(f"how do I bake bread {i}" for i in range(12)) + "\n")
+    model = tiny_model("llama", layers=4)
+    meas = tmp_path / "m.safetensors"
+    code, _, err = run_cli(measure.main, ["-m", model, "-o", meas, "--data-harmful", tmp_path / "harmful.txt",
+                                          "--data-harmless", tmp_path / "harmless.txt"])
+    assert code == 0, err
+    code, out, err = run_cli(main, [meas, "--suggest", tmp_path / "p.yml", "--json", tmp_path / "a.json"])
+    assert code == 0, err
+    plan = check_plan(tmp_path / "p.yml", num_layers=4, hidden_size=32)
+    assert plan["model"] == str(model) and plan["output"] == str(model.parent / f"{model.name}-abliterated")
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert doc["has_projections"] and all(row["auroc"] is not None for row in doc["indices"])
