@@ -166,7 +166,7 @@ class ChatEngine:
         from transformers import StoppingCriteriaList
 
         prompt = self.render(user_text)
-        device = _input_device(self.model)
+        device = prompting.input_device(self.model)
         batch = prompting.encode(self.tokenizer, [prompt], device=device)
         parser = HarmonyParser() if self.harmony else None
 
@@ -205,11 +205,3 @@ class ChatEngine:
         if shown.strip():
             self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": shown.strip()}]
         return result
-
-
-def _input_device(model):
-    """Where input ids go: the embedding's device (works with accelerate device maps too)."""
-    try:
-        return model.get_input_embeddings().weight.device
-    except AttributeError:
-        return getattr(model, "device", None)

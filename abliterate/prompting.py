@@ -64,3 +64,11 @@ def split_answer(text: str, harmony: bool) -> HarmonyResult:
     if harmony:
         return parse_harmony(text)
     return HarmonyResult(final=text)
+
+
+def input_device(model):
+    """Where input ids go: the embedding's device (right with accelerate device maps too)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except AttributeError:
+        return getattr(model, "device", None)
