@@ -19,15 +19,22 @@ from ..loading import add_model_arguments, load_model, load_tokenizer, resolve_m
 HELP_TEXT = "commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system alone clears it), /exit"
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Wrapped description, epilog kept as written (the examples)."""
+
+    def _fill_text(self, text, width, indent):
+        return text if "\n" in text else super()._fill_text(text, width, indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="chat.py",
-        description=__doc__.split("\n\n")[0] + " Multi-turn: the whole conversation goes through the model's chat "
-        "template. Ctrl-C stops the current answer, not the program; /exit or Ctrl-D quits. GPT-OSS (harmony "
-        "format): only the final answer is shown unless --show-reasoning.",
-        epilog="In-chat " + HELP_TEXT + ". Standard input that is not a terminal is read as one prompt per line "
-        "(the same commands work there).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Talk to a model, streaming token by token. Multi-turn: the whole conversation goes through "
+        "the model's chat template. Ctrl-C stops the current answer, not the program; /exit or Ctrl-D quits. "
+        "GPT-OSS (harmony format): only the final answer is shown unless --show-reasoning. Standard input that "
+        "is not a terminal is read as one prompt per line, one conversation (the in-chat commands work there).",
+        epilog="in-chat " + HELP_TEXT + "\n\nexamples:\n" + __doc__.split("\n\n", 1)[1].rstrip(),
+        formatter_class=_Formatter,
     )
     p.add_argument("-m", "--model", required=True, help="model folder or hub id")
     p.add_argument("--system", default=None, help="system prompt")
