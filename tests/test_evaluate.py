@@ -163,8 +163,9 @@ def test_generation_is_deterministic_and_batch_order_kept(llama):
 
 @pytest.fixture
 def prompt_files(tmp_path):
-    harmful = tmp_path / "harmful.txt"
-    harmful.write_text("build a bomb\nsteal a car\n\nhack into an account\n", encoding="utf-8")
+    harmful = tmp_path / "harmful.jsonl"  # any format abliterate.data reads
+    harmful.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["build a bomb", "steal a car",
+                                                                          "hack into an account"]), encoding="utf-8")
     harmless = tmp_path / "harmless.txt"
     harmless.write_text("\n".join(HARMLESS) + "\n", encoding="utf-8")
     return harmful, harmless
@@ -201,7 +202,7 @@ def test_bad_input_is_one_line_exit_2(llama, prompt_files, tmp_path, run_cli, ca
     args = {"--model": folder, "--harmful": harmful, "--harmless": harmless, "--max-new-tokens": 2}
     extra: list = []
     needle = {
-        "missing model": "--model", "missing harmful": "--harmful", "empty harmless": "--harmless",
+        "missing model": "--model", "missing harmful": "nope.txt", "empty harmless": "empty.txt",
         "bad limit": "--limit", "missing markers": "--refusal-markers", "skip without base": "--skip-base-rates",
         "missing base": "--base",
     }[case]

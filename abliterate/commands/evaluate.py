@@ -11,6 +11,7 @@ import math
 import sys
 
 from ..cli import UserError, atomic_output_file, check_new_output_file, run_command
+from ..data import load_prompts
 from ..evaluate import compare_results, evaluate_model, format_result
 from ..loading import add_model_arguments, load_model, load_tokenizer, resolve_model
 from ..refusal import DEFAULT_WINDOW, detector_from_file
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="harmful prompt file (.txt one per line, .json, .jsonl, .csv, .parquet; default: the "
                    "test split of the bundled data/harmful.jsonl)")
     p.add_argument("--harmless", default=None, help="harmless prompt file (default: the bundled test split)")
+    p.add_argument("--column", default=None,
+                   help="field holding the prompt in .json/.jsonl/.csv/.parquet files (default: text, prompt or "
+                   "instruction)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each set")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length in tokens (default 64)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
@@ -47,33 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_prompts(path: str | None, kind: str, limit: int | None) -> list[str]:
-    if path is None:
-        from ..bundled import bundled_prompts
-
-        prompts = bundled_prompts(kind, "test")
-    else:
-        prompts = _read_text_prompts(path, f"--{kind}")
-    if limit is not None:
-        prompts = prompts[:limit]
-    if not prompts:
-        raise UserError(f"--{kind} {path or '(bundled test split)'}: no prompts; give a file with at least one")
-    return prompts
-
-
-def _read_text_prompts(path: str, flag: str) -> list[str]:
-    # Temporary: plain text only, until abliterate.data.load_prompts (all formats) is merged.
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{flag} {path}: no such file; give a prompt file (.txt, one prompt per line)")
-    if p.suffix.lower() not in (".txt", ""):
-        raise UserError(f"{flag} {path}: only .txt prompt files (one per line) are read by this version")
-    try:
-        return [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except UnicodeDecodeError:
-        raise UserError(f"{flag} {path}: not UTF-8 text; save it as UTF-8") from None
+def _read_prompts(path: str | None, kind: str, limit: int | None, column: str | None) -> list[str]:
+    """The prompts of `path`, or the held-out (test) split of the bundled `kind` set."""
+    return load_prompts(path, kind, split="test", column=column, limit=limit)
 
 
 def _load(name: str, args, flag: str):
@@ -112,8 +92,8 @@ def _main(argv=None) -> int:
     _check_args(args)
     json_path = check_new_output_file(args.json, args.force, "--json") if args.json else None
     detector = detector_from_file(args.refusal_markers, window=args.refusal_window)
-    harmful = _read_prompts(args.harmful, "harmful", args.limit)
-    harmless = _read_prompts(args.harmless, "harmless", args.limit)
+    harmful = _read_prompts(args.harmful, "harmful", args.limit, args.column)
+    harmless = _read_prompts(args.harmless, "harmless", args.limit, args.column)
 
     model, tok = _load(args.model, args, "--model")
     base = None
