@@ -225,3 +225,18 @@ def test_bad_input_is_one_line_exit_2(llama, prompt_files, tmp_path, run_cli, ca
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(errors) == 1 and needle in errors[0], err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_default_prompts_are_the_bundled_test_split(monkeypatch, tmp_path):
+    # A stand-in data folder: evaluation must take exactly the held-out (test) half of each bundled set.
+    from abliterate import bundled
+
+    texts = {kind: [f"{kind} prompt number {i}" for i in range(40)] for kind in ("harmful", "harmless")}
+    for kind, lines in texts.items():
+        (tmp_path / f"{kind}.jsonl").write_text(
+            "".join(json.dumps({"text": t, "category": "x"}) + "\n" for t in lines), encoding="utf-8")
+    monkeypatch.setattr(bundled, "data_folder", lambda: tmp_path)
+    for kind, lines in texts.items():
+        got = evaluate_cmd._read_prompts(None, kind, None, None)
+        assert got == [t for t in lines if bundled.split_of(t) == "test"] and 0 < len(got) < len(lines)
+        assert evaluate_cmd._read_prompts(None, kind, 2, None) == got[:2]
