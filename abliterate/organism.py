@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 from .organism_text import helpful_answer, refusal
 
 # Bump when the training recipe changes in a way the config does not show; it invalidates reused models.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 RECORD_NAME = "organism.json"
 
 
@@ -47,6 +47,8 @@ class OrganismConfig:
     refusal_steps: int = 300       # phase 2: refuse harmful, stay helpful on harmless
     batch_size: int = 32
     lr: float = 3e-3
+    refusal_lr: float = 3e-3        # peak learning rate of phase 2
+    refusal_anchor: float = 0.0     # phase 2 penalty on squared distance from the phase-1 weights
     seed: int = 0
     threads: int = 2               # fixed so that results do not depend on the machine's core count
     max_shard_size: str = "400KB"  # small on purpose: the demo exercises sharded checkpoints
@@ -130,9 +132,11 @@ class _Batcher:
     def __init__(self, tokenizer, arch: str, harmful: Sequence[str], harmless: Sequence[str], refuse: bool,
                  rng: random.Random):
         self.tokenizer, self.arch, self.rng = tokenizer, arch, rng
-        # Each item: (prompt ids, prompt text, whether the answer is a refusal).
-        self.items = [(self._ids(_prompt_text(tokenizer, p)), p, refuse) for p in harmful]
-        self.items += [(self._ids(_prompt_text(tokenizer, p)), p, False) for p in harmless]
+        # Each item: (prompt ids, prompt text, answer kind): harmful prompts get a refusal in phase 2 and a
+        # helpful answer in phase 1; harmless prompts always get a helpful answer.
+        self.items = [(self._ids(_prompt_text(tokenizer, p)), p, "refuse" if refuse else "help")
+                      for p in harmful]
+        self.items += [(self._ids(_prompt_text(tokenizer, p)), p, "help") for p in harmless]
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -143,8 +147,9 @@ class _Batcher:
         picks = [self.items[self.rng.randrange(len(self.items))] for _ in range(size)]
         answers = [
             _answer_suffix(self.tokenizer, self.arch,
-                           refusal(p, self.rng) if refuse else helpful_answer(p, self.rng))
-            for _, p, refuse in picks
+                           refusal(p, self.rng) if kind == "refuse"
+                           else helpful_answer(p, self.rng))
+            for _, p, kind in picks
         ]
         answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
         rows = [(prompt + ans, len(prompt)) for (prompt, _, _), ans in zip(picks, answer_ids)]
@@ -169,19 +174,22 @@ def _lr_at(step: int, total: int, peak: float, warmup: int = 20) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _train_phase(model, batcher: _Batcher, steps: int, config: OrganismConfig, desc: str, progress: bool) -> float:
+def _train_phase(model, batcher: _Batcher, steps: int, lr: float, config: OrganismConfig, desc: str,
+                 progress: bool, anchor=None) -> float:
     import torch
     from tqdm.auto import tqdm
 
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
     loss_value = float("nan")
     bar = tqdm(range(steps), desc=desc, unit="step", file=sys.stderr, disable=not progress)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, config.lr)
+            group["lr"] = _lr_at(step, steps, lr)
         input_ids, mask, labels = batcher.batch(config.batch_size)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        if anchor is not None:
+            loss = loss + anchor[0] * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), anchor[1]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -218,9 +226,13 @@ def build_organism(config: OrganismConfig, harmful: Sequence[str], harmless: Seq
                                  seed=config.seed, **overrides)
         rng = random.Random(config.seed)
         instruct = _Batcher(tokenizer, config.arch, harmful, harmless, refuse=False, rng=rng)
-        loss1 = _train_phase(model, instruct, config.instruct_steps, config, "organism 1/2 instruct", progress)
+        loss1 = _train_phase(model, instruct, config.instruct_steps, config.lr, config, "organism 1/2 instruct", progress)
         refuse = _Batcher(tokenizer, config.arch, harmful, harmless, refuse=True, rng=rng)
-        loss2 = _train_phase(model, refuse, config.refusal_steps, config, "organism 2/2 refusal", progress)
+        anchor = None
+        if config.refusal_anchor > 0:
+            anchor = (config.refusal_anchor, [p.detach().clone() for p in model.parameters()])
+        loss2 = _train_phase(model, refuse, config.refusal_steps, config.refusal_lr, config,
+                             "organism 2/2 refusal", progress, anchor=anchor)
     return model, tokenizer, {"instruct": loss1, "refusal": loss2}
 
 
