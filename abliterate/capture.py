@@ -1,0 +1,388 @@
+"""Capture the residual stream at the last prompt token, layer by layer, with forward hooks.
+
+One forward pass per batch through the decoder stack (no `generate`, no language-model head, no KV cache, no
+`output_hidden_states` tuple): a pre-hook on decoder layer 0 takes its input (the embedding output, index 0) and a
+forward hook on every decoder layer takes its output (index k+1 for layer k). Each hook keeps only the last
+position of the batch, which is every row's last prompt token because prompts are left-padded. The last index
+is therefore the last layer's output *before* the final norm (see measurements.LAYER_CONVENTION).
+
+Statistics, per class (harmful / harmless):
+  - float64 running sums of the activations (exact means, whatever the batch order),
+  - float64 running sums of squared norms,
+  - a per-prompt buffer of the last-token activations, float32 on CPU, [L+1, N, H], kept only for the run:
+    each prompt's projection on its index's final unit direction needs the direction, which is known only after
+    both classes are done. The buffer is the one thing that grows with the number of prompts; --verbose prints
+    its size (e.g. gpt-oss-20b, 25 indices x 2880 x 4 bytes = 288 KB per prompt). Past SPILL_BYTES (both classes
+    together) it lives in a memory-mapped temporary file instead of RAM, deleted when the run ends, so RAM use
+    stays flat however many prompts are measured.
+Prompts are sorted by token length (longest first, so a CUDA out-of-memory shows up on the first batch) to cut
+padding; results are stored back in the caller's prompt order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .cli import UserError
+from .directions import difference_of_means, project_out, winsorize
+from .measurements import Measurements
+
+_SKIP_MODULE_PARTS = ("vision", "visual", "audio", "image", "mtp", "encoder.")
+SPILL_BYTES = 2 * 2**30  # per-prompt buffers larger than this (both classes) go to a memory-mapped temp file
+
+
+# ----------------------------------------------------------------------------------------------- locating layers
+
+def text_config(model):
+    cfg = model.config
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def find_decoder_layers(model):
+    """(text_model, layers): the decoder-layer ModuleList of a causal LM and the module that owns and runs it.
+
+    Found generically: the ModuleList whose length is the text config's num_hidden_layers, preferring the
+    usual names (model.layers, model.language_model.layers, transformer.h, ...) and skipping vision/audio towers.
+    """
+    n = getattr(text_config(model), "num_hidden_layers", None)
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or not name:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in ("layers", "h", "blocks", "layer"):
+            continue
+        if any(part in name + "." for part in _SKIP_MODULE_PARTS):
+            continue
+        if n is not None and len(module) != n:
+            continue
+        found.append(name)
+    if not found:
+        raise UserError(
+            f"cannot find the decoder layers of this {type(model).__name__} (no ModuleList of {n} layers named "
+            "layers/h/blocks); this architecture is not supported yet"
+        )
+    name = min(found, key=lambda s: (s.count("."), s))  # the outermost text stack
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return owner, model.get_submodule(name)
+
+
+# ----------------------------------------------------------------------------------------------------- hooks
+
+class LastTokenHooks:
+    """Context manager: while active, each forward pass fills `self.slices` (L+1 tensors [B, H], on device)."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.slices: list[torch.Tensor | None] = [None] * (len(layers) + 1)
+        self._handles = []
+
+    def _keep(self, index: int, hidden: torch.Tensor) -> None:
+        # clone: a view would keep the whole [B, T, H] activation alive until the next batch
+        self.slices[index] = hidden[:, -1, :].detach().clone()
+
+    def __enter__(self):
+        def pre_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            self._keep(0, hidden)
+
+        self._handles.append(self.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for k, layer in enumerate(self.layers):
+            def hook(module, args, output, index=k + 1):
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                self._keep(index, hidden)
+
+            self._handles.append(layer.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+    def collect(self) -> torch.Tensor:
+        """The last batch's activations as one CPU float64 tensor [L+1, B, H]; clears the slots."""
+        if any(s is None for s in self.slices):
+            missing = [i for i, s in enumerate(self.slices) if s is None]
+            raise RuntimeError(f"hooks did not fire for measurement indices {missing}")
+        out = torch.stack([s.to("cpu", torch.float64) for s in self.slices])
+        self.slices = [None] * len(self.slices)
+        return out
+
+
+# -------------------------------------------------------------------------------------------------- prompts
+
+def format_prompts(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[str]:
+    """Each prompt as a one-turn chat, rendered with the generation prompt (the assistant header) appended."""
+    out = []
+    for p in prompts:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": p}]
+        try:
+            out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        except Exception as exc:  # jinja2 TemplateError and template-raised exceptions
+            hint = "; drop --system-prompt (the template may not accept a system turn)" if system_prompt else ""
+            raise UserError(f"the chat template failed on a prompt ({str(exc).splitlines()[0]}){hint}; "
+                            "or pass --chat-template FILE.jinja") from None
+    return out
+
+
+def tokenize_prompts(tokenizer, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+    """Token ids per rendered prompt. Over-long prompts keep their LAST max_length tokens (so the measured
+    position is still the assistant header), with one note saying how many were cut."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if max_length:
+        cut = sum(len(x) > max_length for x in ids)
+        if cut:
+            print(f"note: {cut} prompt(s) longer than --max-length {max_length} tokens were cut from the left",
+                  file=sys.stderr)
+            ids = [x[-max_length:] for x in ids]
+    return [list(x) for x in ids]
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+@dataclass
+class ClassStats:
+    """Running statistics for one class of prompts (see the module docstring)."""
+
+    num_indices: int
+    hidden: int
+    n_prompts: int
+    clip: float | None = None
+    spill_file: str | None = None  # back the buffer with this (new) file instead of RAM
+    total: torch.Tensor = field(init=False)
+    sq_norm_total: torch.Tensor = field(init=False)
+    buffer: torch.Tensor = field(init=False)
+    count: int = 0
+
+    def __post_init__(self):
+        self.total = torch.zeros(self.num_indices, self.hidden, dtype=torch.float64)
+        self.sq_norm_total = torch.zeros(self.num_indices, dtype=torch.float64)
+        shape = (self.num_indices, self.n_prompts, self.hidden)
+        if self.spill_file:
+            numel = shape[0] * shape[1] * shape[2]
+            self.buffer = torch.from_file(self.spill_file, shared=True, size=numel, dtype=torch.float32).view(shape)
+        else:
+            self.buffer = torch.empty(shape, dtype=torch.float32)
+
+    def add(self, acts: torch.Tensor, rows: list[int]) -> None:
+        """acts: [L+1, B, H] float64 for the prompts at positions `rows` of the caller's list."""
+        if self.clip is not None and self.clip < 1.0:
+            # one index at a time: torch.quantile refuses inputs past 16M elements
+            acts = torch.stack([winsorize(a, self.clip) for a in acts])
+        self.total += acts.sum(dim=1)
+        self.sq_norm_total += acts.pow(2).sum(dim=-1).sum(dim=1)
+        self.buffer[:, rows, :] = acts.to(torch.float32)
+        self.count += acts.shape[1]
+
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count
+
+    def projections(self, unit_dirs: torch.Tensor) -> torch.Tensor:
+        """[L+1, N] float32: each prompt's activation dotted with its index's unit direction (in float64)."""
+        return torch.stack([self.buffer[k].to(torch.float64) @ unit_dirs[k] for k in range(self.num_indices)]).float()
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+
+def safe_unit_rows(d: torch.Tensor) -> torch.Tensor:
+    """Row-wise unit vectors; a zero row (e.g. index 0 when every prompt ends in the same template token, so the
+    embedding outputs are identical) stays zero, so its projections are 0 rather than NaN."""
+    norms = torch.linalg.vector_norm(d, dim=-1, keepdim=True)
+    return torch.where(norms > 0, d / norms.clamp_min(1e-300), torch.zeros_like(d))
+
+
+# -------------------------------------------------------------------------------------------------- the pass
+
+@dataclass
+class CaptureOptions:
+    batch_size: int = 32
+    clip: float | None = None
+    projected: bool = False
+    verbose: bool = False
+    progress: bool = True
+
+
+class _OutOfMemory(Exception):
+    pass
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, oom_type) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def _free_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _memory_note() -> str:
+    if torch.cuda.is_available():
+        return f"cuda peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"cpu peak RSS {rss / 2**20:.2f} GiB"
+
+
+class Runner:
+    """Runs batches through the text model with the hooks attached; halves the batch on out-of-memory."""
+
+    def __init__(self, model, pad_token_id: int, options: CaptureOptions):
+        self.model = model
+        self.text_model, self.layers = find_decoder_layers(model)
+        self.pad_id = pad_token_id
+        self.options = options
+        self.batch_size = options.batch_size
+        self.device = model.get_input_embeddings().weight.device
+        self.oom_said = False
+        self.tokens_seen = 0
+        self.padded_tokens = 0
+
+    @property
+    def num_indices(self) -> int:
+        return len(self.layers) + 1
+
+    def _forward(self, hooks: LastTokenHooks, batch: list[list[int]]) -> torch.Tensor:
+        width = max(len(x) for x in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, x in enumerate(batch):
+            ids[r, width - len(x):] = torch.tensor(x, dtype=torch.long)
+            mask[r, width - len(x):] = 1
+        # positions count real tokens only, as generate() does, so padding cannot shift them
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        with torch.inference_mode():
+            self.text_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=positions.to(self.device), use_cache=False)
+        self.tokens_seen += int(mask.sum())
+        self.padded_tokens += ids.numel()
+        return hooks.collect()
+
+    def run(self, token_ids: list[list[int]], stats: ClassStats, desc: str) -> None:
+        from tqdm import tqdm
+
+        order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+        bar = tqdm(total=len(order), desc=desc, unit="prompt", file=sys.stderr, disable=not self.options.progress,
+                   dynamic_ncols=True)
+        start = 0
+        with LastTokenHooks(self.layers) as hooks, bar:  # closing the bar first keeps an error on its own line
+            while start < len(order):
+                rows = order[start:start + self.batch_size]
+                t0 = time.perf_counter()
+                try:
+                    acts = self._forward(hooks, [token_ids[i] for i in rows])
+                except Exception as exc:
+                    if not _is_oom(exc):
+                        raise
+                    hooks.slices = [None] * len(hooks.slices)
+                    _free_device_memory()
+                    self._shrink()
+                    continue
+                _check_finite(acts, desc)
+                stats.add(acts, rows)
+                if self.options.verbose:
+                    width = max(len(token_ids[i]) for i in rows)
+                    tqdm.write(f"  {desc} batch [{len(rows)} x {width} tokens] -> acts {tuple(acts.shape)}, "
+                               f"{(time.perf_counter() - t0) * 1000:.0f} ms, {_memory_note()}", file=sys.stderr)
+                start += len(rows)
+                bar.update(len(rows))
+
+    def _shrink(self) -> None:
+        if self.batch_size == 1:
+            raise UserError("out of memory even at batch size 1; load the model smaller with --quant-measure 4bit "
+                            "(or 8bit), a lower --dtype, --max-length, or spread it over more devices (--device-map)")
+        self.batch_size = max(1, self.batch_size // 2)
+        if not self.oom_said:
+            print(f"note: out of memory; halving the batch size (now {self.batch_size}) and continuing",
+                  file=sys.stderr)
+            self.oom_said = True
+
+
+def _check_finite(acts: torch.Tensor, desc: str) -> None:
+    bad = ~torch.isfinite(acts).flatten(1).all(dim=1)
+    if bad.any():
+        k = int(bad.nonzero()[0])
+        where = "the embedding output" if k == 0 else f"the output of decoder layer {k - 1}"
+        raise UserError(
+            f"NaN or inf activations at measurement index {k} ({where}) on {desc} prompts; the weights of that "
+            "layer are broken or the dtype overflows: try --dtype float32 (or bfloat16 instead of float16)"
+        )
+
+
+def measure_directions(model, tokenizer, harmful_ids: list[list[int]], harmless_ids: list[list[int]],
+                       options: CaptureOptions) -> tuple[Measurements, dict]:
+    """Run both prompt classes and return the Measurements (metadata: capture facts only) and run info."""
+    runner = Runner(model, tokenizer.pad_token_id, options)
+    hidden = int(text_config(model).hidden_size)
+    n_total = len(harmful_ids) + len(harmless_ids)
+    buffer_bytes = 4 * runner.num_indices * n_total * hidden
+    with contextlib.ExitStack() as stack:
+        spill = None
+        if buffer_bytes > SPILL_BYTES:
+            spill = stack.enter_context(tempfile.TemporaryDirectory(prefix="abliterate-acts-"))
+        where = f"memory-mapped in {spill} (deleted at the end)" if spill else "in RAM"
+        if spill or options.verbose:
+            print(f"per-prompt activation buffer: {runner.num_indices} indices x {n_total} prompts x {hidden} float32 "
+                  f"= {buffer_bytes / 2**20:.1f} MiB, {where}", file=sys.stderr)
+        if options.verbose:
+            print(f"decoder layers: {len(runner.layers)} (run by {type(runner.text_model).__name__})",
+                  file=sys.stderr)
+        harmful = ClassStats(runner.num_indices, hidden, len(harmful_ids), options.clip,
+                             os.path.join(spill, "harmful.f32") if spill else None)
+        harmless = ClassStats(runner.num_indices, hidden, len(harmless_ids), options.clip,
+                              os.path.join(spill, "harmless.f32") if spill else None)
+        t0 = time.perf_counter()
+        runner.run(harmful_ids, harmful, "harmful")
+        runner.run(harmless_ids, harmless, "harmless")
+        seconds = time.perf_counter() - t0
+        m = _finish(harmful, harmless, options)
+        del harmful.buffer, harmless.buffer  # release the mapping before the folder goes
+    m.metadata.update({"num_layers": len(runner.layers), "batch_size": options.batch_size})
+    info = {
+        "seconds": seconds,
+        "final_batch_size": runner.batch_size,
+        "tokens": runner.tokens_seen,
+        "padded_tokens": runner.padded_tokens,
+        "buffer_bytes": buffer_bytes,
+    }
+    return m, info
+
+
+def _finish(harmful: ClassStats, harmless: ClassStats, options: CaptureOptions) -> Measurements:
+    """Means, directions and per-prompt projections from both classes' statistics."""
+    harmful_mean, harmless_mean = harmful.mean(), harmless.mean()
+    directions = difference_of_means(harmful_mean, harmless_mean)
+    if options.projected:
+        directions = project_out(directions, harmless_mean)
+    unit_dirs = safe_unit_rows(directions)
+    m = Measurements(
+        harmful_mean=harmful_mean,
+        harmless_mean=harmless_mean,
+        directions=directions,
+        harmful_sq_norm=harmful.sq_norm_total / harmful.count,
+        harmless_sq_norm=harmless.sq_norm_total / harmless.count,
+        harmful_proj=harmful.projections(unit_dirs),
+        harmless_proj=harmless.projections(unit_dirs),
+        metadata={
+            "hidden_size": harmful.hidden,
+            "n_harmful": harmful.count,
+            "n_harmless": harmless.count,
+            "position": "last_prompt_token",
+            "projected": bool(options.projected),
+            "clip": options.clip,
+        },
+    )
+    return m

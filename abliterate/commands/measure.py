@@ -1,0 +1,150 @@
+"""measure: per-layer refusal directions of a chat model from one hooked forward pass per batch.
+
+Reads harmful and harmless prompts, renders each as a one-turn chat (generation prompt appended), records the
+residual stream at the last prompt token after every decoder layer, and writes a measurement file
+(safetensors + JSON metadata) for analyze.py and sharded_ablate.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..cli import UserError, atomic_output_file, check_new_output_file, run_command
+from ..loading import add_model_arguments, load_model, load_tokenizer, read_config, resolve_model
+from ..measurements import LAYER_CONVENTION
+
+EPILOG = f"""\
+layer convention of the output file: {LAYER_CONVENTION}.
+For a model with L decoder layers the file holds L+1 indices (0..L).
+
+examples:
+  measure.py -m openai/gpt-oss-20b -o gpt-oss-20b.safetensors
+  measure.py -m ./my-model -o meas.safetensors --data-harmful mine.jsonl --data-harmless theirs.csv --column prompt
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="measure.py", description=__doc__.split("\n\n")[0] + ".", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", required=True, help="local model folder (with config.json) or hub id owner/name")
+    p.add_argument("-o", "--output", required=True, help="measurement file to write (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    d = p.add_argument_group("prompts")
+    d.add_argument("--data-harmful", default=None,
+                   help="harmful prompts: .txt/.json/.jsonl/.csv/.parquet file or hub dataset id "
+                        "(default: the bundled set, train split)")
+    d.add_argument("--data-harmless", default=None, help="harmless prompts, same formats (default: bundled, train)")
+    d.add_argument("--column", default=None,
+                   help="field holding the prompt in .json/.jsonl/.csv/.parquet/hub data (default: text, prompt or "
+                        "instruction, whichever exists)")
+    d.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each set")
+    d.add_argument("--system-prompt", default=None, help="a system message put before every prompt")
+    d.add_argument("--max-length", type=int, default=None,
+                   help="cut rendered prompts to their last N tokens (default: no limit)")
+    c = p.add_argument_group("measurement")
+    c.add_argument("--batch-size", type=int, default=32,
+                   help="prompts per forward pass (default 32; halved automatically on CUDA out-of-memory)")
+    c.add_argument("--projected", action="store_true",
+                   help="store directions projected against the harmless mean of the same index")
+    c.add_argument("--clip", type=float, default=None, metavar="Q",
+                   help="winsorize each activation vector at its Q quantile of absolute values (0 < Q <= 1) "
+                        "before averaging, taming massive-activation channels")
+    c.add_argument("-v", "--verbose", action="store_true", help="per-batch shapes, memory and timings")
+    add_model_arguments(p, quant_flag="--quant-measure")
+    return p
+
+
+def _validate_numbers(args) -> None:
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.clip is not None and not 0.0 < args.clip <= 1.0:
+        raise UserError(f"--clip {args.clip}: must be a quantile in (0, 1], e.g. 0.995")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: must be at least 1")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length {args.max_length}: must be at least 2 tokens")
+    if Path(args.output).suffix.lower() != ".safetensors":
+        raise UserError(f"--output {args.output}: the measurement file must end in .safetensors")
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+
+    # Everything the user gave is checked before the (possibly long) model load.
+    _validate_numbers(args)
+    out = check_new_output_file(args.output, force=args.force)
+    from ..capture import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
+    from ..data import load_prompts, prompts_sha256
+
+    harmful = load_prompts(args.data_harmful, "harmful", "train", args.column, args.limit)
+    harmless = load_prompts(args.data_harmless, "harmless", "train", args.column, args.limit)
+    model_id = resolve_model(args.model)
+    config = read_config(model_id, args.trust_remote_code)
+    tokenizer = load_tokenizer(model_id, args.trust_remote_code, args.chat_template)
+    harmful_ids = tokenize_prompts(tokenizer, format_prompts(tokenizer, harmful, args.system_prompt), args.max_length)
+    harmless_ids = tokenize_prompts(tokenizer, format_prompts(tokenizer, harmless, args.system_prompt),
+                                    args.max_length)
+
+    model = load_model(model_id, dtype=args.dtype, device=args.device, device_map=args.device_map, quant=args.quant,
+                       flash_attn=args.flash_attn, trust_remote_code=args.trust_remote_code, verbose=args.verbose)
+    options = CaptureOptions(batch_size=args.batch_size, clip=args.clip, projected=args.projected,
+                             verbose=args.verbose)
+    m, info = measure_directions(model, tokenizer, harmful_ids, harmless_ids, options)
+
+    import torch
+    import transformers
+
+    m.metadata.update({
+        "model": str(args.model),
+        "model_type": getattr(config, "model_type", ""),
+        "harmful_sha256": prompts_sha256(harmful),
+        "harmless_sha256": prompts_sha256(harmless),
+        "data_harmful": args.data_harmful or "bundled:harmful/train",
+        "data_harmless": args.data_harmless or "bundled:harmless/train",
+        "system_prompt": args.system_prompt,
+        "max_length": args.max_length,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "quant": args.quant,
+        "final_batch_size": info["final_batch_size"],
+        "tool_version": __version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    })
+    m.validate("the measurement")
+    from ..measurements import save_measurements
+
+    with atomic_output_file(out) as tmp:
+        save_measurements(m, tmp)
+    _summary(m, info, out, time.perf_counter() - started)
+    return 0
+
+
+def _summary(m, info, out: Path, total_seconds: float) -> None:
+    from ..separation import best_index
+
+    n = m.metadata["n_harmful"] + m.metadata["n_harmless"]
+    k, score = best_index(m.harmful_proj, m.harmless_proj)
+    pad = 1 - info["tokens"] / max(1, info["padded_tokens"])
+    print(f"model      {m.metadata['model']} ({m.metadata['model_type']}, {m.metadata['num_layers']} layers, "
+          f"hidden {m.metadata['hidden_size']}, {m.metadata['dtype']})")
+    print(f"prompts    {m.metadata['n_harmful']} harmful + {m.metadata['n_harmless']} harmless, "
+          f"{info['tokens']} tokens ({pad:.0%} padding), batch {info['final_batch_size']}")
+    print(f"time       {info['seconds']:.1f} s measuring ({n / max(info['seconds'], 1e-9):.1f} prompts/s), "
+          f"{total_seconds:.1f} s in all")
+    print(f"best       index {k} (output of decoder layer {k - 1}): Cohen's d {score:.2f} along its direction")
+    print(f"wrote      {out} ({m.num_indices} indices: {LAYER_CONVENTION.split(';')[0]}; index "
+          f"{m.num_indices - 1} = last layer before the final norm)")
+
+
+def main(argv=None) -> int:
+    return run_command(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
