@@ -1,0 +1,95 @@
+"""How analyze.py shows an Analysis: the per-index terminal table (<= 100 columns) and the --json document."""
+
+from __future__ import annotations
+
+import math
+
+from .analysis import METRICS, Analysis, Suggestion
+from .measurements import LAYER_CONVENTION
+
+TABLE_WIDTH = 100
+
+# (metric, header, width, format). "-" in a cell means the file cannot give that number (never zero).
+_COLUMNS = (
+    ("cosine", "cos", 7, ".4f"),
+    ("harmful_norm", "|harmful|", 9, "g4"),
+    ("harmless_norm", "|harmless|", 10, "g4"),
+    ("direction_norm", "|r|", 9, "g4"),
+    ("snr", "SNR", 7, ".2f"),
+    ("purity", "purity", 6, ".3f"),
+    ("quality", "quality", 7, ".2f"),
+    ("auroc", "AUROC", 6, ".3f"),
+    ("cohens_d", "d", 7, ".2f"),
+    ("rotation_deg", "rot deg", 7, ".1f"),
+)
+
+
+def _cell(value: float, width: int, spec: str) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        text = "-"
+    elif isinstance(value, float) and math.isinf(value):
+        text = "inf" if value > 0 else "-inf"
+    elif spec == "g4":  # norms span 1e-3..1e5 across models: 4 significant digits, exponent only when needed
+        text = f"{value:.2e}" if value != 0 and not 1e-3 <= abs(value) < 1e5 else f"{value:.4g}"
+    else:
+        text = format(value, spec)
+    return text.rjust(width)
+
+
+def format_table(a: Analysis, suggestion: Suggestion | None = None) -> list[str]:
+    """One header line, one row per measurement index, and a legend; every line fits TABLE_WIDTH columns."""
+    columns = list(_COLUMNS)
+    if not a.has_variance:  # legacy files: show the peer tool's estimate in the quality column instead
+        columns[6] = ("peer_quality", "peerQ", 7, ".4f")
+    header = "idx " + " ".join(title.rjust(width) for _, title, width, _ in columns) + "  note"
+    lines = [header]
+    edited = set(suggestion.layers) if suggestion else set()
+    for k in range(a.num_indices):
+        cells = " ".join(_cell(getattr(a, name)[k], width, spec) for name, _, width, spec in columns)
+        note = ""
+        if suggestion is not None and k == suggestion.measurement:
+            note = "<- chosen"
+        elif k - 1 in edited:  # index k is the output of decoder layer k-1
+            note = "edited"
+        lines.append(f"{k:>3} {cells}  {note}".rstrip())
+    lines.append(
+        "idx: measurement index (0 = embedding output, k = after decoder layer k-1); r: refusal direction"
+    )
+    lines.append("d: Cohen's d; rot: angle to the previous index; edited: produced by an edited layer; -: not in file")
+    assert all(len(line) <= TABLE_WIDTH for line in lines), "table layout exceeds its width"
+    return lines
+
+
+def _clean(value):
+    """JSON has no NaN/inf: unavailable values become null, infinities the strings 'inf'/'-inf'."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def analysis_document(a: Analysis, source: str, metadata: dict, suggestion: Suggestion | None) -> dict:
+    """Every number of the analysis, as a JSON-ready dict (null = not available in the file)."""
+    from . import analysis
+
+    doc = {
+        "measurements": source,
+        "metadata": metadata,
+        "layer_convention": LAYER_CONVENTION,
+        "num_layers": a.num_layers,
+        "num_indices": a.num_indices,
+        "hidden_size": a.hidden_size,
+        "has_variance": a.has_variance,
+        "has_projections": a.has_projections,
+        "definitions": (analysis.__doc__ or "").split("The suggestion rule")[0].strip(),
+        "indices": [{"index": k, **a.row(k)} for k in range(a.num_indices)],
+        "suggestion": suggestion.to_dict() if suggestion else None,
+    }
+    assert set(METRICS) <= set(doc["indices"][0])
+    return _clean(doc)

@@ -1,0 +1,91 @@
+"""The --chart PNG of analyze.py: six panels of per-index metrics, the chosen index marked in each.
+
+Drawn with matplotlib's object API on an Agg canvas (no pyplot, no window, no display needed). The figure has
+a fixed size and dpi and is saved without tight bounding boxes, so the PNG is always FIGSIZE * DPI pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .analysis import Analysis
+
+FIGSIZE = (14.0, 12.0)  # inches
+DPI = 100
+PIXELS = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))  # (width, height) of the PNG
+
+
+def _unavailable(values: list[float]) -> bool:
+    return all(isinstance(v, float) and math.isnan(v) for v in values)
+
+
+def _finite(values: list[float]) -> list[float]:
+    """inf (a separation without noise) cannot be drawn; show it as a gap like NaN."""
+    return [v if math.isfinite(v) else math.nan for v in values]
+
+
+def draw_chart(
+    a: Analysis, path: str | Path, chosen: int | None = None, band: tuple[int, int] | None = None, title: str = ""
+) -> None:
+    """Write the PNG to `path` (format forced to PNG, so a temporary name without .png works)."""
+    build_figure(a, chosen, band, title).savefig(str(path), format="png", dpi=DPI)
+
+
+def build_figure(a: Analysis, chosen: int | None = None, band: tuple[int, int] | None = None, title: str = ""):
+    """The matplotlib Figure (Agg canvas): `chosen` is a vertical line in every panel, `band` shaded."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 2)
+    x = list(range(a.num_indices))
+    marker = dict(marker="o", markersize=3, linewidth=1.5)
+
+    def panel(ax, series, ylabel, heading):
+        missing = []
+        for values, label, color in series:
+            if _unavailable(values):
+                missing.append(label)
+                continue
+            ax.plot(x, _finite(values), label=label, color=color, **marker)
+        if missing:
+            ax.text(0.5, 0.5, "not in this file: " + ", ".join(missing), transform=ax.transAxes,
+                    ha="center", va="center", color="gray")
+        if band is not None:
+            ax.axvspan(band[0], band[1], color="gold", alpha=0.12, label="candidate band")
+        if chosen is not None:
+            ax.axvline(chosen, color="black", linestyle="--", linewidth=1, label=f"chosen index {chosen}")
+        ax.set_title(heading, fontsize=11)
+        ax.set_xlabel("measurement index (0 = embeddings, k = after decoder layer k-1)", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+
+    panel(axes[0, 0], [(a.harmful_norm, "|harmful mean|", "tab:red"), (a.harmless_norm, "|harmless mean|", "tab:green"),
+                       (a.direction_norm, "|refusal direction|", "tab:blue")], "norm", "Norms")
+    panel(axes[0, 1], [(a.cosine, "cos(harmful mean, harmless mean)", "tab:purple")], "cosine",
+          "Harmful vs harmless cosine (lower = more distinct)")
+    panel(axes[1, 0], [(a.snr, "SNR", "tab:orange"), (a.purity, "purity", "darkgreen")], "ratio",
+          "Signal-to-noise and purity")
+    ax = axes[1, 1]
+    panel(ax, [(a.quality, "quality = SNR x purity", "teal")], "quality", "Signal quality estimate")
+    twin = ax.twinx()  # the peer tool's estimate is a relative magnitude on a much smaller scale
+    twin.plot(x, _finite(a.peer_quality), color="gray", label="peer-tool quality (right axis)", **marker)
+    twin.set_ylabel("peer-tool quality")
+    twin.legend(fontsize=8, loc="lower right")
+    ax = axes[2, 0]
+    panel(ax, [(a.cohens_d, "Cohen's d", "tab:blue")], "Cohen's d", "Separation of per-prompt projections")
+    if not _unavailable(a.auroc):
+        twin = ax.twinx()
+        twin.plot(x, _finite(a.auroc), color="tab:red", label="AUROC (right axis)", **marker)
+        twin.set_ylim(0.45, 1.02)
+        twin.set_ylabel("AUROC")
+        twin.legend(fontsize=8, loc="lower right")
+    panel(axes[2, 1], [(a.rotation_deg, "angle to previous index", "darkorchid")], "degrees",
+          "Rotation of the direction between consecutive indices")
+    if title:
+        fig.suptitle(title, fontsize=13)
+    fig.subplots_adjust(left=0.06, right=0.95, bottom=0.05, top=0.93, hspace=0.38, wspace=0.22)
+    return fig

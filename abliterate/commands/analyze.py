@@ -1,0 +1,129 @@
+"""analyze.py: per-layer diagnostics of a measurement file, a PNG chart, a JSON dump and a suggested plan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from pathlib import Path
+
+from .. import __version__
+from ..analysis import analyze, suggest
+from ..analysis_report import analysis_document, format_table
+from ..cli import UserError, atomic_output_file, check_new_output_file, run_command
+from ..measurements import LAYER_CONVENTION, load_measurements
+from ..plan_suggestion import model_reference, plan_paths, render_plan
+
+DESCRIPTION = f"""\
+Per-layer diagnostics of a measurement file (measure.py output, or the peer tool's legacy .pt file).
+One table row per measurement index:
+  cos         cosine of the harmful and harmless means (lower = more distinct)
+  |harmful| |harmless| |r|   norms of the two means and of the refusal direction r
+  SNR         |mean difference| / average within-class std per dimension (needs variance statistics)
+  purity      share of the mean difference orthogonal to the harmless mean
+  quality     SNR x purity (legacy files: peerQ, the peer tool's relative estimate)
+  AUROC, d    separation of the per-prompt projections on r (needs measure.py's per-prompt statistics)
+  rot deg     angle between r at this index and at the previous one
+"-" marks a number the file cannot give. Formulas: abliterate/analysis.py.
+
+Layer convention: {LAYER_CONVENTION}.
+
+--suggest writes a plan for sharded_ablate.py: the measurement index with the best separation in the
+middle-to-late band (40%..85% of depth); the decoder layers from the latest one whose input carries at
+most 10% of that separation along r, through the second-to-last (the last too when it writes along r);
+scale 1.0; with comments that explain the choice."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="analyze.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("measurements", metavar="MEASUREMENTS", help="measurement file (.safetensors or legacy .pt)")
+    p.add_argument("--chart", nargs="?", const="", default=None, metavar="PATH",
+                   help="write a PNG chart (default PATH: the measurement file's name with .png, beside it)")
+    p.add_argument("--json", metavar="PATH", help="write every number (and the suggestion) as JSON")
+    p.add_argument("--suggest", metavar="PLAN.yml", help="write a suggested ablation plan (YAML) for sharded_ablate.py")
+    p.add_argument("--output-model", metavar="DIR",
+                   help="the plan's output folder (default: <model>-abliterated beside a local model folder, "
+                        "./<name>-abliterated for a hub id)")
+    p.add_argument("--model", metavar="FOLDER_OR_HUB_ID",
+                   help="the plan's input model (default: the model the measurement file names; "
+                        "needed for legacy files, which name none)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    return p
+
+
+def _outputs(args, source: Path) -> dict[str, Path]:
+    """Every file this run will write, checked before anything is computed or written."""
+    wanted = {}
+    if args.chart is not None:
+        wanted["--chart"] = Path(args.chart) if args.chart else source.with_suffix(".png")
+    if args.json:
+        wanted["--json"] = Path(args.json)
+    if args.suggest:
+        wanted["--suggest"] = Path(args.suggest)
+    seen: dict[Path, str] = {source.resolve(): "MEASUREMENTS"}
+    for flag, path in wanted.items():
+        check_new_output_file(path, force=args.force, flag=flag)
+        key = path.resolve()
+        if key in seen:
+            raise UserError(f"{flag} {path} is the same file as {seen[key]}; give each output its own path")
+        seen[key] = flag
+    return wanted
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    source = Path(args.measurements)
+    m = load_measurements(source)
+    m.validate(str(source))
+    if m.num_indices < 2:
+        raise UserError(
+            f"{source} has {m.num_indices} measurement index; it needs the embedding output and at least one "
+            "decoder layer (re-measure)"
+        )
+    outputs = _outputs(args, source)
+    plan_model = plan_output = None
+    if "--suggest" in outputs:
+        model = model_reference(m.metadata, args.model, str(source))
+        plan_model, plan_output = plan_paths(model, args.output_model, Path.cwd())
+
+    a = analyze(m)
+    s = suggest(m, a)
+    name = m.metadata.get("model") or args.model or "unknown model"
+    print(f"{source}: {name}, {a.num_layers} decoder layers, hidden size {a.hidden_size}")
+    if a.num_indices == a.num_layers:
+        print(f"(legacy file: measurement indices 0..{a.num_layers - 1}; index {a.num_layers} was not measured)")
+    print("\n".join(format_table(a, s)))
+
+    written = []
+    if "--chart" in outputs:
+        from ..charts import draw_chart
+
+        with atomic_output_file(outputs["--chart"]) as tmp:
+            draw_chart(a, tmp, chosen=s.measurement, band=s.band, title=f"{name}: {source.name}")
+        written.append(outputs["--chart"])
+    if "--json" in outputs:
+        doc = analysis_document(a, str(source.resolve()), m.metadata, s)
+        with atomic_output_file(outputs["--json"]) as tmp:
+            tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        written.append(outputs["--json"])
+    if "--suggest" in outputs:
+        text = render_plan(plan_model, source.resolve(), plan_output, s, a, f"analyze.py (abliterate {__version__})")
+        with atomic_output_file(outputs["--suggest"]) as tmp:
+            tmp.write_text(text)
+        written.append(outputs["--suggest"])
+
+    print()
+    print(f"suggested measurement index {s.measurement}, edit decoder layers {s.first_layer}..{s.last_layer}:")
+    for reason in s.reasons:
+        print(textwrap.fill(reason, width=98, initial_indent="  ", subsequent_indent="    "))
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print("no files written (use --chart, --json or --suggest)")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_command(_main, argv)

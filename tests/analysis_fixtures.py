@@ -1,0 +1,56 @@
+"""Synthetic measurement files for the analyze tests: simulated per-prompt activations with a planted layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from abliterate.measurements import Measurements
+
+
+def measurements_from_activations(harmful: torch.Tensor, harmless: torch.Tensor, metadata=None) -> Measurements:
+    """What measure.py computes, from activations [L+1, N, H] per class (float64 statistics)."""
+    harmful = harmful.to(torch.float64)
+    harmless = harmless.to(torch.float64)
+    mu_h, mu_l = harmful.mean(1), harmless.mean(1)
+    directions = mu_h - mu_l
+    unit = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    return Measurements(
+        harmful_mean=mu_h,
+        harmless_mean=mu_l,
+        directions=directions,
+        harmful_sq_norm=(harmful**2).sum(-1).mean(1),
+        harmless_sq_norm=(harmless**2).sum(-1).mean(1),
+        harmful_proj=torch.einsum("knh,kh->kn", harmful, unit).float(),
+        harmless_proj=torch.einsum("knh,kh->kn", harmless, unit).float(),
+        metadata=dict(metadata or {"model": "org/tiny-planted"}),
+    )
+
+
+def separation_profile(num_layers: int, peak: int, height: float = 6.0, width: float = 2.0) -> list[float]:
+    """Separation (in noise standard deviations) along the planted direction at each index: a bump at `peak`."""
+    return [0.0] + [height * math.exp(-(((k - peak) / width) ** 2)) for k in range(1, num_layers + 1)]
+
+
+def planted_activations(num_layers=24, hidden=16, n=160, peak=13, seed=0, distractors=True, width=2.0):
+    """Activations whose refusal separation along one fixed direction peaks at index `peak`.
+
+    Index 0 (embedding output) has no separation. With `distractors`, index 3 (too early) and the last index
+    (before the final norm) separate even more strongly, along other directions, so a rule that ignores the
+    middle-to-late band picks them instead of the planted peak.
+    """
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))
+    refusal, other, late = basis[:, 0], basis[:, 1], basis[:, 2]
+    profile = separation_profile(num_layers, peak, width=width)
+    harmful = torch.randn(num_layers + 1, n, hidden, generator=g, dtype=torch.float64)
+    harmless = torch.randn(num_layers + 1, n, hidden, generator=g, dtype=torch.float64)
+    for k in range(num_layers + 1):
+        base = 10.0 * basis[:, 3 + (k % 4)]  # a harmless "typical activation", orthogonal to the refusal one
+        harmless[k] += base
+        harmful[k] += base + profile[k] * refusal
+    if distractors:
+        harmful[3] += 8.0 * other
+        harmful[num_layers] += 8.0 * late
+    return harmful, harmless
