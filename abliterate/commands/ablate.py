@@ -1,0 +1,95 @@
+"""sharded_ablate.py PLAN.yml: remove the refusal direction from a checkpoint, shard by shard.
+
+Reads the plan (configs/*.yml), checks it against the model and the measurement file, then streams every
+safetensors shard into a new folder: tensors that write into the residual stream (attention output, MLP and
+expert down projections, their biases; optionally embeddings) lose their component along the measured
+direction, routers stop reading it, and everything else is copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from ..cli import run_command
+
+EPILOG = """\
+The plan's `measurement` indices follow the measurement file's layer convention: index 0 is the embedding
+output, index k (1..L) the residual stream after decoder layer k-1; `layer` is a decoder layer 0..L-1.
+
+The output appears only when complete: work goes to OUTPUT.partial/ and is renamed at the end. Rerunning an
+interrupted job reuses the shards it finished. MXFP4 (original GPT-OSS) checkpoints are written with bf16 experts
+and no quantization_config unless --requantize-mxfp4.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sharded_ablate.py", description=__doc__.split("\n\n")[0],
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("plan", help="the YAML ablation plan (see configs/ and the user guide)")
+    p.add_argument("-o", "--output", help="output folder (overrides the plan's `output`)")
+    p.add_argument("--invert", action="store_true", help="add the direction instead of removing it (negates scale)")
+    p.add_argument("--normpreserve", action="store_true",
+                   help="norm-preserving method: restore each edited hidden-space vector's norm")
+    p.add_argument("--projected", action="store_true",
+                   help="project each direction against its index's harmless mean before use")
+    p.add_argument("--requantize-mxfp4", action="store_true",
+                   help="MXFP4 checkpoints: re-quantize edited experts and keep the quantization config")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list every tensor that would be edited (key, role, group, hidden axis) and write nothing")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--device", help="device for the edit math (default: cuda when available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="more detail")
+    return p
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..plan import apply_overrides, load_plan
+    from ..shards import run_ablation
+
+    plan = apply_overrides(load_plan(args.plan), output=args.output, invert=args.invert,
+                           normpreserve=args.normpreserve, projected=args.projected,
+                           requantize_mxfp4=args.requantize_mxfp4)
+    s = run_ablation(plan, device=args.device, force=args.force, dry_run=args.dry_run, verbose=args.verbose,
+                     progress=not args.no_progress)
+    if args.dry_run:
+        print(f"{'key':<60} {'role':<24} {'group':<17} {'axis':>4}  shard")
+        for key, role, group, axis, shard in s.rows:
+            print(f"{key:<60} {role:<24} {group:<17} {axis:>4}  {shard}")
+        print(f"dry run: {len(s.rows)} tensors in layers {_ranges(s.layers)} would be edited; nothing written")
+        return 0
+    print(f"wrote {s.output}")
+    print(f"  edited tensors: " + ", ".join(f"{k} {v}" for k, v in sorted(s.counts_by_role.items())))
+    print(f"  layers: {_ranges(s.layers)}")
+    print(f"  shards: {s.shards_written} written, {s.shards_reused} reused from an interrupted run")
+    print(f"  bytes written: {s.bytes_written:,}  time: {s.seconds:.1f} s")
+    if s.mxfp4:
+        print("  mxfp4: " + ", ".join(f"{k} {v}" for k, v in s.mxfp4.items()))
+    return 0
+
+
+def _ranges(xs: list[int]) -> str:
+    """[1,2,3,7] -> '1-3, 7'."""
+    out, start, prev = [], None, None
+    for x in sorted(xs) + [None]:
+        if start is None:
+            start = prev = x
+        elif x is not None and x == prev + 1:
+            prev = x
+        else:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = x
+    return ", ".join(out) if out else "none"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Which stored tensors an ablation edits, and how: the bridge from the plan to the shard writer.
+
+Every tensor of every shard is classified with `architectures.classify` (the per-architecture role table);
+a tensor is edited when its role group is enabled in the plan and its layer has an ablate entry (embeddings:
+when roles.embeddings is on). MXFP4 pairs (`X_blocks` + `X_scales`) are classified under their dense name and
+shape. Every planned layer must get at least one edited tensor, else a UserError lists what that layer holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from . import architectures, edits
+from .cli import UserError
+from .mxfp4 import dense_shape
+from .shard_writer import FLOAT_DTYPES, TensorEdit
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class EditWork:
+    edits: dict  # shard name -> {key: TensorEdit}
+    rows: list  # (key, role, group, hidden axis, shard) of every edited tensor, for --dry-run
+    counts_by_role: Counter
+    layers: set
+    mxfp4_mode: str | None = None  # "dequantized to bf16" | "requantized"
+    config_override: bytes | None = None  # new config.json bytes (MXFP4 dequantized: no quantization_config)
+    index_override: bytes | None = None  # new index bytes when tensor names change
+    mxfp4_edits: list = field(default_factory=list)
+
+    def mxfp4_report(self) -> dict:
+        rep: dict = {"mode": self.mxfp4_mode}
+        stats = [s for e in self.mxfp4_edits for s in e.errors]
+        if stats:
+            n = sum(c for _, _, c in stats)
+            rep["requantization_max_abs_error"] = max(m for m, _, _ in stats)
+            rep["requantization_rms_error"] = math.sqrt(sum(s for _, s, _ in stats) / max(n, 1))
+        return rep
+
+
+def _layer_of(key: str, role) -> int | None:
+    layer = getattr(role, "layer", None) if role is not None else None
+    if layer is not None:
+        return int(layer)
+    m = _LAYER.search(key)
+    return int(m.group(1)) if m else None
+
+
+def _make_edit(role, direction, scale: float, method: str, device):
+    """A closure editing one float32 tensor (or one expert slice of a fused tensor) on `device`."""
+    r = direction.unit.to(device=device, dtype=edits_dtype())
+
+    def edit(w, expert_slice: bool):
+        return edits.edit_tensor(w, role, r, scale, method, expert_slice=expert_slice)
+
+    return edit
+
+
+def edits_dtype():
+    import torch
+
+    return torch.float32
+
+
+def plan_tensor_edits(folder, plan, directions: dict, device) -> EditWork:
+    """Classify every stored tensor and build the per-shard edit tables (no tensor data is read)."""
+    model_type, hidden = folder.model_type, folder.hidden_size
+    entry_by_layer = {e.layer: e for e in plan.ablate}
+    is_mxfp4 = folder.quant_method == "mxfp4"
+    work = EditWork({}, [], Counter(), set())
+    found: dict[int, list[str]] = {}
+    renamed: dict[str, tuple[str, str] | None] = {}  # index rewrite for MXFP4: old key -> (new key, shard) / None
+
+    for shard in folder.shards:
+        header = folder.headers[shard]
+        by_name = header.by_name()
+        table: dict = {}
+        for info in header.tensors:
+            key, shape, mx = info.name, info.shape, None
+            if is_mxfp4 and key.endswith("_blocks") and key[: -len("_blocks")] + "_scales" in by_name:
+                key = key[: -len("_blocks")]
+                shape = dense_shape(info.shape)
+                mx = (info, by_name[key + "_scales"])
+            elif is_mxfp4 and key.endswith("_scales") and key[: -len("_scales")] + "_blocks" in by_name:
+                continue  # handled with its blocks
+            role = architectures.classify(key, tuple(shape), model_type, hidden)
+            layer = _layer_of(key, role)
+            if layer is not None:
+                found.setdefault(layer, []).append(f"{key} ({_role_name(role) if role else 'not a residual role'})")
+            group = getattr(role, "group", None) if role is not None else None
+            edit = None
+            if role is not None and plan.roles.get(group, False):
+                if group == "embeddings":
+                    if plan.embeddings_measurement is not None:
+                        d = directions[(plan.embeddings_measurement, 1.0)]
+                        s = plan.scale * (-1.0 if plan.invert else 1.0)
+                        edit = (d, s)
+                elif layer in entry_by_layer:
+                    e = entry_by_layer[layer]
+                    edit = (directions[(e.measurement, e.sparsity)], plan.effective_scale(e))
+            if edit is not None and mx is None and info.dtype not in FLOAT_DTYPES:
+                raise UserError(f"{folder.root / shard}: tensor {key} has dtype {info.dtype}; only float tensors can "
+                                "be edited (dequantize the checkpoint first)")
+            if edit is None and mx is None:
+                continue
+            fn = _make_edit(role, edit[0], edit[1], plan.method, device) if edit is not None else None
+            te = TensorEdit(key, fn, fused_experts=_is_fused(role, shape),
+                            mxfp4_blocks=mx[0] if mx else None, mxfp4_scales=mx[1] if mx else None,
+                            requantize=bool(mx) and plan.requantize_mxfp4)
+            table[info.name if mx is None else key] = te
+            if mx is not None:
+                work.mxfp4_edits.append(te)
+                if not te.requantize:
+                    renamed[mx[0].name] = (key, shard)
+                    renamed[mx[1].name] = None
+            if edit is not None:
+                work.rows.append((key, _role_name(role), group, _axis(role), shard))
+                work.counts_by_role[_role_name(role)] += 1
+                if layer is not None and group != "embeddings":
+                    work.layers.add(layer)
+        if table:
+            work.edits[shard] = table
+
+    missing = [e.layer for e in plan.ablate if e.layer not in work.layers]
+    if missing:
+        layer = missing[0]
+        what = found.get(layer, [])
+        listing = "; ".join(what[:12]) + (f"; ... ({len(what)} tensors)" if len(what) > 12 else "")
+        enabled = ", ".join(k for k, v in plan.roles.items() if v)
+        raise UserError(
+            f"{plan.source}: layer {layer} would get no edited tensor (model_type {model_type!r}, roles enabled: "
+            f"{enabled}); found for that layer: {listing or 'no tensors at all'}"
+        )
+
+    if work.mxfp4_edits:
+        work.mxfp4_mode = "requantized to MXFP4" if plan.requantize_mxfp4 else "dequantized to bf16"
+        if not plan.requantize_mxfp4:
+            work.config_override = _config_without_quantization(folder)
+            if folder.index is not None:
+                work.index_override = _rewritten_index(folder, work, renamed)
+    return work
+
+
+def _role_name(role) -> str:
+    for attr in ("name", "role", "kind"):
+        v = getattr(role, attr, None)
+        if isinstance(v, str):
+            return v
+    return str(role)
+
+
+def _axis(role) -> int | None:
+    return getattr(role, "hidden_axis", getattr(role, "axis", None))
+
+
+def _is_fused(role, shape) -> bool:
+    return bool(getattr(role, "fused", False) or getattr(role, "fused_experts", False)) and len(shape) == 3
+
+
+def _config_without_quantization(folder) -> bytes:
+    cfg = dict(folder.config)
+    cfg.pop("quantization_config", None)
+    return (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
+
+
+def _rewritten_index(folder, work: EditWork, renamed: dict) -> bytes:
+    from .shard_writer import layout_bytes
+
+    wm = {}
+    for key, shard in folder.index["weight_map"].items():
+        if key in renamed:
+            if renamed[key] is not None:
+                wm[renamed[key][0]] = shard
+        else:
+            wm[key] = shard
+    total = sum(layout_bytes(folder.headers[s], work.edits.get(s, {})) for s in folder.shards)
+    meta = dict(folder.index.get("metadata") or {})
+    meta["total_size"] = total
+    out = dict(folder.index)
+    out["metadata"] = meta
+    out["weight_map"] = wm
+    return (json.dumps(out, indent=2) + "\n").encode("utf-8")

@@ -1,0 +1,317 @@
+"""The YAML ablation plan: schema, defaults, validation with precise one-line messages.
+
+The format is documented in the user guide (and /work/briefs/plan_schema.md):
+
+    model: FOLDER-OR-HUB-ID
+    measurements: meas.safetensors
+    output: out-folder
+    scale: 1.0  method: conventional|norm_preserving  projected: false  invert: false
+    roles: {attention_output, mlp_output, biases, router, embeddings}
+    embeddings_measurement: null
+    requantize_mxfp4: false
+    ablate: [{layer, measurement, scale: 1.0, sparsity: 1.0}, ...]
+
+Relative paths are resolved against the folder holding the plan file. Model-dependent checks (layer ranges,
+hidden size, usable directions) live in `check_plan_against`, run once the model's config and the measurement
+file are known.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .cli import UserError
+
+METHODS = ("conventional", "norm_preserving")
+ROLE_DEFAULTS = {
+    "attention_output": True,
+    "mlp_output": True,
+    "biases": True,
+    "router": True,
+    "embeddings": False,
+}
+TOP_KEYS = (
+    "model", "measurements", "output", "scale", "method", "projected", "invert", "roles",
+    "embeddings_measurement", "requantize_mxfp4", "ablate",
+)
+ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class AblateEntry:
+    layer: int  # decoder layer whose writers are edited, 0..L-1
+    measurement: int  # measurement index whose direction is removed, 0..L
+    scale: float = 1.0
+    sparsity: float = 1.0  # fraction of the direction's components kept, top by magnitude
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str  # local folder (absolute) or hub id
+    measurements: Path
+    output: Path
+    ablate: tuple[AblateEntry, ...]
+    scale: float = 1.0
+    method: str = "conventional"
+    projected: bool = False
+    invert: bool = False
+    roles: dict = field(default_factory=lambda: dict(ROLE_DEFAULTS))
+    embeddings_measurement: int | None = None
+    requantize_mxfp4: bool = False
+    source: str = "plan"  # where it came from, for messages
+
+    def effective_scale(self, entry: AblateEntry) -> float:
+        """entry.scale * scale * (-1 if invert): the s in W <- W - s r (r . W)."""
+        return entry.scale * self.scale * (-1.0 if self.invert else 1.0)
+
+    @property
+    def layers(self) -> list[int]:
+        return [e.layer for e in self.ablate]
+
+    def to_record(self) -> dict:
+        """A JSON-ready dict of every setting (paths as strings), for abliteration.json and resume keys."""
+        d = asdict(self)
+        d.pop("source")
+        d["measurements"] = str(self.measurements)
+        d["output"] = str(self.output)
+        d["ablate"] = [asdict(e) for e in self.ablate]
+        return d
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan file with yaml.safe_load and validate its structure (UserError on any problem)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"plan file {p} does not exist; give the YAML plan (see configs/ for examples)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError(f"{p}: not valid YAML{line} ({getattr(exc, 'problem', None) or exc}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a UTF-8 text file; give the YAML plan") from None
+    return parse_plan(data, str(p), p.resolve().parent)
+
+
+def parse_plan(data: Any, source: str, base_dir: Path) -> Plan:
+    """Validate a plan dict (as read from YAML) and build a Plan; relative paths resolve against base_dir."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: the plan must be a YAML mapping with keys model, measurements, output, ablate")
+    _check_keys(data, TOP_KEYS, source, "")
+    for key in ("model", "measurements", "output", "ablate"):
+        if data.get(key) is None:
+            raise UserError(f"{source}: required key '{key}' is missing")
+
+    model = _model_location(_string(data, "model", source), base_dir)
+    measurements = _path(_string(data, "measurements", source), base_dir)
+    output = _path(_string(data, "output", source), base_dir)
+    scale = _number(data, "scale", source, 1.0)
+    method = data.get("method", "conventional")
+    if method not in METHODS:
+        raise UserError(f"{source}: method = {method!r} is not known; use one of {', '.join(METHODS)}")
+    projected = _bool(data, "projected", source, False)
+    invert = _bool(data, "invert", source, False)
+    requantize = _bool(data, "requantize_mxfp4", source, False)
+
+    roles = dict(ROLE_DEFAULTS)
+    raw_roles = data.get("roles")
+    if raw_roles is not None:
+        if not isinstance(raw_roles, dict):
+            raise UserError(f"{source}: roles must be a mapping like {{attention_output: true}}, got {raw_roles!r}")
+        _check_keys(raw_roles, tuple(ROLE_DEFAULTS), source, "roles.")
+        for k in raw_roles:
+            roles[k] = _bool(raw_roles, k, source, ROLE_DEFAULTS[k], prefix="roles.")
+    if not any(roles.values()):
+        raise UserError(f"{source}: every entry of roles is false, so nothing would be edited; enable at least one")
+
+    emb_meas = data.get("embeddings_measurement")
+    if emb_meas is not None:
+        emb_meas = _int(emb_meas, "embeddings_measurement", source)
+    if roles["embeddings"] and emb_meas is None:
+        raise UserError(
+            f"{source}: roles.embeddings is true but embeddings_measurement is not set; "
+            "give the measurement index whose direction embed_tokens loses"
+        )
+
+    raw = data["ablate"]
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"{source}: ablate must be a non-empty list of {{layer, measurement}} entries, got {raw!r}")
+    entries = []
+    seen: dict[int, int] = {}
+    for i, item in enumerate(raw):
+        where = f"ablate[{i}]"
+        if not isinstance(item, dict):
+            raise UserError(f"{source}: {where} must be a mapping like {{layer: 12, measurement: 16}}, got {item!r}")
+        _check_keys(item, ENTRY_KEYS, source, f"{where}.")
+        for key in ("layer", "measurement"):
+            if item.get(key) is None:
+                raise UserError(f"{source}: {where}.{key} is missing")
+        layer = _int(item["layer"], f"{where}.layer", source)
+        meas = _int(item["measurement"], f"{where}.measurement", source)
+        if layer < 0:
+            raise UserError(f"{source}: {where}.layer = {layer} is negative; layers count from 0")
+        if meas < 0:
+            raise UserError(f"{source}: {where}.measurement = {meas} is negative; measurement indices count from 0")
+        if layer in seen:
+            raise UserError(
+                f"{source}: {where}.layer = {layer} duplicates ablate[{seen[layer]}]; list each layer once "
+                "(combine scales into one entry)"
+            )
+        seen[layer] = i
+        entry_scale = _number(item, "scale", source, 1.0, prefix=f"{where}.")
+        sparsity = _number(item, "sparsity", source, 1.0, prefix=f"{where}.")
+        if not 0.0 < sparsity <= 1.0:
+            raise UserError(f"{source}: {where}.sparsity = {sparsity} is outside (0, 1]; 1.0 keeps every component")
+        entries.append(AblateEntry(layer, meas, entry_scale, sparsity))
+
+    return Plan(model=model, measurements=measurements, output=output, ablate=tuple(entries), scale=scale,
+                method=method, projected=projected, invert=invert, roles=roles, embeddings_measurement=emb_meas,
+                requantize_mxfp4=requantize, source=source)
+
+
+def apply_overrides(plan: Plan, output: str | None = None, invert: bool = False, normpreserve: bool = False,
+                    projected: bool = False, requantize_mxfp4: bool = False) -> Plan:
+    """CLI flags override the file: a flag given on the command line wins (paths relative to the shell)."""
+    changes: dict = {}
+    if output is not None:
+        changes["output"] = Path(output).expanduser().resolve()
+    if invert:
+        changes["invert"] = True
+    if normpreserve:
+        changes["method"] = "norm_preserving"
+    if projected:
+        changes["projected"] = True
+    if requantize_mxfp4:
+        changes["requantize_mxfp4"] = True
+    return replace(plan, **changes) if changes else plan
+
+
+def check_plan_against(plan: Plan, measurements, num_layers: int, hidden_size: int) -> None:
+    """Model-dependent checks: layer and measurement ranges, hidden sizes, usable directions."""
+    src = plan.source
+    if measurements.hidden_size != hidden_size:
+        raise UserError(
+            f"{src}: measurement file {plan.measurements} has hidden size {measurements.hidden_size} but the model "
+            f"has hidden_size {hidden_size}; measure this model (the file belongs to another one)"
+        )
+    last_index = measurements.num_indices - 1
+    for i, e in enumerate(plan.ablate):
+        if e.layer >= num_layers:
+            raise UserError(
+                f"{src}: ablate[{i}].layer = {e.layer} is out of range; this model has layers 0..{num_layers - 1}"
+            )
+        if e.measurement > last_index:
+            raise UserError(
+                f"{src}: ablate[{i}].measurement = {e.measurement} is out of range; the measurement file has "
+                f"indices 0..{last_index} (0 = embedding output, k = after decoder layer k-1)"
+            )
+    if plan.roles.get("embeddings") and plan.embeddings_measurement is not None:
+        if not 0 <= plan.embeddings_measurement <= last_index:
+            raise UserError(
+                f"{src}: embeddings_measurement = {plan.embeddings_measurement} is out of range; the measurement "
+                f"file has indices 0..{last_index}"
+            )
+    # Degenerate directions fail here, before anything is written.
+    prepared_directions(plan, measurements)
+
+
+@dataclass(frozen=True)
+class PreparedDirection:
+    measurement: int
+    sparsity: float
+    unit: Any  # torch float64 [H], unit length
+    raw_norm: float  # |direction| as measured, before projection, sparsity and normalisation
+    sha256: str  # hash of the unit direction's float64 bytes
+
+
+def prepared_directions(plan: Plan, measurements) -> dict[tuple[int, float], PreparedDirection]:
+    """The unit direction of every (measurement index, sparsity) the plan uses, prepared once each."""
+    import hashlib
+
+    from .directions import DegenerateDirectionError, prepare_direction
+
+    wanted: list[tuple[int, float, str]] = [
+        (e.measurement, e.sparsity, f"ablate[{i}].measurement = {e.measurement}") for i, e in enumerate(plan.ablate)
+    ]
+    if plan.roles.get("embeddings") and plan.embeddings_measurement is not None:
+        wanted.append((plan.embeddings_measurement, 1.0, f"embeddings_measurement = {plan.embeddings_measurement}"))
+    out: dict[tuple[int, float], PreparedDirection] = {}
+    for index, sparsity, where in wanted:
+        if (index, sparsity) in out:
+            continue
+        raw = measurements.direction(index)
+        try:
+            u = prepare_direction(raw, measurements.harmless_mean[index], plan.projected, sparsity)
+        except DegenerateDirectionError as exc:
+            raise UserError(
+                f"{plan.source}: {where}: the direction at measurement index {index} in {plan.measurements} "
+                f"is unusable ({exc}); choose another index or re-measure"
+            ) from None
+        digest = hashlib.sha256(u.contiguous().numpy().tobytes()).hexdigest()
+        norm = float(raw.norm()) if bool(raw.isfinite().all()) else math.nan
+        out[(index, sparsity)] = PreparedDirection(index, sparsity, u, norm, digest)
+    return out
+
+
+# --- small validators -------------------------------------------------------------------------------------------
+
+def _check_keys(d: dict, allowed: tuple[str, ...], source: str, prefix: str) -> None:
+    for k in d:
+        if not isinstance(k, str) or k not in allowed:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; allowed keys: {', '.join(allowed)}"
+            raise UserError(f"{source}: unknown key '{prefix}{k}'{hint}")
+
+
+def _string(d: dict, key: str, source: str) -> str:
+    v = d[key]
+    if not isinstance(v, str) or not v.strip():
+        raise UserError(f"{source}: {key} = {v!r} must be a non-empty string (a path)")
+    return v.strip()
+
+
+def _path(value: str, base_dir: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+def _model_location(value: str, base_dir: Path) -> str:
+    """A local folder (resolved against the plan's folder) or a hub id kept as written."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    local = (base_dir / p).resolve()
+    if local.exists() or value.startswith(".") or not _HUB_ID.match(value):
+        return str(local)
+    return value
+
+
+def _number(d: dict, key: str, source: str, default: float, prefix: str = "") -> float:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise UserError(f"{source}: {prefix}{key} = {v!r} must be a number")
+    if not math.isfinite(v):
+        raise UserError(f"{source}: {prefix}{key} = {v!r} must be finite")
+    return float(v)
+
+
+def _bool(d: dict, key: str, source: str, default: bool, prefix: str = "") -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise UserError(f"{source}: {prefix}{key} = {v!r} must be true or false")
+    return v
+
+
+def _int(v: Any, where: str, source: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise UserError(f"{source}: {where} = {v!r} must be an integer")
+    return v

@@ -1,0 +1,111 @@
+"""The record of an ablation kept in the output folder: abliteration.json and a README model card.
+
+Both are deterministic functions of the plan, the inputs and the environment's versions (no timestamps), so an
+interrupted run that is resumed writes the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+
+RECORD_NAME = "abliteration.json"
+RECORD_FORMAT = "abliterate.ablation/1"
+
+
+def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    from . import __version__
+
+    out = {"abliterate": __version__}
+    for pkg in ("torch", "transformers", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def build_record(plan, model_type: str, measurement_sha: str, directions: dict, counts_by_role: dict,
+                 edited_layers: list[int], device_type: str, mxfp4: dict | None) -> dict:
+    """The JSON record: plan, measurement hash, per-entry directions, what was edited, versions."""
+    entries = []
+    for i, e in enumerate(plan.ablate):
+        d = directions[(e.measurement, e.sparsity)]
+        entries.append({
+            "ablate_index": i, "layer": e.layer, "measurement": e.measurement, "sparsity": e.sparsity,
+            "effective_scale": plan.effective_scale(e), "direction_norm": d.raw_norm, "unit_direction_sha256": d.sha256,
+        })
+    rec = {
+        "format": RECORD_FORMAT,
+        "plan": plan.to_record(),
+        "model_type": model_type,
+        "measurements": {"path": str(plan.measurements), "sha256": measurement_sha},
+        "directions": entries,
+        "edited_tensors_by_role": dict(sorted(counts_by_role.items())),
+        "edited_layers": sorted(edited_layers),
+        "edit_device": device_type,
+        "versions": versions(),
+    }
+    if plan.roles.get("embeddings") and plan.embeddings_measurement is not None:
+        d = directions[(plan.embeddings_measurement, 1.0)]
+        rec["embeddings_direction"] = {"measurement": plan.embeddings_measurement, "direction_norm": d.raw_norm,
+                                       "unit_direction_sha256": d.sha256}
+    if mxfp4:
+        rec["mxfp4"] = mxfp4
+    return rec
+
+
+def record_bytes(rec: dict) -> bytes:
+    return (json.dumps(rec, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
+def model_card(plan, rec: dict) -> bytes:
+    """A short README.md model card describing the edit."""
+    base = plan.model if not Path(plan.model).is_absolute() else Path(plan.model).name
+    layers = ", ".join(str(x) for x in rec["edited_layers"])
+    roles = ", ".join(f"{k}: {v}" for k, v in rec["edited_tensors_by_role"].items())
+    sign = "added (induced)" if plan.invert else "removed"
+    lines = [
+        "---",
+        f"base_model: {base}" if "/" in base and not Path(plan.model).is_absolute() else f"# base model: {base}",
+        "tags:",
+        "- abliterated",
+        "- abliterate",
+        "---",
+        "",
+        f"# {base} (abliterated)",
+        "",
+        f"This model is `{base}` with a refusal direction {sign} from its weights by orthogonalization",
+        "(Arditi et al. 2024, \"Refusal in language models is mediated by a single direction\"), made with the",
+        "`abliterate` toolkit. No fine-tuning: only the tensors that write into (or read from) the residual stream",
+        "were edited, along one direction per layer.",
+        "",
+        "## What was done",
+        "",
+        f"- method: {plan.method}, global scale {plan.scale}, projected: {plan.projected}, invert: {plan.invert}",
+        f"- edited decoder layers: {layers}",
+        f"- edited tensors by role: {roles}",
+        f"- measurement file sha256: `{rec['measurements']['sha256']}`",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in rec['versions'].items())}",
+    ]
+    if "mxfp4" in rec:
+        lines.append(f"- MXFP4 experts: {rec['mxfp4']['mode']}")
+    lines += [
+        "",
+        "The full record (plan, per-layer direction norms and hashes) is in `abliteration.json`.",
+        "",
+        "Removing refusals removes a safety behaviour of the base model. Use it responsibly and within the base",
+        "model's license.",
+        "",
+    ]
+    return "\n".join(lines).encode("utf-8")

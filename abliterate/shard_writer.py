@@ -1,0 +1,166 @@
+"""Lay out and write one output shard: untouched tensors as raw bytes, edited ones materialised one at a time.
+
+`shard_layout` turns an input header plus the edits planned for it into the list of output tensors (name,
+dtype, shape, writer). Runs of untouched tensors become one bounded byte copy; an edited tensor is read, edited
+in float32 and written back in its dtype; a fused-expert tensor [E, ...] is handled expert by expert, so peak
+memory is one expert's slice. MXFP4 pairs (`X_blocks`/`X_scales`) become a dense bf16 `X` (default) or, with
+requantize, edited MXFP4 again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable
+
+import torch
+
+from . import mxfp4
+from .safetensors_stream import DTYPE_SIZES, OutTensor, SafetensorsHeader, TensorInfo, copy_range, read_bytes
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+# Edit callable: (float32 tensor on the edit device, expert_slice) -> edited float32 tensor.
+EditFn = Callable[[torch.Tensor, bool], torch.Tensor]
+
+
+@dataclass
+class TensorEdit:
+    """What happens to one stored tensor (or MXFP4 pair, named by its dense name)."""
+
+    key: str
+    edit: EditFn | None  # None: converted (MXFP4 -> dense) but not edited
+    fused_experts: bool = False  # leading axis is the expert axis: edit expert by expert
+    mxfp4_blocks: TensorInfo | None = None
+    mxfp4_scales: TensorInfo | None = None
+    requantize: bool = False
+    errors: list = field(default_factory=list)  # requantization error stats (max, sum of squares, count)
+
+
+@dataclass
+class WriteContext:
+    src: BinaryIO
+    device: torch.device
+    on_tensor_done: Callable[[str], None] = lambda name: None
+
+
+def _to_tensor(buf: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if not buf:
+        return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+    return torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype]).reshape(shape)
+
+
+def _write_tensor(fh: BinaryIO, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    if t.numel():
+        fh.write(t.view(torch.uint8).numpy().data)
+
+
+def shard_layout(header: SafetensorsHeader, edits: dict[str, TensorEdit], ctx: WriteContext) -> list[OutTensor]:
+    """The output tensors of one shard, in the input's data order, each with its writer."""
+    mx_parts = {}
+    for e in edits.values():
+        if e.mxfp4_blocks is not None:
+            mx_parts[e.mxfp4_blocks.name] = e
+            mx_parts[e.mxfp4_scales.name] = e
+    out: list[OutTensor] = []
+    for info in sorted(header.tensors, key=lambda t: t.begin):
+        if info.name in mx_parts:
+            e = mx_parts[info.name]
+            out.extend(_mxfp4_outputs(info, e, ctx))
+        elif info.name in edits:
+            out.append(_edited_output(info, edits[info.name], ctx))
+        else:
+            out.append(OutTensor(info.name, info.dtype, info.shape, _raw_copier(info, ctx)))
+    return out
+
+
+def _raw_copier(info: TensorInfo, ctx: WriteContext):
+    def write(fh: BinaryIO) -> None:
+        copy_range(ctx.src, fh, info.begin, info.nbytes)
+        ctx.on_tensor_done(info.name)
+
+    return write
+
+
+def _edited_output(info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> OutTensor:
+    dtype = TORCH_DTYPES[info.dtype]
+
+    def write(fh: BinaryIO) -> None:
+        if e.fused_experts and len(info.shape) >= 2 and info.shape[0] > 0:
+            per = info.nbytes // info.shape[0]
+            for k in range(info.shape[0]):
+                buf = read_bytes(ctx.src, info.begin + k * per, per)
+                w = _to_tensor(buf, info.dtype, info.shape[1:]).to(ctx.device, torch.float32)
+                _write_tensor(fh, e.edit(w, True).to(dtype))
+        else:
+            buf = read_bytes(ctx.src, info.begin, info.nbytes)
+            w = _to_tensor(buf, info.dtype, info.shape).to(ctx.device, torch.float32)
+            _write_tensor(fh, e.edit(w, False).to(dtype))
+        ctx.on_tensor_done(info.name)
+
+    return OutTensor(info.name, info.dtype, info.shape, write)
+
+
+def _mxfp4_expert(e: TensorEdit, ctx: WriteContext, k: int) -> torch.Tensor:
+    """Expert k of an MXFP4 pair as dense float32 [C, R] on the edit device, edited when planned."""
+    b, s = e.mxfp4_blocks, e.mxfp4_scales
+    per_b = b.nbytes // b.shape[0]
+    per_s = s.nbytes // s.shape[0]
+    blocks = _to_tensor(read_bytes(ctx.src, b.begin + k * per_b, per_b), "U8", b.shape[1:]).to(ctx.device)
+    scales = _to_tensor(read_bytes(ctx.src, s.begin + k * per_s, per_s), "U8", s.shape[1:]).to(ctx.device)
+    dense = mxfp4.dequantize_expert(blocks, scales, torch.float32)
+    return e.edit(dense, True) if e.edit is not None else dense
+
+
+def _mxfp4_outputs(info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> list[OutTensor]:
+    b, s = e.mxfp4_blocks, e.mxfp4_scales
+    n_experts = b.shape[0]
+    if not e.requantize:
+        if info is s:
+            return []  # the dense tensor replaces both; it is written where the blocks were
+
+        def write_dense(fh: BinaryIO) -> None:
+            for k in range(n_experts):
+                _write_tensor(fh, _mxfp4_expert(e, ctx, k).to(torch.bfloat16))
+            ctx.on_tensor_done(e.key)
+
+        return [OutTensor(e.key, "BF16", mxfp4.dense_shape(b.shape), write_dense)]
+
+    if e.edit is None:  # requantize mode, tensor not edited: its bytes stay as they are
+        return [OutTensor(info.name, info.dtype, info.shape, _raw_copier(info, ctx))]
+
+    is_blocks = info is b
+
+    def write_requantized(fh: BinaryIO) -> None:
+        # Blocks and scales are separate tensors in the file: each pass recomputes the edited expert (cheap)
+        # instead of holding a whole layer's experts in memory. Error statistics are taken on the blocks pass.
+        for k in range(n_experts):
+            dense = _mxfp4_expert(e, ctx, k)
+            new_b, new_s = mxfp4.quantize_expert(dense)
+            _write_tensor(fh, new_b if is_blocks else new_s)
+            if is_blocks:
+                back = mxfp4.dequantize_expert(new_b, new_s, torch.float32)
+                diff = (back - dense).abs()
+                e.errors.append((float(diff.max()), float((diff.double() ** 2).sum()), diff.numel()))
+        ctx.on_tensor_done(info.name)
+
+    return [OutTensor(info.name, info.dtype, info.shape, write_requantized)]
+
+
+def layout_bytes(header: SafetensorsHeader, edits: dict[str, TensorEdit]) -> int:
+    """Size of the data buffer the output shard will have (for the free-space estimate), without writing."""
+    total = 0
+    replaced = {}
+    for e in edits.values():
+        if e.mxfp4_blocks is not None and not e.requantize:
+            replaced[e.mxfp4_blocks.name] = math.prod(mxfp4.dense_shape(e.mxfp4_blocks.shape)) * DTYPE_SIZES["BF16"]
+            replaced[e.mxfp4_scales.name] = 0
+    for t in header.tensors:
+        total += replaced.get(t.name, t.nbytes)
+    return total

@@ -1,0 +1,292 @@
+"""The ablation job: stream a checkpoint shard by shard into a new, edited model folder.
+
+Safety and atomicity:
+- everything that can be checked is checked before the first byte is written (plan, model, shards, index,
+  output location, free space);
+- work goes to `<output>.partial/`; each finished shard is renamed into place there and gets a completion marker
+  holding a hash of (input shard identity, plan, measurement file, mode, device type); a rerun reuses shards
+  whose marker matches and redoes the rest;
+- the last step renames the partial folder to the output, so a folder at the output path is always complete,
+  and a run killed anywhere and rerun gives the same bytes as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cli import UserError
+from .model_folder import INDEX_NAME, ModelFolder, open_model_folder, resolve_model_path
+from .plan import Plan, check_plan_against, prepared_directions
+from .record import RECORD_NAME, build_record, file_sha256, model_card, record_bytes
+from .safetensors_stream import layout_unchanged, write_safetensors
+from .shard_writer import WriteContext, layout_bytes, shard_layout
+
+MARKER_DIR = ".abliterate-done"
+CRASH_ENV = "ABLITERATE_TEST_CRASH_AFTER"  # test-only: "N[:kill|:enospc]" crashes after N output tensors
+
+
+@dataclass
+class Summary:
+    output: Path
+    counts_by_role: dict
+    layers: list[int]
+    bytes_written: int = 0
+    shards_reused: int = 0
+    shards_written: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+    rows: list = field(default_factory=list)  # dry-run: (key, role, group, axis, shard)
+    mxfp4: dict | None = None
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system holding `path` (the nearest existing ancestor). Tests monkeypatch this."""
+    p = path
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def pick_device(device: str | None):
+    import torch
+
+    if device:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise UserError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_output_location(input_root: Path, output: Path, force: bool) -> None:
+    src = input_root.resolve()
+    out = output.resolve()
+    if out == src:
+        raise UserError(f"output {output} is the input model folder; choose a new folder (the input is never modified)")
+    if src in out.parents:
+        raise UserError(f"output {output} is inside the input model folder {input_root}; choose a folder outside it")
+    if out in src.parents:
+        raise UserError(f"output {output} contains the input model folder {input_root}; choose another folder")
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"output {output} exists and is a file; choose a new folder name")
+        if any(out.iterdir()) and not force:
+            raise UserError(f"output {output} already exists; pass --force to replace it or choose another folder")
+
+
+def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry_run: bool = False,
+                 verbose: bool = False, progress: bool = True) -> Summary:
+    """Validate everything, then write the edited model folder at plan.output (or only list edits on dry_run)."""
+    from .edit_plan import plan_tensor_edits
+    from .measurements import load_measurements
+
+    start = time.monotonic()
+    measurements = load_measurements(plan.measurements)
+    root = resolve_model_path(plan.model, plan.source)
+    folder = open_model_folder(root)
+    check_plan_against(plan, measurements, folder.num_layers, folder.hidden_size)
+    directions = prepared_directions(plan, measurements)
+    dev = pick_device(device)
+    work = plan_tensor_edits(folder, plan, directions, dev)
+    summary = Summary(plan.output, work.counts_by_role, sorted(work.layers), rows=work.rows, dry_run=dry_run,
+                      mxfp4=({"mode": work.mxfp4_mode} if work.mxfp4_mode else None))
+    if dry_run:
+        summary.seconds = time.monotonic() - start
+        return summary
+
+    check_output_location(root, plan.output, force)
+    output = plan.output.resolve()
+    partial = output.with_name(output.name + ".partial")
+    meas_sha = file_sha256(plan.measurements)
+    keys = {name: _shard_key(folder, name, plan, meas_sha, dev.type) for name in folder.shards}
+    done = {name for name in folder.shards if _shard_done(partial, name, keys[name])}
+
+    out_sizes = {name: folder.headers[name].data_start + layout_bytes(folder.headers[name], work.edits.get(name, {}))
+                 for name in folder.shards}
+    needed = sum(size for name, size in out_sizes.items() if name not in done)
+    needed += sum((root / rel).stat().st_size for rel in folder.other_files)
+    free = free_bytes(output.parent)
+    if free < needed:
+        raise UserError(f"no space left: {output.parent} has {free:,} bytes free but the output needs about "
+                        f"{needed:,}; free space or choose another --output")
+
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # edits in true float32
+    partial.mkdir(parents=True, exist_ok=True)
+    _clean_partial(partial, done)
+    (partial / MARKER_DIR).mkdir(exist_ok=True)
+    crash = _CrashHook.from_env()
+    current_tmp: list[Path] = []
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(folder.shards, desc="shards", unit="shard", disable=not progress, file=sys.stderr)
+        for name in bar:
+            if name in done:
+                summary.shards_reused += 1
+                continue
+            header = folder.headers[name]
+            tmp = partial / (name + ".tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            current_tmp[:] = [tmp]
+            tensor_bar = tqdm(total=len(header.tensors), desc=Path(name).name, unit="tensor", leave=False,
+                              disable=not progress, file=sys.stderr)
+
+            def tensor_done(_name: str, _bar=tensor_bar) -> None:
+                _bar.update(1)
+                crash.tick()
+
+            with open(root / name, "rb") as src, open(tmp, "wb") as dst:
+                ctx = WriteContext(src, dev, tensor_done)
+                tensors = shard_layout(header, work.edits.get(name, {}), ctx)
+                verbatim = header.header_bytes if layout_unchanged(header, tensors) else None
+                summary.bytes_written += write_safetensors(dst, tensors, header.metadata, verbatim)
+                dst.flush()
+                os.fsync(dst.fileno())
+            tensor_bar.close()
+            os.replace(tmp, partial / name)
+            current_tmp.clear()
+            _write_marker(partial, name, keys[name])
+            summary.shards_written += 1
+            crash.tick()
+        _finish_folder(folder, plan, partial, work, directions, meas_sha, dev.type)
+        crash.tick()
+        _move_into_place(partial, output, force)
+    except OSError as exc:
+        for tmp in current_tmp:
+            tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the device holding {partial} ({exc.strerror}); free space and rerun "
+                            f"(finished shards there are reused), or choose another --output") from None
+        raise
+    summary.mxfp4 = work.mxfp4_report() if work.mxfp4_mode else None
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def _shard_key(folder: ModelFolder, name: str, plan: Plan, meas_sha: str, device_type: str) -> str:
+    """Hash of everything that determines an output shard's bytes (the output path itself does not)."""
+    from . import __version__
+
+    st = (folder.root / name).stat()
+    rec = plan.to_record()
+    rec.pop("output")
+    ident = {
+        "tool": __version__, "shard": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+        "header_sha256": hashlib.sha256(folder.headers[name].header_bytes).hexdigest(),
+        "plan": rec, "measurements_sha256": meas_sha, "device_type": device_type,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _marker_path(partial: Path, name: str) -> Path:
+    return partial / MARKER_DIR / (name.replace("/", "__") + ".json")
+
+
+def _shard_done(partial: Path, name: str, key: str) -> bool:
+    marker = _marker_path(partial, name)
+    if not marker.is_file() or not (partial / name).is_file():
+        return False
+    try:
+        rec = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return rec.get("key") == key and rec.get("size") == (partial / name).stat().st_size
+
+
+def _clean_partial(partial: Path, keep: set[str]) -> None:
+    """Remove everything in a leftover partial folder except reusable shards and their markers."""
+    wanted = {partial / name for name in keep} | {_marker_path(partial, name) for name in keep}
+    for path in sorted(partial.rglob("*"), reverse=True):  # children before their folders
+        if path in wanted or (path.is_dir() and any(w.is_relative_to(path) for w in wanted)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _write_marker(partial: Path, name: str, key: str) -> None:
+    marker = _marker_path(partial, name)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"shard": name, "key": key, "size": (partial / name).stat().st_size}))
+    os.replace(tmp, marker)
+
+
+def _finish_folder(folder: ModelFolder, plan: Plan, partial: Path, work, directions, meas_sha: str,
+                   device_type: str) -> None:
+    """Copy the other files, write the index, config changes, abliteration.json and README into `partial`."""
+    for rel in folder.other_files:
+        dst = partial / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if rel == "config.json" and work.config_override is not None:
+            dst.write_bytes(work.config_override)
+        elif rel == "README.md":
+            continue  # replaced by our model card (the base card is kept as README.base.md)
+        else:
+            shutil.copyfile(folder.root / rel, dst)
+    if "README.md" in folder.other_files:
+        shutil.copyfile(folder.root / "README.md", partial / "README.base.md")
+    if folder.index is not None:
+        if work.index_override is not None:
+            (partial / INDEX_NAME).write_bytes(work.index_override)
+        else:
+            shutil.copyfile(folder.root / INDEX_NAME, partial / INDEX_NAME)
+    rec = build_record(plan, folder.model_type, meas_sha, directions, work.counts_by_role, sorted(work.layers),
+                       device_type, work.mxfp4_report() if work.mxfp4_mode else None)
+    (partial / RECORD_NAME).write_bytes(record_bytes(rec))
+    (partial / "README.md").write_bytes(model_card(plan, rec))
+    shutil.rmtree(partial / MARKER_DIR)
+
+
+def _move_into_place(partial: Path, output: Path, force: bool) -> None:
+    """Rename the finished folder to the output path (replacing an old output only with --force)."""
+    if output.exists():
+        if not force and any(output.iterdir()):
+            raise UserError(f"output {output} appeared while this run was working; pass --force to replace it")
+        old = output.with_name(output.name + f".old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(partial, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, output)
+
+
+class _CrashHook:
+    """Test-only fault injection: after N ticks (output tensors, shard and folder steps) stop the run abruptly."""
+
+    def __init__(self, after: int | None, mode: str):
+        self.after, self.mode, self.count = after, mode, 0
+
+    @classmethod
+    def from_env(cls) -> "_CrashHook":
+        raw = os.environ.get(CRASH_ENV)
+        if not raw:
+            return cls(None, "")
+        n, _, mode = raw.partition(":")
+        return cls(int(n), mode or "raise")
+
+    def tick(self) -> None:
+        if self.after is None:
+            return
+        self.count += 1
+        if self.count < self.after:
+            return
+        if self.mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.mode == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        raise RuntimeError(f"injected crash after {self.count} steps ({CRASH_ENV})")

@@ -1,0 +1,148 @@
+"""The ablation plan: parsing, defaults, overrides, and one precise message per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from abliterate.cli import UserError
+from abliterate.measurements import Measurements
+from abliterate.plan import apply_overrides, check_plan_against, load_plan, parse_plan, prepared_directions
+
+
+def _plan_dict(**over):
+    d = {"model": "m", "measurements": "meas.safetensors", "output": "out",
+         "ablate": [{"layer": 0, "measurement": 1}, {"layer": 1, "measurement": 2, "scale": 0.5, "sparsity": 0.5}]}
+    d.update(over)
+    return d
+
+
+def _parse(tmp_path, **over):
+    return parse_plan(_plan_dict(**over), "plan.yml", tmp_path)
+
+
+def _meas(layers=2, hidden=8, zero_at=None, nan_at=None):
+    g = torch.Generator().manual_seed(0)
+    harmful = torch.randn(layers + 1, hidden, generator=g, dtype=torch.float64)
+    harmless = torch.randn(layers + 1, hidden, generator=g, dtype=torch.float64)
+    d = harmful - harmless
+    if zero_at is not None:
+        d[zero_at] = 0
+    if nan_at is not None:
+        d[nan_at, 0] = float("nan")
+    return Measurements(harmful_mean=harmful, harmless_mean=harmless, directions=d)
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    (tmp_path / "m").mkdir()
+    p = _parse(tmp_path)
+    assert p.model == str(tmp_path / "m")
+    assert p.measurements == tmp_path / "meas.safetensors"
+    assert p.output == tmp_path / "out"
+    assert (p.scale, p.method, p.projected, p.invert) == (1.0, "conventional", False, False)
+    assert p.roles == {"attention_output": True, "mlp_output": True, "biases": True, "router": True,
+                       "embeddings": False}
+    assert p.ablate[1].scale == 0.5 and p.ablate[1].sparsity == 0.5 and p.ablate[0].sparsity == 1.0
+
+
+def test_hub_id_kept_when_no_local_folder(tmp_path):
+    assert _parse(tmp_path, model="openai/gpt-oss-20b").model == "openai/gpt-oss-20b"
+
+
+def test_effective_scale_and_overrides(tmp_path):
+    p = _parse(tmp_path, scale=2.0)
+    assert p.effective_scale(p.ablate[1]) == 1.0
+    q = apply_overrides(p, output=str(tmp_path / "o2"), invert=True, normpreserve=True, projected=True,
+                        requantize_mxfp4=True)
+    assert q.effective_scale(q.ablate[1]) == -1.0
+    assert (q.method, q.projected, q.requantize_mxfp4, q.output) == ("norm_preserving", True, True, tmp_path / "o2")
+    assert p.method == "conventional"  # the original is not mutated
+
+
+def test_load_plan_resolves_against_plan_folder(tmp_path):
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    (sub / "p.yml").write_text("model: openai/x\nmeasurements: ../m.safetensors\noutput: out\n"
+                               "ablate:\n  - {layer: 3, measurement: 4}\n")
+    p = load_plan(sub / "p.yml")
+    assert p.measurements == tmp_path / "m.safetensors" and p.output == sub / "out"
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"scal": 1.0}, "unknown key 'scal' (did you mean 'scale'?)"),
+    ({"roles": {"router": True, "atention_output": False}}, "unknown key 'roles.atention_output' (did you mean"),
+    ({"ablate": [{"layer": 0, "measurment": 1}]}, "unknown key 'ablate[0].measurment' (did you mean 'measurement'?)"),
+    ({"method": "fancy"}, "method = 'fancy'"),
+    ({"scale": "big"}, "scale = 'big' must be a number"),
+    ({"invert": "yes"}, "invert = 'yes' must be true or false"),
+    ({"ablate": []}, "ablate must be a non-empty list"),
+    ({"ablate": [{"layer": 1.5, "measurement": 1}]}, "ablate[0].layer = 1.5 must be an integer"),
+    ({"ablate": [{"layer": 1, "measurement": 1}, {"layer": 1, "measurement": 2}]},
+     "ablate[1].layer = 1 duplicates ablate[0]"),
+    ({"ablate": [{"layer": 1, "measurement": 1, "sparsity": 0}]}, "ablate[0].sparsity = 0.0 is outside (0, 1]"),
+    ({"ablate": [{"layer": 1, "measurement": 1, "sparsity": 1.5}]}, "ablate[0].sparsity = 1.5 is outside (0, 1]"),
+    ({"ablate": [{"layer": -1, "measurement": 1}]}, "ablate[0].layer = -1 is negative"),
+    ({"roles": {"embeddings": True}}, "embeddings_measurement is not set"),
+    ({"output": None}, "required key 'output' is missing"),
+])
+def test_structural_errors(tmp_path, over, needle):
+    with pytest.raises(UserError) as exc:
+        _parse(tmp_path, **over)
+    msg = str(exc.value)
+    assert needle in msg and msg.startswith("plan.yml: ") and "\n" not in msg
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_plan(tmp_path / "nope.yml")
+    (tmp_path / "bad.yml").write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML at line"):
+        load_plan(tmp_path / "bad.yml")
+    (tmp_path / "list.yml").write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must be a YAML mapping"):
+        load_plan(tmp_path / "list.yml")
+
+
+def test_model_dependent_checks(tmp_path):
+    p = _parse(tmp_path)
+    check_plan_against(p, _meas(layers=2, hidden=8), num_layers=2, hidden_size=8)  # fine
+    with pytest.raises(UserError, match=r"ablate\[1\]\.layer = 1 is out of range; this model has layers 0\.\.0"):
+        check_plan_against(p, _meas(layers=2, hidden=8), num_layers=1, hidden_size=8)
+    with pytest.raises(UserError, match="hidden size 8 but the model has hidden_size 16"):
+        check_plan_against(p, _meas(layers=2, hidden=8), num_layers=2, hidden_size=16)
+    bad = _parse(tmp_path, ablate=[{"layer": 0, "measurement": 5}])
+    with pytest.raises(UserError, match=r"ablate\[0\]\.measurement = 5 is out of range; the measurement file has "
+                                        r"indices 0\.\.2"):
+        check_plan_against(bad, _meas(layers=2, hidden=8), num_layers=2, hidden_size=8)
+
+
+@pytest.mark.parametrize("kind", ["zero", "nan"])
+def test_degenerate_direction_names_index(tmp_path, kind):
+    p = _parse(tmp_path)
+    m = _meas(zero_at=2) if kind == "zero" else _meas(nan_at=2)
+    with pytest.raises(UserError) as exc:
+        check_plan_against(p, m, num_layers=2, hidden_size=8)
+    assert "ablate[1].measurement = 2" in str(exc.value) and "measurement index 2" in str(exc.value)
+
+
+def test_prepared_directions_unit_and_sparse(tmp_path):
+    p = _parse(tmp_path)
+    m = _meas()
+    dirs = prepared_directions(p, m)
+    d1 = dirs[(1, 1.0)]
+    assert torch.allclose(d1.unit.norm(), torch.tensor(1.0, dtype=torch.float64))
+    assert abs(d1.raw_norm - float(m.directions[1].norm())) < 1e-12
+    d2 = dirs[(2, 0.5)]
+    assert int((d2.unit != 0).sum()) == 4  # half of 8 components kept
+    assert d1.sha256 != d2.sha256 and len(d1.sha256) == 64
+
+
+def test_example_configs_parse():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("gpt-oss-20b.yml", "llama-3.1-8b-instruct.yml", "qwen3-30b-a3b.yml"):
+        p = load_plan(root / name)
+        assert p.ablate and all(e.layer >= 0 for e in p.ablate)
+    gpt = load_plan(root / "gpt-oss-20b.yml")
+    assert max(gpt.layers) <= 23 and max(e.measurement for e in gpt.ablate) <= 24

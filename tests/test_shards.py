@@ -1,0 +1,155 @@
+"""Streaming ablation: equal to the in-memory reference, byte-exact elsewhere, loadable, atomic and resumable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from abliterate.measurements import load_measurements
+from abliterate.plan import load_plan, prepared_directions
+from abliterate.record import RECORD_NAME
+from abliterate.safetensors_stream import read_header
+from abliterate.shards import CRASH_ENV, run_ablation
+from tests.ablate_helpers import (folder_bytes, load_folder_tensors, read_json, reference_ablation,
+                                  write_measurements, write_plan)
+
+ARCHS = {
+    "gpt_oss": {},
+    "llama": {"max_shard_size": "20KB"},
+    "qwen3_moe": {},
+}
+
+
+@pytest.fixture(scope="module")
+def meas(tmp_path_factory):
+    return write_measurements(tmp_path_factory.mktemp("meas") / "meas.safetensors", layers=2, hidden=32)
+
+
+def _ablate(tmp_path, model, meas, name="out", **extra):
+    plan_path = write_plan(tmp_path / f"{name}.yml", model, meas, tmp_path / name, **extra)
+    plan = load_plan(plan_path)
+    summary = run_ablation(plan, device="cpu", progress=False)
+    return plan, summary
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_streaming_equals_in_memory_reference(tiny_model, meas, tmp_path, arch):
+    model = tiny_model(arch, **ARCHS[arch])
+    plan, summary = _ablate(tmp_path, model, meas, method="conventional",
+                            ablate=[{"layer": 0, "measurement": 1}, {"layer": 1, "measurement": 2, "scale": 0.7,
+                                                                     "sparsity": 0.5}])
+    out = plan.output
+    cfg = read_json(model / "config.json")
+    before = load_folder_tensors(model)
+    after = load_folder_tensors(out)
+    ref = reference_ablation(before, cfg["model_type"], cfg["hidden_size"], plan,
+                             prepared_directions(plan, load_measurements(meas)))
+    assert after.keys() == before.keys()
+    changed = 0
+    for key in before:
+        assert after[key].dtype == before[key].dtype
+        torch.testing.assert_close(after[key], ref[key], rtol=0, atol=1e-6, msg=key)
+        if not torch.equal(ref[key], before[key]):
+            changed += 1
+        else:  # untouched tensors are copied byte for byte
+            assert torch.equal(after[key], before[key]), key
+    assert changed == sum(summary.counts_by_role.values()) > 0
+    # same files, same header metadata and tensor order, index copied verbatim
+    for shard in model.glob("*.safetensors"):
+        hi, ho = read_header(shard), read_header(out / shard.name)
+        assert ho.metadata == hi.metadata and ho.header_bytes == hi.header_bytes
+    if (model / "model.safetensors.index.json").exists():
+        assert (out / "model.safetensors.index.json").read_bytes() == (model / "model.safetensors.index.json").read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                 "config.json"):
+        assert (out / name).read_bytes() == (model / name).read_bytes()
+    rec = read_json(out / RECORD_NAME)
+    assert rec["edited_layers"] == [0, 1] and rec["plan"]["ablate"][1]["sparsity"] == 0.5
+    assert len(rec["measurements"]["sha256"]) == 64 and rec["versions"]["torch"]
+    assert rec["directions"][0]["direction_norm"] > 0 and (out / "README.md").is_file()
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_output_loads_and_generates(tiny_model, meas, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plan, _ = _ablate(tmp_path, tiny_model("gpt_oss"), meas)
+    lm = AutoModelForCausalLM.from_pretrained(plan.output, dtype=torch.float32, attn_implementation="eager")
+    tok = AutoTokenizer.from_pretrained(plan.output)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = lm.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 4
+
+
+def _crash_run(plan_path, monkeypatch, spec):
+    monkeypatch.setenv(CRASH_ENV, spec)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_ablation(load_plan(plan_path), device="cpu", progress=False)
+    monkeypatch.delenv(CRASH_ENV)
+
+
+def test_crash_then_rerun_is_byte_identical(tiny_model, meas, tmp_path, monkeypatch):
+    model = tiny_model("llama", max_shard_size="20KB")  # 7 shards
+    plan_path = write_plan(tmp_path / "p.yml", model, meas, tmp_path / "out")
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    run_ablation(load_plan(plan_path), device="cpu", progress=False)
+    reference = folder_bytes(out)
+    os.rename(out, tmp_path / "reference")
+    # 7 shards hold 21 tensors: 28 ticks while writing shards (tensors + shard ends), the 29th after finishing.
+    # Crash inside the first shard, between shards, inside a later one, after the last, after finishing; each
+    # time the output must not exist and the partial folder must not look done; the rerun must match.
+    for spec in ("2", "5", "14", "28", "29"):
+        shutil.rmtree(partial, ignore_errors=True)
+        _crash_run(plan_path, monkeypatch, spec)
+        assert not out.exists() and partial.is_dir()
+        if spec != "29":  # the record is written last, just before the folder is renamed into place
+            assert not (partial / RECORD_NAME).exists()
+        summary = run_ablation(load_plan(plan_path), device="cpu", progress=False)
+        assert folder_bytes(out) == reference, spec
+        assert not partial.exists()
+        shutil.rmtree(out)
+    # repeated crashes, each run getting a little further
+    for _ in range(4):
+        _crash_run(plan_path, monkeypatch, "3")
+    summary = run_ablation(load_plan(plan_path), device="cpu", progress=False)
+    assert 0 < summary.shards_reused < 7
+    assert folder_bytes(out) == reference
+
+
+def test_sigkill_then_rerun_is_byte_identical(tiny_model, meas, tmp_path):
+    model = tiny_model("gpt_oss")
+    plan_path = write_plan(tmp_path / "p.yml", model, meas, tmp_path / "out")
+    cmd = [sys.executable, "-m", "abliterate", "ablate", str(plan_path), "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    reference = folder_bytes(tmp_path / "out")
+    os.rename(tmp_path / "out", tmp_path / "reference")
+    killed = subprocess.run(cmd, env=dict(env, **{CRASH_ENV: "20:kill"}), capture_output=True)
+    assert killed.returncode == -9
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial").is_dir()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert folder_bytes(tmp_path / "out") == reference
+
+
+def test_changed_plan_redoes_finished_shards(tiny_model, meas, tmp_path, monkeypatch):
+    model = tiny_model("llama", max_shard_size="20KB")
+    p1 = write_plan(tmp_path / "p.yml", model, meas, tmp_path / "out")
+    _crash_run(p1, monkeypatch, "20")  # several shards finished with scale 1
+    p2 = write_plan(tmp_path / "p.yml", model, meas, tmp_path / "out", scale=0.5)
+    summary = run_ablation(load_plan(p2), device="cpu", progress=False)
+    assert summary.shards_reused == 0
+    run_ablation(load_plan(write_plan(tmp_path / "q.yml", model, meas, tmp_path / "fresh", scale=0.5)),
+                 device="cpu", progress=False)
+    a, b = folder_bytes(tmp_path / "out"), folder_bytes(tmp_path / "fresh")
+    b[RECORD_NAME] = a[RECORD_NAME]  # the records differ only in the output path they name
+    b["README.md"] = a["README.md"]
+    assert a == b
