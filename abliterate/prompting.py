@@ -1,0 +1,74 @@
+"""Prompt rendering and answer decoding shared by chat and evaluate.
+
+Prompts go through the model's own chat template with the generation prompt appended, and are tokenized without
+adding special tokens again (the template already has them). Answers are cut at the first end-of-sequence token
+(so batch padding never leaks in) and decoded: harmony models keep their special tokens so the channels can be
+split (abliterate.harmony), other models drop them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .harmony import HarmonyResult, parse_harmony
+
+
+def render(tokenizer, messages: Sequence[dict]) -> str:
+    """The chat-template text for `messages` followed by the assistant's generation prompt."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    if not isinstance(text, str):  # some tokenizers return a list for a single conversation
+        text = text[0]
+    return text
+
+
+def user_messages(prompt: str, system: str | None = None) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": prompt}]
+
+
+def encode(tokenizer, texts: Sequence[str], device=None) -> dict:
+    """Left-padded batch of rendered prompts (input_ids, attention_mask)."""
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return dict(batch)
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every token id that ends an answer: the generation config's eos ids (GPT-OSS has several) and the tokenizer's."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if value is None:
+            continue
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return {int(i) for i in ids}
+
+
+def cut_at_eos(ids: Sequence[int], eos: set[int]) -> list[int]:
+    """Generated ids up to (not including) the first end-of-sequence token."""
+    out = []
+    for i in ids:
+        if int(i) in eos:
+            break
+        out.append(int(i))
+    return out
+
+
+def decode(tokenizer, ids: Sequence[int], harmony: bool) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=not harmony)
+
+
+def split_answer(text: str, harmony: bool) -> HarmonyResult:
+    """Reasoning / final answer of a decoded generation; a non-harmony answer is all final."""
+    if harmony:
+        return parse_harmony(text)
+    return HarmonyResult(final=text)
+
+
+def input_device(model):
+    """Where input ids go: the embedding's device (right with accelerate device maps too)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except AttributeError:
+        return getattr(model, "device", None)
