@@ -6,7 +6,7 @@ Stages (each one is the command a user would run, called through its `main(argv)
   2. measure   refusal directions from the train split        -> measurements.safetensors
   3. analyze   per-layer table, chart, JSON and a plan        -> analysis.png, analysis.json, plan.yml
   4. ablate    the suggested plan, as written                 -> model-abliterated/
-  5. evaluate  base and abliterated model on the test split   -> eval-base.json, eval-abliterated.json
+  5. evaluate  abliterated model against the base, test split -> evaluation.json
 Nothing is tuned per run: the organism's recipe and every command's defaults decide the result.
 """
 
@@ -29,8 +29,7 @@ MEASUREMENTS = "measurements.safetensors"
 CHART = "analysis.png"
 ANALYSIS_JSON = "analysis.json"
 PLAN = "plan.yml"
-EVAL_BASE = "eval-base.json"
-EVAL_ABLATED = "eval-abliterated.json"
+EVALUATION = "evaluation.json"
 SUMMARY = "demo-summary.json"
 
 
@@ -89,7 +88,7 @@ def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, 
               f"--retrain trains it again)", file=sys.stderr)
     timings["organism"] = time.perf_counter() - t
 
-    for name in (MEASUREMENTS, CHART, ANALYSIS_JSON, PLAN, ABLATED_DIR, EVAL_BASE, EVAL_ABLATED, SUMMARY):
+    for name in (MEASUREMENTS, CHART, ANALYSIS_JSON, PLAN, ABLATED_DIR, EVALUATION, SUMMARY):
         _remove(workdir / name)
 
     stages = [
@@ -97,18 +96,15 @@ def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, 
         ("analyze", analyze.main, [w(MEASUREMENTS), "--chart", w(CHART), "--json", w(ANALYSIS_JSON),
                                    "--suggest", w(PLAN), "--output-model", w(ABLATED_DIR)]),
         ("ablate", ablate.main, [w(PLAN)]),
-        ("evaluate", evaluate.main, ["--model", w(MODEL_DIR), "--json", w(EVAL_BASE)]),
-        ("evaluate", evaluate.main, ["--model", w(ABLATED_DIR), "--base", w(MODEL_DIR), "--json", w(EVAL_ABLATED)]),
+        ("evaluate", evaluate.main, ["--model", w(ABLATED_DIR), "--base", w(MODEL_DIR), "--json", w(EVALUATION)]),
     ]
-    for i, (name, main, argv) in enumerate(stages):
+    for name, main, argv in stages:
         t = time.perf_counter()
         _run_stage(name, main, argv)
-        key = name if name != "evaluate" else ("evaluate-base" if i == 3 else "evaluate-abliterated")
-        timings[key] = time.perf_counter() - t
+        timings[name] = time.perf_counter() - t
 
-    before = json.loads((workdir / EVAL_BASE).read_text(encoding="utf-8"))
-    after = json.loads((workdir / EVAL_ABLATED).read_text(encoding="utf-8"))
-    result = DemoResult(workdir, trained, timings, before, after)
+    report = json.loads((workdir / EVALUATION).read_text(encoding="utf-8"))
+    result = DemoResult(workdir, trained, timings, report["base_result"], report["result"])
     (workdir / SUMMARY).write_text(json.dumps(summary_dict(result), indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -173,5 +169,5 @@ def format_report(r: DemoResult) -> str:
     lines.append("  stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items())
                  + f"; total {sum(r.timings.values()):.1f}s")
     lines.append(f"  artifacts in {r.workdir}/: {MODEL_DIR}/, {MEASUREMENTS}, {CHART}, {ANALYSIS_JSON}, {PLAN}, "
-                 f"{ABLATED_DIR}/, {EVAL_BASE}, {EVAL_ABLATED}, {SUMMARY}")
+                 f"{ABLATED_DIR}/, {EVALUATION}, {SUMMARY}")
     return "\n".join(lines)
