@@ -43,8 +43,8 @@ class OrganismConfig:
     layers: int = 4
     experts: int = 4               # gpt_oss only; 2 active per token
     vocab_size: int = 1024
-    instruct_steps: int = 300      # phase 1: helpful answers to every prompt
-    refusal_steps: int = 300       # phase 2: refuse harmful, stay helpful on harmless
+    instruct_steps: int = 500      # phase 1: helpful answers to every prompt
+    refusal_steps: int = 500       # phase 2: refuse harmful, stay helpful on harmless
     batch_size: int = 32
     lr: float = 3e-3
     refusal_lr: float = 3e-3        # peak learning rate of phase 2
