@@ -1,0 +1,173 @@
+"""The offline demo: train the model organism, then run the real workflow on it, all in one work folder.
+
+Stages (each one is the command a user would run, called through its `main(argv)`):
+  1. organism  train a tiny GPT-OSS chat model that refuses harmful requests (reused when already trained with
+               the same configuration and prompts; see abliterate.organism)
+  2. measure   refusal directions from the train split        -> measurements.safetensors
+  3. analyze   per-layer table, chart, JSON and a plan        -> analysis.png, analysis.json, plan.yml
+  4. ablate    the suggested plan, as written                 -> model-abliterated/
+  5. evaluate  abliterated model against the base, test split -> evaluation.json
+Nothing is tuned per run: the organism's recipe and every command's defaults decide the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .cli import UserError
+from .organism import DEMO, QUICK, OrganismConfig, is_current, train_organism
+
+MODEL_DIR = "model"
+ABLATED_DIR = "model-abliterated"
+MEASUREMENTS = "measurements.safetensors"
+CHART = "analysis.png"
+ANALYSIS_JSON = "analysis.json"
+PLAN = "plan.yml"
+EVALUATION = "evaluation.json"
+SUMMARY = "demo-summary.json"
+
+
+@dataclasses.dataclass
+class DemoResult:
+    workdir: Path
+    trained: bool                      # False when a matching organism was reused
+    timings: dict[str, float]          # seconds per stage
+    before: dict                       # evaluate's JSON for the base model
+    after: dict                        # evaluate's JSON for the abliterated model (with KL against the base)
+
+
+def organism_config(arch: str, quick: bool) -> OrganismConfig:
+    return dataclasses.replace(QUICK if quick else DEMO, arch=arch)
+
+
+def _run_stage(name: str, main: Callable[[Sequence[str]], int], argv: list[str]) -> None:
+    """Run one command's main; a non-zero exit stops the demo with the stage named."""
+    print(f"\n$ python -m abliterate {name} {' '.join(argv)}", file=sys.stderr, flush=True)
+    code = main(argv)
+    if code != 0:
+        raise UserError(f"demo stage '{name}' failed with exit code {code} (its message is above); "
+                        f"fix it or rerun with --retrain")
+
+
+def _remove(path: Path) -> None:
+    """Delete a previous run's artifact (only the demo's own names inside its work folder)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, quick: bool = False,
+             progress: bool = True) -> DemoResult:
+    """Train or reuse the organism, then measure -> analyze -> ablate -> evaluate inside `workdir`."""
+    from .bundled import bundled_prompts
+    from .commands import ablate, analyze, evaluate, measure
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    w = lambda name: str(workdir / name)  # noqa: E731
+    config = organism_config(arch, quick)
+    harmful, harmless = bundled_prompts("harmful", "train"), bundled_prompts("harmless", "train")
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    model_dir = workdir / MODEL_DIR
+    trained = retrain or not is_current(model_dir, config, harmful, harmless)
+    if trained:
+        print(f"training the model organism ({arch}, {config.layers} layers, hidden {config.hidden}) "
+              f"on {len(harmful)} harmful + {len(harmless)} harmless train prompts", file=sys.stderr)
+        train_organism(model_dir, config, harmful, harmless, progress=progress)
+    else:
+        print(f"reusing the trained model organism in {model_dir} (same configuration and prompts; "
+              f"--retrain trains it again)", file=sys.stderr)
+    timings["organism"] = time.perf_counter() - t
+
+    for name in (MEASUREMENTS, CHART, ANALYSIS_JSON, PLAN, ABLATED_DIR, EVALUATION, SUMMARY):
+        _remove(workdir / name)
+
+    stages = [
+        ("measure", measure.main, ["--model", w(MODEL_DIR), "--output", w(MEASUREMENTS)]),
+        ("analyze", analyze.main, [w(MEASUREMENTS), "--chart", w(CHART), "--json", w(ANALYSIS_JSON),
+                                   "--suggest", w(PLAN), "--output-model", w(ABLATED_DIR)]),
+        ("ablate", ablate.main, [w(PLAN)]),
+        ("evaluate", evaluate.main, ["--model", w(ABLATED_DIR), "--base", w(MODEL_DIR), "--json", w(EVALUATION)]),
+    ]
+    for name, main, argv in stages:
+        t = time.perf_counter()
+        _run_stage(name, main, argv)
+        timings[name] = time.perf_counter() - t
+
+    report = json.loads((workdir / EVALUATION).read_text(encoding="utf-8"))
+    result = DemoResult(workdir, trained, timings, report["base_result"], report["result"])
+    (workdir / SUMMARY).write_text(json.dumps(summary_dict(result), indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ report
+# Evaluate's JSON (abliterate.evaluate) is read through these few accessors, so a change there is one edit here.
+
+def _rate(report: dict, kind: str) -> float:
+    return float(report[kind]["refusal_rate"])
+
+
+def _kl(report: dict) -> float | None:
+    kl = report.get("kl")
+    return None if kl is None else float(kl["mean"] if isinstance(kl, dict) else kl)
+
+
+def _samples(report: dict, kind: str) -> list[dict]:
+    return list(report[kind].get("samples", []))
+
+
+def summary_dict(r: DemoResult) -> dict:
+    return {
+        "workdir": str(r.workdir),
+        "trained": r.trained,
+        "timings_s": {k: round(v, 2) for k, v in r.timings.items()},
+        "harmful_refusal": {"before": _rate(r.before, "harmful"), "after": _rate(r.after, "harmful")},
+        "harmless_refusal": {"before": _rate(r.before, "harmless"), "after": _rate(r.after, "harmless")},
+        "kl_harmless_first_token": _kl(r.after),
+    }
+
+
+def _clip(text: str, width: int = 88) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def format_report(r: DemoResult) -> str:
+    s = summary_dict(r)
+    lines = [
+        "",
+        "abliterate demo: the tiny GPT-OSS before and after abliteration (held-out test prompts)",
+        "",
+        f"  {'':<38}{'before':>10}{'after':>10}",
+        f"  {'refusal rate, harmful prompts':<38}{s['harmful_refusal']['before']:>10.1%}"
+        f"{s['harmful_refusal']['after']:>10.1%}",
+        f"  {'refusal rate, harmless prompts':<38}{s['harmless_refusal']['before']:>10.1%}"
+        f"{s['harmless_refusal']['after']:>10.1%}",
+    ]
+    kl = s["kl_harmless_first_token"]
+    lines.append(f"  {'KL(base || abliterated), harmless':<38}{'':>10}{kl:>10.4f}" if kl is not None
+                 else "  KL: not reported by evaluate")
+    lines.append("")
+    for kind in ("harmful", "harmless"):
+        before, after = _samples(r.before, kind), _samples(r.after, kind)
+        after_by_prompt = {x["prompt"]: x for x in after}
+        shown = [b for b in before if b["prompt"] in after_by_prompt][:1]
+        for b in shown:
+            lines.append(f"  {kind} prompt: {_clip(b['prompt'])}")
+            lines.append(f"    before: {_clip(b['answer'])}")
+            lines.append(f"    after:  {_clip(after_by_prompt[b['prompt']]['answer'])}")
+    lines.append("")
+    lines.append("  stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items())
+                 + f"; total {sum(r.timings.values()):.1f}s")
+    lines.append(f"  artifacts in {r.workdir}/: {MODEL_DIR}/, {MEASUREMENTS}, {CHART}, {ANALYSIS_JSON}, {PLAN}, "
+                 f"{ABLATED_DIR}/, {EVALUATION}, {SUMMARY}")
+    return "\n".join(lines)
