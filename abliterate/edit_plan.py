@@ -51,12 +51,20 @@ def _layer_of(key: str, role) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _make_edit(role, direction, scale: float, method: str, device):
+def _make_edit(role, direction, scale: float, method: str, device, norm_weight=None):
     """A closure editing one float32 tensor (or one expert slice of a fused tensor) on `device`."""
-    r = direction.unit.to(device=device, dtype=edits_dtype())
+    r = direction.unit
+    if norm_weight is not None:
+        # The writer's output passes through a gain-carrying RMSNorm before the residual add (Gemma2/3, OLMo2...):
+        # removing r from the residual means removing unit(gain * r) from the writer's output.
+        r = edits.direction_through_norm(r, norm_weight, role.post_norm_offset)
+    r = r.to(device=device, dtype=edits_dtype())
+    if role.kind == "mxfp4_writes":
+        role = architectures.dequantized_role(role)
+    slice_role = role.for_expert_slice() if role.expert_axis is not None else role
 
     def edit(w, expert_slice: bool):
-        return edits.edit_tensor(w, role, r, scale, method, expert_slice=expert_slice)
+        return edits.edit_tensor(w, slice_role if expert_slice else role, r, scale, method)
 
     return edit
 
@@ -108,7 +116,8 @@ def plan_tensor_edits(folder, plan, directions: dict, device) -> EditWork:
                                 "be edited (dequantize the checkpoint first)")
             if edit is None and mx is None:
                 continue
-            fn = _make_edit(role, edit[0], edit[1], plan.method, device) if edit is not None else None
+            norm_weight = _read_tensor(folder, role.post_norm) if edit is not None and role.post_norm else None
+            fn = _make_edit(role, edit[0], edit[1], plan.method, device, norm_weight) if edit is not None else None
             te = TensorEdit(key, fn, fused_experts=_is_fused(role, shape),
                             mxfp4_blocks=mx[0] if mx else None, mxfp4_scales=mx[1] if mx else None,
                             requantize=bool(mx) and plan.requantize_mxfp4)
@@ -147,19 +156,26 @@ def plan_tensor_edits(folder, plan, directions: dict, device) -> EditWork:
 
 
 def _role_name(role) -> str:
-    for attr in ("name", "role", "kind"):
-        v = getattr(role, attr, None)
-        if isinstance(v, str):
-            return v
-    return str(role)
+    return f"{role.group}:{role.kind}"
 
 
 def _axis(role) -> int | None:
-    return getattr(role, "hidden_axis", getattr(role, "axis", None))
+    return role.hidden_axis
 
 
 def _is_fused(role, shape) -> bool:
-    return bool(getattr(role, "fused", False) or getattr(role, "fused_experts", False)) and len(shape) == 3
+    return role is not None and role.expert_axis == 0 and len(shape) == 3
+
+
+def _read_tensor(folder, key: str):
+    """One small tensor (a norm gain) read from whichever shard holds it."""
+    from safetensors import safe_open
+
+    for shard in folder.shards:
+        if key in folder.headers[shard].by_name():
+            with safe_open(str(folder.root / shard), framework="pt") as f:
+                return f.get_tensor(key).to(__import__("torch").float64)
+    raise UserError(f"{folder.root}: tensor {key} (a post-sublayer norm the edit needs) is in no shard")
 
 
 def _config_without_quantization(folder) -> bytes:

@@ -61,7 +61,7 @@ def test_summary_force_and_overrides(run_cli, tiny_model, meas, tmp_path, capsys
     out = tmp_path / "cli-out"
     code, stdout, err = run_cli(main, [plan, "--output", out, "--invert", "--normpreserve", "--no-progress"])
     assert code == 0, err
-    assert f"wrote {out}" in stdout and "expert_down_proj 8" in stdout and "layers: 0-1" in stdout
+    assert f"wrote {out}" in stdout and "mlp_output:writes 8" in stdout and "layers: 0-1" in stdout
     rec = json.loads((out / "abliteration.json").read_text())
     assert rec["plan"]["invert"] is True and rec["plan"]["method"] == "norm_preserving"
     assert rec["directions"][0]["effective_scale"] == -1.0
