@@ -56,6 +56,12 @@ def check_plan(path: Path, num_layers: int, hidden_size: int) -> dict:
         assert set(entry) == {"layer", "measurement", "scale", "sparsity"}
         assert 0 <= entry["layer"] < num_layers and 0 <= entry["measurement"] <= num_layers
         assert entry["scale"] == 1.0 and entry["sparsity"] == 1.0
+    # And the real validator sharded_ablate.py uses accepts it (raises UserError otherwise).
+    from abliterate.measurements import load_measurements
+    from abliterate.plan import check_plan_against, load_plan
+
+    parsed = load_plan(path)
+    check_plan_against(parsed, load_measurements(plan["measurements"]), num_layers, hidden_size)
     return plan
 
 
