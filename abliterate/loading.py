@@ -164,3 +164,18 @@ def model_type_of(model: str) -> str:
     if cfg.is_file():
         return json.loads(cfg.read_text()).get("model_type", "")
     return ""
+
+
+def load_from_args(name: str, args, flag: str = "--model"):
+    """(model, tokenizer) for a model named on the command line, with the shared loading flags in `args`.
+
+    `flag` is the option the name came from (--model, --base, --compare), so errors point at the right one.
+    """
+    try:
+        path = resolve_model(name)
+    except UserError as exc:
+        raise UserError(str(exc).replace("--model", flag, 1)) from None
+    tok = load_tokenizer(path, trust_remote_code=args.trust_remote_code, chat_template=args.chat_template)
+    model = load_model(path, dtype=args.dtype, device=args.device, device_map=args.device_map, quant=args.quant,
+                       flash_attn=args.flash_attn, trust_remote_code=args.trust_remote_code)
+    return model, tok

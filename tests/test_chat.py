@@ -17,22 +17,11 @@ import torch
 
 from abliterate.chat import ChatEngine, Sampling
 from abliterate.commands import chat as chat_cmd
-from abliterate.loading import load_model, load_tokenizer
+from abliterate.loading import load_model, load_tokenizer  # noqa: F401
+from loaded_models import gpt_oss, llama  # noqa: F401  (module-scoped fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = Sampling(temperature=0, max_new_tokens=12)
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_model):
-    folder = tiny_model("llama")
-    return folder, load_model(str(folder)), load_tokenizer(str(folder))
-
-
-@pytest.fixture(scope="module")
-def gpt_oss(tiny_model):
-    folder = tiny_model("gpt_oss")
-    return folder, load_model(str(folder)), load_tokenizer(str(folder))
 
 
 def scripted_generate(tokenizer, text):

@@ -13,23 +13,12 @@ import torch
 from abliterate.commands import evaluate as evaluate_cmd
 from abliterate.evaluate import (compare_results, evaluate_model, format_result, generate_answers, kl_divergence,
                                  next_token_logprobs)
-from abliterate.loading import load_model, load_tokenizer
+from abliterate.loading import load_model, load_tokenizer  # noqa: F401
+from loaded_models import gpt_oss, llama  # noqa: F401  (module-scoped fixtures)
 from abliterate.refusal import RefusalDetector
 
 HARMLESS = ["write a poem about the sea", "explain photosynthesis", "tell me a story", "translate this sentence",
             "summarize the article"]
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_model):
-    folder = tiny_model("llama")
-    return folder, load_model(str(folder)), load_tokenizer(str(folder))
-
-
-@pytest.fixture(scope="module")
-def gpt_oss(tiny_model):
-    folder = tiny_model("gpt_oss")
-    return folder, load_model(str(folder)), load_tokenizer(str(folder))
 
 
 def stub_generate(tokenizer, answers: dict[str, str]):

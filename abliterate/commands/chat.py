@@ -14,7 +14,7 @@ import sys
 from ..chat import ChatEngine, Reply, Sampling
 from ..cli import UserError, run_command
 from ..harmony import FINAL, REASONING
-from ..loading import add_model_arguments, load_model, load_tokenizer, resolve_model
+from ..loading import add_model_arguments, load_from_args
 
 HELP_TEXT = "commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system alone clears it), /exit"
 
@@ -60,17 +60,6 @@ def _check_args(args) -> None:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty; give the text to answer")
-
-
-def _load(name: str, args, flag: str):
-    try:
-        path = resolve_model(name)
-    except UserError as exc:
-        raise UserError(str(exc).replace("--model", flag, 1)) from None
-    tok = load_tokenizer(path, trust_remote_code=args.trust_remote_code, chat_template=args.chat_template)
-    model = load_model(path, dtype=args.dtype, device=args.device, device_map=args.device_map, quant=args.quant,
-                       flash_attn=args.flash_attn, trust_remote_code=args.trust_remote_code)
-    return model, tok
 
 
 class _Printer:
@@ -166,10 +155,10 @@ def _main(argv=None) -> int:
     _check_args(args)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                         seed=args.seed)
-    model, tok = _load(args.model, args, "--model")
+    model, tok = load_from_args(args.model, args, "--model")
     engines: list[tuple[str | None, ChatEngine]] = [(None, ChatEngine(model, tok, args.system, sampling))]
     if args.compare:
-        base, base_tok = _load(args.compare, args, "--compare")
+        base, base_tok = load_from_args(args.compare, args, "--compare")
         engines = [(f"model {args.model}", engines[0][1]),
                    (f"base {args.compare}", ChatEngine(base, base_tok, args.system, sampling))]
 

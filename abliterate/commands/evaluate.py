@@ -13,7 +13,7 @@ import sys
 from ..cli import UserError, atomic_output_file, check_new_output_file, run_command
 from ..data import load_prompts
 from ..evaluate import compare_results, evaluate_model, format_result
-from ..loading import add_model_arguments, load_model, load_tokenizer, resolve_model
+from ..loading import add_model_arguments, load_from_args
 from ..refusal import DEFAULT_WINDOW, detector_from_file
 
 
@@ -56,17 +56,6 @@ def _read_prompts(path: str | None, kind: str, limit: int | None, column: str | 
     return load_prompts(path, kind, split="test", column=column, limit=limit)
 
 
-def _load(name: str, args, flag: str):
-    try:
-        path = resolve_model(name)
-    except UserError as exc:
-        raise UserError(str(exc).replace("--model", flag, 1)) from None
-    tok = load_tokenizer(path, trust_remote_code=args.trust_remote_code, chat_template=args.chat_template)
-    model = load_model(path, dtype=args.dtype, device=args.device, device_map=args.device_map, quant=args.quant,
-                       flash_attn=args.flash_attn, trust_remote_code=args.trust_remote_code)
-    return model, tok
-
-
 def _check_args(args) -> None:
     for flag, value, low in (("--limit", args.limit, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                              ("--batch-size", args.batch_size, 1), ("--refusal-window", args.refusal_window, 1)):
@@ -95,10 +84,10 @@ def _main(argv=None) -> int:
     harmful = _read_prompts(args.harmful, "harmful", args.limit, args.column)
     harmless = _read_prompts(args.harmless, "harmless", args.limit, args.column)
 
-    model, tok = _load(args.model, args, "--model")
+    model, tok = load_from_args(args.model, args, "--model")
     base = None
     if args.base:
-        base, base_tok = _load(args.base, args, "--base")
+        base, base_tok = load_from_args(args.base, args, "--base")
         if base_tok.get_vocab() != tok.get_vocab():
             raise UserError(f"--base {args.base}: its tokenizer differs from --model {args.model}'s; "
                             "KL needs the same vocabulary (compare a model with the one it was edited from)")
