@@ -169,12 +169,13 @@ def _is_fused(role, shape) -> bool:
 
 def _read_tensor(folder, key: str):
     """One small tensor (a norm gain) read from whichever shard holds it."""
+    import torch
     from safetensors import safe_open
 
     for shard in folder.shards:
         if key in folder.headers[shard].by_name():
             with safe_open(str(folder.root / shard), framework="pt") as f:
-                return f.get_tensor(key).to(__import__("torch").float64)
+                return f.get_tensor(key).to(torch.float64)
     raise UserError(f"{folder.root}: tensor {key} (a post-sublayer norm the edit needs) is in no shard")
 
 

@@ -8,6 +8,7 @@ residual stream at the last prompt token after every decoder layer, and writes a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -126,10 +127,14 @@ def _main(argv=None) -> int:
 
 
 def _summary(m, info, out: Path, total_seconds: float) -> None:
-    from ..separation import best_index
+    from ..analysis import cohens_d
 
     n = m.metadata["n_harmful"] + m.metadata["n_harmless"]
-    k, score = best_index(m.harmful_proj, m.harmless_proj)
+    # The same Cohen's d analyze.py reports, so both commands name the same best index; index 0 (embedding
+    # output) is never a candidate. NaN (fewer than 2 prompts in a class) ranks last.
+    scores = {k: cohens_d(m.harmful_proj[k], m.harmless_proj[k]) for k in range(1, m.num_indices)}
+    k = max(scores, key=lambda i: -math.inf if math.isnan(scores[i]) else scores[i])
+    score = scores[k]
     pad = 1 - info["tokens"] / max(1, info["padded_tokens"])
     print(f"model      {m.metadata['model']} ({m.metadata['model_type']}, {m.metadata['num_layers']} layers, "
           f"hidden {m.metadata['hidden_size']}, {m.metadata['dtype']})")
