@@ -55,27 +55,20 @@ def load_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def reference_ablation(state: dict, model_type: str, hidden: int, plan, directions) -> dict:
-    """In-memory reference: every classified tensor edited whole with edits.edit_tensor (no streaming)."""
-    from abliterate import architectures, edits
+    """The plan applied in memory by abliterate.reference.ablate_state_dict (no streaming), to compare with."""
+    from abliterate.reference import ablate_state_dict
 
-    out = {}
     entries = {e.layer: e for e in plan.ablate}
-    for key, w in state.items():
-        role = architectures.classify(key, tuple(w.shape), model_type, hidden)
-        new = w
-        if role is not None and plan.roles.get(role.group):
-            layer = getattr(role, "layer", None)
-            if role.group == "embeddings":
-                d, s = directions[(plan.embeddings_measurement, 1.0)], plan.scale * (-1 if plan.invert else 1)
-            elif layer in entries:
-                e = entries[layer]
-                d, s = directions[(e.measurement, e.sparsity)], plan.effective_scale(e)
-            else:
-                d = None
-            if d is not None:
-                new = edits.edit_tensor(w.float(), role, d.unit.float(), s, plan.method).to(w.dtype)
-        out[key] = new
-    return out
+    embeddings = plan.roles.get("embeddings") and plan.embeddings_measurement is not None
+    return ablate_state_dict(
+        state, model_type, hidden,
+        directions={n: directions[(e.measurement, e.sparsity)].unit for n, e in entries.items()},
+        scales={n: plan.effective_scale(e) for n, e in entries.items()},
+        roles={group for group, on in plan.roles.items() if on},
+        method=plan.method,
+        embeddings_r=directions[(plan.embeddings_measurement, 1.0)].unit if embeddings else None,
+        embeddings_scale=plan.scale * (-1 if plan.invert else 1),
+    )
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -85,3 +78,20 @@ def copy_model(src: Path, dst: Path) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def tiny_gemma2_folder(folder: Path) -> Path:
+    """A tiny Gemma2 folder (no tokenizer) whose post-sublayer norms have real per-channel gains."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                       sliding_window=16, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():  # Gemma norms start at zero (gain 1); give the post-norms real per-channel gains
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    return folder

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.ablate_helpers import tiny_gemma2_folder
 from abliterate.architectures import ROLE_GROUPS, TensorRole
 from abliterate.edits import edit_tensor
 from abliterate.reference import ablate_state_dict
@@ -257,24 +258,8 @@ def test_edited_gpt_oss_generates(built):
     assert out.shape == (1, ids.shape[1] + 4)
 
 
-def _tiny_gemma2(folder: Path) -> Path:
-    from transformers import AutoModelForCausalLM, Gemma2Config
-
-    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                       sliding_window=16, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    with torch.no_grad():  # Gemma norms start at zero (gain 1); give the post-norms real per-channel gains
-        for name, p in model.named_parameters():
-            if "layernorm" in name:
-                p.normal_(0.0, 0.5)
-    model.save_pretrained(folder)
-    return folder
-
-
 def test_post_sublayer_norm_writers_are_edited_through_the_norm(tmp_path):
-    src = _tiny_gemma2(tmp_path / "gemma2")
+    src = tiny_gemma2_folder(tmp_path / "gemma2")
     cfg = _config(src)
     state = load_file(str(src / "model.safetensors"))
     r = _unit(400, cfg["hidden_size"])

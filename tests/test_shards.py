@@ -16,7 +16,7 @@ from abliterate.plan import load_plan, prepared_directions
 from abliterate.record import RECORD_NAME
 from abliterate.safetensors_stream import read_header
 from abliterate.shards import CRASH_ENV, run_ablation
-from tests.ablate_helpers import (folder_bytes, load_folder_tensors, read_json, reference_ablation,
+from tests.ablate_helpers import (tiny_gemma2_folder, folder_bytes, load_folder_tensors, read_json, reference_ablation,
                                   write_measurements, write_plan)
 
 ARCHS = {
@@ -174,3 +174,15 @@ def test_header_validation(tmp_path, entries, extra, needle):
     with pytest.raises(UserError) as exc:
         read_header(path)
     assert needle in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_streaming_edits_post_norm_writers_like_the_reference(meas, tmp_path):
+    """Gemma2: writers followed by a gain-carrying norm are edited along unit(gain * r) when streamed too."""
+    model = tiny_gemma2_folder(tmp_path / "gemma2")
+    plan, _ = _ablate(tmp_path, model, meas, ablate=[{"layer": 0, "measurement": 1}, {"layer": 1, "measurement": 2}])
+    before, after = load_folder_tensors(model), load_folder_tensors(plan.output)
+    ref = reference_ablation(before, "gemma2", 32, plan, prepared_directions(plan, load_measurements(meas)))
+    o_proj = "model.layers.0.self_attn.o_proj.weight"
+    assert not torch.equal(ref[o_proj], before[o_proj])
+    for key in before:
+        torch.testing.assert_close(after[key], ref[key], rtol=0, atol=1e-6, msg=key)
