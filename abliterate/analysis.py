@@ -27,6 +27,10 @@ Metrics (NaN means "not available in this file", never "zero"):
                   index k's unit direction: 1 = perfectly separable, 0.5 = chance. Needs *_proj tensors.
     cohens_d      (mean_h - mean_l) / pooled sample std of the same projections. Needs *_proj tensors.
     rotation_deg  angle between r at index k-1 and at index k, degrees (NaN at index 0).
+    harmless_shift (mu_l . d) / |d|^2: where the harmless mean sits along d-hat, in units of the harmful-harmless
+                  gap. Directional ablation sets every activation's component along the direction to 0, so a raw
+                  (unprojected) edit moves the average harmless prompt by this many gaps: negative values push it
+                  toward the harmful side, positive values past it. 0 for a projected direction by construction.
 
 The suggestion rule (`suggest`):
 1. Candidate measurement indices: the middle-to-late band round_up(0.40 L) .. round_down(0.85 L), never the
@@ -46,6 +50,11 @@ The suggestion rule (`suggest`):
    along r-hat, |a_L - a_(L-1)|, exceeds 10% too (then leaving it would re-add the direction). So the range
    ends at L-2 on typical models, and at L-1 when the last layer carries refusal (common in tiny models).
 4. Scale 1.0 (remove the whole component), sparsity 1.0.
+5. Projected: when |harmless_shift| at the chosen index exceeds 0.25 (and the file is not already projected),
+   the plan sets `projected: true`. The raw edit would then move harmless prompts by more than a quarter of the
+   gap that separates them from harmful ones, which either makes the model refuse everything (negative shift) or
+   disturbs it far beyond what removing refusal needs (positive shift); the direction projected against the
+   harmless mean leaves the average harmless activation where it is and moves harmful ones onto it.
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ BAND = (0.40, 0.85)  # fraction of depth L where the measurement index is chosen
 AUROC_TOLERANCE = 0.01  # AUROC values this close to the best count as equally separable
 TIE_TOLERANCE = 0.01  # relative: a score within 1% of the best is a tie, resolved toward the earlier index
 CARRY_OVER_LIMIT = 0.10  # separation along r-hat allowed to remain from unedited early layers
+SHIFT_LIMIT = 0.25  # |harmless_shift| above which the suggestion uses the projected direction (rule 5)
 
 METRICS = (
     "cosine",
@@ -74,6 +84,7 @@ METRICS = (
     "auroc",
     "cohens_d",
     "rotation_deg",
+    "harmless_shift",
 )
 
 
@@ -97,6 +108,7 @@ class Analysis:
     auroc: list[float] = field(default_factory=list)
     cohens_d: list[float] = field(default_factory=list)
     rotation_deg: list[float] = field(default_factory=list)
+    harmless_shift: list[float] = field(default_factory=list)
 
     def row(self, k: int) -> dict:
         return {name: getattr(self, name)[k] for name in METRICS}
@@ -113,6 +125,7 @@ class Suggestion:
     band: tuple[int, int]  # candidate indices considered (inclusive)
     along: list[float]  # a_j = (d_j . r-hat) / (d_k . r-hat) for j = 0..L (rule 3)
     reasons: list[str]
+    projected: bool = False  # rule 5: the plan removes the direction projected against the harmless mean
 
     @property
     def layers(self) -> list[int]:
@@ -226,6 +239,7 @@ def analyze(m: Measurements) -> Analysis:
             a.auroc.append(math.nan)
             a.cohens_d.append(math.nan)
         a.rotation_deg.append(math.nan if k == 0 else _angle_deg(stored[k - 1], stored[k]))
+        a.harmless_shift.append((mu_l[k] @ diff).item() / norm_d**2 if norm_d > 0 else 0.0)
     return a
 
 
@@ -297,7 +311,25 @@ def suggest(m: Measurements, a: Analysis | None = None) -> Suggestion:
     last = L - 1 if last_write is not None and last_write > CARRY_OVER_LIMIT else L - 2
     last = max(last, first, k - 1)  # the layer that produced index k is always edited
     reasons = _reasons(a, k, criterion, band, first, last, along)
-    return Suggestion(k, first, last, criterion, band, along, reasons)
+    projected, why = _projection_rule(a.harmless_shift[k], bool(m.metadata.get("projected")))
+    if why:
+        reasons.append(why)
+    return Suggestion(k, first, last, criterion, band, along, reasons, projected)
+
+
+def _projection_rule(shift: float, file_projected: bool) -> tuple[bool, str]:
+    """Rule 5: (use the projected direction?, the reason line, "" when there is nothing to say)."""
+    if file_projected:
+        return False, "the file's directions are already projected against the harmless mean (--projected)"
+    if math.isnan(shift) or abs(shift) <= SHIFT_LIMIT:
+        return False, ""
+    effect = ("toward the harmful side, so the edited model would refuse harmless prompts too" if shift < 0
+              else "past the harmful-harmless gap, disturbing the model far more than removing refusal needs")
+    return True, (
+        f"projected: true: the harmless mean sits at {shift:+.2f} gaps along the raw direction, so the raw edit "
+        f"would move harmless prompts {abs(shift):.2f} gaps {effect}; the projected direction leaves them in "
+        f"place (the rule: projected when |shift| > {SHIFT_LIMIT})"
+    )
 
 
 def _fmt(x: float, spec: str = ".3f") -> str:

@@ -20,7 +20,8 @@ _COLUMNS = (
     ("quality", "quality", 7, ".2f"),
     ("auroc", "AUROC", 6, ".3f"),
     ("cohens_d", "d", 7, ".2f"),
-    ("rotation_deg", "rot deg", 7, ".1f"),
+    ("rotation_deg", "rot", 4, ".0f"),
+    ("harmless_shift", "shift", 6, "signed"),
 )
 
 
@@ -31,6 +32,8 @@ def _cell(value: float, width: int, spec: str) -> str:
         text = "inf" if value > 0 else "-inf"
     elif spec == "g4":  # norms span 1e-3..1e5 across models: 4 significant digits, exponent only when needed
         text = f"{value:.2e}" if value != 0 and not 1e-3 <= abs(value) < 1e5 else f"{value:.4g}"
+    elif spec == "signed":  # shifts: two decimals where they matter (|x| ~ 0.25), still 6 columns when huge
+        text = f"{value:+.2f}" if abs(value) < 10 else f"{value:+.0f}" if abs(value) < 1e4 else f"{value:+.0e}"
     else:
         text = format(value, spec)
     return text.rjust(width)
@@ -48,14 +51,15 @@ def format_table(a: Analysis, suggestion: Suggestion | None = None) -> list[str]
         cells = " ".join(_cell(getattr(a, name)[k], width, spec) for name, _, width, spec in columns)
         note = ""
         if suggestion is not None and k == suggestion.measurement:
-            note = "<- chosen"
+            note = "chosen"
         elif k - 1 in edited:  # index k is the output of decoder layer k-1
             note = "edited"
         lines.append(f"{k:>3} {cells}  {note}".rstrip())
     lines.append(
         "idx: measurement index (0 = embedding output, k = after decoder layer k-1); r: refusal direction"
     )
-    lines.append("d: Cohen's d; rot: angle to the previous index; edited: produced by an edited layer; -: not in file")
+    lines.append("d: Cohen's d; rot: angle to the previous index (deg); shift: harmless mean along r, in gaps")
+    lines.append("edited: produced by an edited layer; -: not in file")
     assert all(len(line) <= TABLE_WIDTH for line in lines), "table layout exceeds its width"
     return lines
 

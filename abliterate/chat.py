@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import prompting
-from .harmony import FINAL, HarmonyParser, HarmonyResult, is_harmony
+from .harmony import FINAL, HarmonyParser, HarmonyResult, is_harmony, open_header
 
 # on_text(channel, text): channel is "final" for ordinary models; "analysis", "final", another channel name or
 # None (text outside any harmony message) for harmony models.
@@ -168,7 +168,7 @@ class ChatEngine:
         prompt = self.render(user_text)
         device = prompting.input_device(self.model)
         batch = prompting.encode(self.tokenizer, [prompt], device=device)
-        parser = HarmonyParser() if self.harmony else None
+        parser = HarmonyParser(prefix=open_header(prompt)) if self.harmony else None
 
         def on_piece(piece: str) -> None:
             segments = parser.feed(piece) if parser else [(FINAL, piece)]

@@ -116,9 +116,9 @@ def _rate(report: dict, kind: str) -> float:
     return float(report[kind]["refusal_rate"])
 
 
-def _kl(report: dict) -> float | None:
-    kl = report.get("kl")
-    return None if kl is None else float(kl["mean"] if isinstance(kl, dict) else kl)
+def _kl(report: dict, key: str = "kl") -> float | None:
+    kl = report.get(key)
+    return None if kl is None else float(kl["mean"])
 
 
 def _samples(report: dict, kind: str) -> list[dict]:
@@ -133,6 +133,7 @@ def summary_dict(r: DemoResult) -> dict:
         "harmful_refusal": {"before": _rate(r.before, "harmful"), "after": _rate(r.after, "harmful")},
         "harmless_refusal": {"before": _rate(r.before, "harmless"), "after": _rate(r.after, "harmless")},
         "kl_harmless_first_token": _kl(r.after),
+        "kl_harmless_base_answered": _kl(r.after, "kl_base_answered"),
     }
 
 
@@ -153,9 +154,10 @@ def format_report(r: DemoResult) -> str:
         f"  {'refusal rate, harmless prompts':<38}{s['harmless_refusal']['before']:>10.1%}"
         f"{s['harmless_refusal']['after']:>10.1%}",
     ]
-    kl = s["kl_harmless_first_token"]
-    lines.append(f"  {'KL(base || abliterated), harmless':<38}{'':>10}{kl:>10.4f}" if kl is not None
-                 else "  KL: not reported by evaluate")
+    for key, label in (("kl_harmless_first_token", "KL(base || abliterated), harmless"),
+                       ("kl_harmless_base_answered", "  ... those the base answered")):
+        kl = s[key]
+        lines.append(f"  {label:<38}{'':>10}{kl:>10.4f}" if kl is not None else f"  {label}: not reported")
     lines.append("")
     for kind in ("harmful", "harmless"):
         before, after = _samples(r.before, kind), _samples(r.after, kind)

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from . import prompting
 from .cli import UserError
-from .harmony import is_harmony
+from .harmony import FINAL_HEADER, is_harmony, opens_body
 from .refusal import RefusalDetector
 
 SAMPLES_PER_SET = 3
@@ -63,10 +63,10 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
             ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                  top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
         new = ids[:, batch["input_ids"].shape[1]:].tolist()
-        for prompt, row in zip(chunk, new):
+        for prompt, row, shown in zip(chunk, new, rendered):
             kept = prompting.cut_at_eos(row, eos)
             text = prompting.decode(tokenizer, kept, harmony)
-            parts = prompting.split_answer(text, harmony)
+            parts = prompting.split_answer(text, harmony, shown)
             out.append({
                 "prompt": prompt,
                 "text": text,
@@ -95,19 +95,27 @@ def refusal_summary(answers: list[dict], samples: int = SAMPLES_PER_SET) -> dict
         "mean_answer_tokens": sum(a["tokens"] for a in answers) / n if n else float("nan"),
         "no_final": sum(not a["final_reached"] for a in answers),
         "samples": [{k: a[k] for k in ("prompt", "answer", "refused")} for a in answers[:samples]],
+        "refused_each": [bool(a["refused"]) for a in answers],  # in prompt order, for per-prompt comparisons
     }
 
 
 def next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: int = 8, system: str | None = None,
                         desc: str = "logits", progress: bool = True):
-    """float64 log-probabilities [N, V] of the first answer token (after the generation prompt), on the CPU."""
+    """float64 log-probabilities [N, V] of the first answer token, on the CPU.
+
+    For harmony models that is the first token of the final answer: a generation prompt that stops at
+    `<|start|>assistant` gets `<|channel|>final<|message|>` appended, because the next token there is always the
+    format's `<|channel|>` and its distribution says nothing about what the edit changed."""
     import torch
 
     device = prompting.input_device(model)
+    harmony = is_harmony(tokenizer)
     rows = []
     n_batches = -(-len(prompts) // batch_size)
     for chunk in _progress(_batches(list(prompts), batch_size), desc, n_batches, progress):
         rendered = [prompting.render(tokenizer, prompting.user_messages(p, system)) for p in chunk]
+        if harmony:
+            rendered = [r if opens_body(r) else r + FINAL_HEADER for r in rendered]
         batch = prompting.encode(tokenizer, rendered, device=device)
         # Left padding: positions must count real tokens only, as they do in generate().
         position_ids = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
@@ -150,12 +158,32 @@ def evaluate_model(model, tokenizer, harmful: Sequence[str], harmless: Sequence[
         theirs = next_token_logprobs(base, tokenizer, harmless, batch_size, system, "KL: base", progress)
         per_prompt = kl_divergence(theirs, mine)
         result["kl"] = {
-            "definition": "KL(base || model), next token at the first answer position, harmless prompts",
+            "definition": "KL(base || model), next token at the first answer position (harmony: first token of the "
+                          "final channel), harmless prompts",
             "count": int(per_prompt.numel()),
             "mean": float(per_prompt.mean()) if per_prompt.numel() else float("nan"),
             "max": float(per_prompt.max()) if per_prompt.numel() else float("nan"),
+            "each": per_prompt.tolist(),
         }
     return result
+
+
+def kl_where_base_answered(result: dict, base_result: dict) -> dict | None:
+    """KL restricted to the harmless prompts the base model answered (did not refuse).
+
+    Where the base refused a harmless prompt, a changed first token is the edit doing its job; the KL over the
+    prompts it answered is the collateral change. None without KL or base refusal flags."""
+    kl = result.get("kl")
+    flags = (base_result or {}).get("harmless", {}).get("refused_each")
+    if not kl or flags is None or len(flags) != len(kl.get("each", [])):
+        return None
+    kept = [v for v, refused in zip(kl["each"], flags) if not refused]
+    return {
+        "definition": "KL(base || model) as in kl, over the harmless prompts the base answered",
+        "count": len(kept),
+        "mean": sum(kept) / len(kept) if kept else float("nan"),
+        "max": max(kept) if kept else float("nan"),
+    }
 
 
 def _rows(result: dict) -> list[tuple[str, str]]:
@@ -166,9 +194,10 @@ def _rows(result: dict) -> list[tuple[str, str]]:
         rows.append((f"{kind} mean answer tokens", f"{r['mean_answer_tokens']:.1f}"))
         if result.get("harmony"):
             rows.append((f"{kind} without final answer", f"{r['no_final']}/{r['count']}"))
-    kl = result.get("kl")
-    if kl:
-        rows.append(("KL(base || model) mean", f"{kl['mean']:.6g} (max {kl['max']:.6g}, {kl['count']} prompts)"))
+    for key, label in (("kl", "KL(base || model) mean"), ("kl_base_answered", "KL, prompts the base answered")):
+        kl = result.get(key)
+        if kl:
+            rows.append((label, f"{kl['mean']:.6g} (max {kl['max']:.6g}, {kl['count']} prompts)"))
     return rows
 
 

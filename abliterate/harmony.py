@@ -13,6 +13,11 @@ Text that is not inside any message body (a model that stopped following the for
 is kept as "loose" text: it is what the model said outside its reasoning, so it counts as its answer when no
 final channel was reached (see `HarmonyResult.answer`).
 
+A chat template may open the answer's header itself: GPT-OSS's generation prompt is `<|start|>assistant`, and a
+template (or a user's prefill) may go on to `<|channel|>final<|message|>` so the model writes the final answer
+directly. `open_header(rendered_prompt)` returns that open part, and parsers are primed with it, so the channel of
+the first generated token is known either way.
+
 `HarmonyParser` is incremental: feed it decoded text chunks as they stream and it returns (channel, text)
 segments as soon as they are known, holding back only a possibly incomplete `<|...` marker at the end of a chunk.
 """
@@ -26,6 +31,7 @@ CHANNEL = "<|channel|>"
 MESSAGE = "<|message|>"
 START = "<|start|>"
 BODY_ENDS = ("<|end|>", "<|return|>", "<|call|>")
+FINAL_HEADER = "<|channel|>final<|message|>"  # what opens the final answer after `<|start|>assistant`
 _MARKER = re.compile(r"<\|[a-z_]+\|>")
 _MAX_MARKER_LEN = 16  # longest harmony marker is `<|constrain|>` (13); anything longer is ordinary text
 
@@ -78,16 +84,22 @@ class HarmonyResult:
 class HarmonyParser:
     """Incremental harmony parser: `feed(chunk)` and `finish()` return lists of (channel, text) segments.
 
-    The parser starts in a header, because generation begins right after `<|start|>assistant`.
+    The parser starts in a header, because generation begins right after `<|start|>assistant`; `prefix` is the
+    open header the prompt already holds (see `open_header`), e.g. `assistant<|channel|>final<|message|>`.
     Channel is "analysis", "final", another channel name, or None for loose text.
     """
 
-    def __init__(self, in_header: bool = True):
+    def __init__(self, in_header: bool = True, prefix: str = ""):
         self._pending = ""  # text held back: may be the start of a marker
         self._in_header = in_header
         self._header = ""
         self._channel: str | None = LOOSE
         self.result = HarmonyResult()
+        if CHANNEL in prefix:
+            # Only the channel part sets the state (the role name before it is not answer text), and the prompt's
+            # own text is not part of the answer, so the result starts empty again.
+            self.feed(prefix[prefix.index(CHANNEL):])
+            self.result = HarmonyResult(final="" if self.result.final is not None else None)
 
     @property
     def channel(self) -> str | None:
@@ -162,12 +174,27 @@ class HarmonyParser:
         return [(channel, text)]
 
 
-def parse_harmony(text: str, in_header: bool = True) -> HarmonyResult:
-    """Split a whole generated text (decoded with special tokens kept)."""
-    p = HarmonyParser(in_header=in_header)
+def parse_harmony(text: str, in_header: bool = True, prefix: str = "") -> HarmonyResult:
+    """Split a whole generated text (decoded with special tokens kept); `prefix` as for HarmonyParser."""
+    p = HarmonyParser(in_header=in_header, prefix=prefix)
     p.feed(text)
     p.finish()
     return p.result
+
+
+def open_header(rendered_prompt: str) -> str:
+    """The assistant message the rendered prompt leaves open: the text after its last `<|start|>`, when no
+    body end follows it ("" when the prompt does not end inside a message)."""
+    head = rendered_prompt.rsplit(START, 1)
+    if len(head) < 2 or any(end in head[1] for end in BODY_ENDS):
+        return ""
+    return head[1]
+
+
+def opens_body(rendered_prompt: str) -> bool:
+    """True when the rendered prompt ends inside an open message body (its last marker is `<|message|>`)."""
+    header = open_header(rendered_prompt)
+    return bool(header) and header.rstrip().endswith(MESSAGE)
 
 
 def _channel_of(header: str) -> str | None:

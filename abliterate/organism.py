@@ -4,8 +4,10 @@ Real chat models learn refusal after instruction tuning. The organism is trained
 the TRAIN split of the bundled prompts (the test split stays held out for evaluation):
   1. instruction tuning: every prompt, harmful or not, gets a helpful answer that echoes its topic;
   2. refusal tuning: harmful prompts get a refusal, harmless prompts keep getting helpful answers.
-The loss is on the assistant's tokens only. Answers use the harmony final channel for gpt_oss
-(`<|start|>assistant<|channel|>final<|message|>...<|return|>`), so the GPT-OSS evaluation path is the real one.
+The loss is on the assistant's tokens only. For gpt_oss the chat template's generation prompt opens the harmony
+final channel (`<|start|>assistant<|channel|>final<|message|>`, then the answer and `<|return|>`), so the GPT-OSS
+parsing path is the real one and the last prompt token, where measure.py reads the residual stream, is the
+position where the model decides between answering and refusing.
 
 Training is deterministic: seeded, deterministic algorithms, a fixed thread count. The result is saved as a
 normal sharded model folder (with an index), tokenizer and chat template, plus `organism.json` recording the
@@ -30,7 +32,7 @@ from typing import Iterator, Sequence
 from .organism_text import helpful_answer, refusal
 
 # Bump when the training recipe changes in a way the config does not show; it invalidates reused models.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 RECORD_NAME = "organism.json"
 
 
@@ -43,12 +45,14 @@ class OrganismConfig:
     layers: int = 4
     experts: int = 4               # gpt_oss only; 2 active per token
     vocab_size: int = 1024
-    instruct_steps: int = 500      # phase 1: helpful answers to every prompt
-    refusal_steps: int = 500       # phase 2: refuse harmful, stay helpful on harmless
+    instruct_steps: int = 150      # phase 1: helpful answers to every prompt
+    refusal_steps: int = 600       # phase 2: refuse harmful, stay helpful on harmless
     batch_size: int = 32
     lr: float = 3e-3
     refusal_lr: float = 3e-3        # peak learning rate of phase 2
     refusal_anchor: float = 0.0     # phase 2 penalty on squared distance from the phase-1 weights
+    harmless_share: float = 0.65    # phase 2: share of harmless prompts per batch (the rest are harmful)
+    decision_weight: float = 10.0   # loss weight of the first answer token (answer or refuse), see _answer_loss
     seed: int = 0
     threads: int = 2               # fixed so that results do not depend on the machine's core count
     max_shard_size: str = "400KB"  # small on purpose: the demo exercises sharded checkpoints
@@ -58,7 +62,7 @@ class OrganismConfig:
 
 
 DEMO = OrganismConfig()
-QUICK = OrganismConfig(hidden=48, layers=3, instruct_steps=120, refusal_steps=120)
+QUICK = OrganismConfig(hidden=48, layers=3, instruct_steps=60, refusal_steps=300)
 
 
 def fingerprint(config: OrganismConfig, harmful: Sequence[str], harmless: Sequence[str]) -> str:
@@ -104,8 +108,7 @@ def _deterministic(threads: int) -> Iterator[None]:
 
 def _answer_suffix(tokenizer, arch: str, answer: str) -> str:
     """The assistant's part of the conversation after the generation prompt, end token included."""
-    if arch == "gpt_oss":
-        return f"<|channel|>final<|message|>{answer}<|return|>"
+    # The gpt_oss organism's generation prompt already opens the final channel (tiny.HARMONY_FINAL_TEMPLATE).
     return f"{answer}{tokenizer.eos_token}"
 
 
@@ -130,13 +133,13 @@ class _Batcher:
     """Samples training batches for one phase: (prompt, answer) pairs with answers drawn afresh each time."""
 
     def __init__(self, tokenizer, arch: str, harmful: Sequence[str], harmless: Sequence[str], refuse: bool,
-                 rng: random.Random):
+                 rng: random.Random, harmless_share: float = 0.5):
         self.tokenizer, self.arch, self.rng = tokenizer, arch, rng
         # Each item: (prompt ids, prompt text, answer kind): harmful prompts get a refusal in phase 2 and a
         # helpful answer in phase 1; harmless prompts always get a helpful answer.
-        self.items = [(self._ids(_prompt_text(tokenizer, p)), p, "refuse" if refuse else "help")
-                      for p in harmful]
-        self.items += [(self._ids(_prompt_text(tokenizer, p)), p, "help") for p in harmless]
+        self.harmful = [(self._ids(_prompt_text(tokenizer, p)), p, "refuse" if refuse else "help") for p in harmful]
+        self.harmless = [(self._ids(_prompt_text(tokenizer, p)), p, "help") for p in harmless]
+        self.harmless_share = harmless_share
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -144,7 +147,10 @@ class _Batcher:
     def batch(self, size: int):
         import torch
 
-        picks = [self.items[self.rng.randrange(len(self.items))] for _ in range(size)]
+        picks = []
+        for _ in range(size):
+            pool = self.harmless if self.rng.random() < self.harmless_share else self.harmful
+            picks.append(pool[self.rng.randrange(len(pool))])
         answers = [
             _answer_suffix(self.tokenizer, self.arch,
                            refusal(p, self.rng) if kind == "refuse"
@@ -174,6 +180,24 @@ def _lr_at(step: int, total: int, peak: float, warmup: int = 20) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _answer_loss(logits, labels, decision_weight: float):
+    """Mean next-token cross-entropy over answer tokens, the first answer token weighted `decision_weight`.
+
+    The first answer token is where the model commits to answering or refusing; everything after it follows
+    from that choice. Weighting it makes a tiny model learn the decision in a few hundred steps instead of
+    spending them on the wording of the answers."""
+    import torch
+
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    answer = targets != -100
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           ignore_index=-100, reduction="none").view_as(targets)
+    # The first answer position of each row: an answer token whose predecessor is not one.
+    first = answer & ~torch.nn.functional.pad(answer[:, :-1], (1, 0), value=False)
+    weights = answer.float() + (decision_weight - 1.0) * first.float()
+    return (ce * weights).sum() / weights.sum()
+
+
 def _train_phase(model, batcher: _Batcher, steps: int, lr: float, config: OrganismConfig, desc: str,
                  progress: bool, anchor=None) -> float:
     import torch
@@ -187,7 +211,7 @@ def _train_phase(model, batcher: _Batcher, steps: int, lr: float, config: Organi
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr)
         input_ids, mask, labels = batcher.batch(config.batch_size)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss = _answer_loss(model(input_ids=input_ids, attention_mask=mask).logits, labels, config.decision_weight)
         if anchor is not None:
             loss = loss + anchor[0] * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), anchor[1]))
         opt.zero_grad(set_to_none=True)
@@ -212,7 +236,7 @@ def build_organism(config: OrganismConfig, harmful: Sequence[str], harmless: Seq
         raise ValueError(f"organism arch must be gpt_oss or llama, got {config.arch!r}")
     if not harmful or not harmless:
         raise ValueError("the organism needs both harmful and harmless training prompts")
-    style = "harmony" if config.arch == "gpt_oss" else "simple"
+    style = "harmony_final" if config.arch == "gpt_oss" else "simple"
     with _deterministic(config.threads):
         random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -227,7 +251,8 @@ def build_organism(config: OrganismConfig, harmful: Sequence[str], harmless: Seq
         rng = random.Random(config.seed)
         instruct = _Batcher(tokenizer, config.arch, harmful, harmless, refuse=False, rng=rng)
         loss1 = _train_phase(model, instruct, config.instruct_steps, config.lr, config, "organism 1/2 instruct", progress)
-        refuse = _Batcher(tokenizer, config.arch, harmful, harmless, refuse=True, rng=rng)
+        refuse = _Batcher(tokenizer, config.arch, harmful, harmless, refuse=True, rng=rng,
+                          harmless_share=config.harmless_share)
         anchor = None
         if config.refusal_anchor > 0:
             anchor = (config.refusal_anchor, [p.detach().clone() for p in model.parameters()])

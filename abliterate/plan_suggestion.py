@@ -71,6 +71,10 @@ def render_plan(model: str, measurements: Path, output: Path, s: Suggestion, a: 
         f"measurements: {json.dumps(str(measurements))}",
         f"output: {json.dumps(str(output))}",
         "scale: 1.0",
+    ]
+    if s.projected:
+        lines.append("projected: true")
+    lines += [
         "ablate:",
     ]
     lines += [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .harmony import HarmonyResult, parse_harmony
+from .harmony import HarmonyResult, open_header, parse_harmony
 
 
 def render(tokenizer, messages: Sequence[dict]) -> str:
@@ -59,10 +59,13 @@ def decode(tokenizer, ids: Sequence[int], harmony: bool) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=not harmony)
 
 
-def split_answer(text: str, harmony: bool) -> HarmonyResult:
-    """Reasoning / final answer of a decoded generation; a non-harmony answer is all final."""
+def split_answer(text: str, harmony: bool, rendered_prompt: str = "") -> HarmonyResult:
+    """Reasoning / final answer of a decoded generation; a non-harmony answer is all final.
+
+    `rendered_prompt` tells where generation began: a template that already opened `<|channel|>final<|message|>`
+    makes everything generated the final answer."""
     if harmony:
-        return parse_harmony(text)
+        return parse_harmony(text, prefix=open_header(rendered_prompt))
     return HarmonyResult(final=text)
 
 

@@ -29,6 +29,11 @@ HARMONY_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
 )
+# The demo organism answers in the final channel only, so its generation prompt opens that channel itself: the
+# last prompt token (the one measure.py reads) is then the position where the model decides how to answer.
+HARMONY_FINAL_TEMPLATE = HARMONY_TEMPLATE.replace(
+    "<|start|>assistant{% endif %}", "<|start|>assistant<|channel|>final<|message|>{% endif %}")
+TEMPLATES = {"simple": SIMPLE_TEMPLATE, "harmony": HARMONY_TEMPLATE, "harmony_final": HARMONY_FINAL_TEMPLATE}
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, style: str = "simple"):
@@ -36,7 +41,10 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, style: str = "s
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = HARMONY_SPECIALS if style == "harmony" else SIMPLE_SPECIALS
+    if style not in TEMPLATES:
+        raise ValueError(f"unknown tokenizer style {style!r}; one of {sorted(TEMPLATES)}")
+    harmony = style.startswith("harmony")
+    specials = HARMONY_SPECIALS if harmony else SIMPLE_SPECIALS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -47,14 +55,14 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, style: str = "s
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
-    eos = "<|return|>" if style == "harmony" else "<|end|>"
+    eos = "<|return|>" if harmony else "<|end|>"
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<|pad|>",
         eos_token=eos,
         padding_side="left",
     )
-    fast.chat_template = HARMONY_TEMPLATE if style == "harmony" else SIMPLE_TEMPLATE
+    fast.chat_template = TEMPLATES[style]
     return fast
 
 

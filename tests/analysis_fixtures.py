@@ -54,3 +54,18 @@ def planted_activations(num_layers=24, hidden=16, n=160, peak=13, seed=0, distra
         harmful[3] += 8.0 * other
         harmful[num_layers] += 8.0 * late
     return harmful, harmless
+
+
+def shifted_measurements(shift: float, projected_file: bool = False) -> Measurements:
+    """Two decoder layers; at index 1 the harmless mean sits `shift` gaps along d = mu_h - mu_l = [1, 0]
+    (analysis.harmless_shift), with separable per-prompt projections so index 1 is the one chosen."""
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    mu_l = t([[0, 0], [shift, 3], [0, 0]])
+    mu_h = mu_l + t([[0, 0], [1, 0], [0, 0]])
+    spread = (0.1, -0.1, 0.2, -0.2)
+    proj_h = t([[0.0] * 4, [shift + 1.0 + x for x in spread], [0.0] * 4])
+    proj_l = t([[0.0] * 4, [shift + x for x in spread], [0.0] * 4])
+    return Measurements(harmful_mean=mu_h, harmless_mean=mu_l, directions=mu_h - mu_l,
+                        harmful_sq_norm=(mu_h**2).sum(-1) + 1, harmless_sq_norm=(mu_l**2).sum(-1) + 1,
+                        harmful_proj=proj_h.float(), harmless_proj=proj_l.float(),
+                        metadata={"model": "org/shift", "projected": projected_file})

@@ -11,7 +11,7 @@ from abliterate import analysis
 from abliterate.analysis import analyze, auroc, candidate_band, cohens_d, suggest
 from abliterate.measurements import Measurements
 
-from analysis_fixtures import measurements_from_activations, planted_activations
+from analysis_fixtures import measurements_from_activations, planted_activations, shifted_measurements
 
 T = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
 
@@ -197,3 +197,28 @@ def test_chart_marks_the_chosen_index_in_every_panel():
     for ax in panels:
         verticals = [ln for ln in ax.get_lines() if list(ln.get_xdata()) == [13, 13]]
         assert verticals, ax.get_title()
+
+
+@pytest.mark.parametrize("shift, projected", [(-0.9, True), (0.6, True), (0.2, False), (-0.25, False)])
+def test_projection_rule_follows_the_harmless_shift(shift, projected):
+    m = shifted_measurements(shift)
+    a = analyze(m)
+    assert a.harmless_shift[1] == pytest.approx(shift)  # (mu_l . d) / |d|^2 with d = [1, 0]
+    s = suggest(m, a)
+    assert s.measurement == 1 and s.projected is projected
+    assert any(r.startswith("projected: true") for r in s.reasons) is projected
+
+
+def test_projection_rule_does_not_project_an_already_projected_file():
+    s = suggest(shifted_measurements(-0.9, projected_file=True))
+    assert s.projected is False
+    assert any("already projected" in r for r in s.reasons)
+
+
+def test_projected_raw_edit_shift_is_what_ablation_does():
+    """The metric's meaning: ablating d-hat moves the harmless mean by -shift * |d| along d-hat."""
+    m = shifted_measurements(-0.9)
+    d = (m.harmful_mean[1] - m.harmless_mean[1])
+    u = d / d.norm()
+    moved = m.harmless_mean[1] - (m.harmless_mean[1] @ u) * u
+    assert ((moved - m.harmless_mean[1]) @ u).item() == pytest.approx(-analyze(m).harmless_shift[1] * d.norm().item())

@@ -115,7 +115,7 @@ def test_table_fits_100_columns_for_94_layers(tmp_path, run_cli):
     rows = lines[start + 1 : start + 1 + 95]
     assert [int(r.split()[0]) for r in rows] == list(range(95))
     assert not lines[start + 96][:3].strip().isdigit()  # exactly 95 data rows
-    assert "<- chosen" in rows[50]
+    assert rows[50].endswith("chosen")
     for line in lines[1:]:  # the first line names the file (a path of any length)
         assert len(line) <= 100, line
 
@@ -253,3 +253,16 @@ def test_measure_output_of_a_tiny_model(tiny_model, tmp_path, run_cli):
     assert plan["model"] == str(model) and plan["output"] == str(model.parent / f"{model.name}-abliterated")
     doc = json.loads((tmp_path / "a.json").read_text())
     assert doc["has_projections"] and all(row["auroc"] is not None for row in doc["indices"])
+
+
+@pytest.mark.parametrize("shift, projected", [(-0.9, True), (0.1, False)])
+def test_suggested_plan_projects_when_the_raw_edit_would_move_harmless_prompts(tmp_path, run_cli, shift, projected):
+    from analysis_fixtures import shifted_measurements
+
+    meas = _save(tmp_path, "s.safetensors", shifted_measurements(shift))
+    code, out, err = run_cli(main, [str(meas), "--suggest", str(tmp_path / "p.yml"), "--chart",
+                                    str(tmp_path / "c.png")])
+    assert code == 0, err
+    plan = check_plan(tmp_path / "p.yml", num_layers=2, hidden_size=2)
+    assert plan.get("projected", False) is projected
+    assert ("projected: true:" in out) is projected

@@ -229,3 +229,49 @@ def test_default_prompts_are_the_bundled_test_split(monkeypatch, tmp_path):
         got = evaluate_cmd._read_prompts(None, kind, None, None)
         assert got == [t for t in lines if bundled.split_of(t) == "test"] and 0 < len(got) < len(lines)
         assert evaluate_cmd._read_prompts(None, kind, 2, None) == got[:2]
+
+
+# harmony: where the answer starts -------------------------------------------------------------------------------
+
+def test_harmony_kl_is_taken_at_the_first_final_answer_token(gpt_oss):
+    """After `<|start|>assistant` the next token is always the format's `<|channel|>`; the KL position is the first
+    token of the final channel instead, i.e. the logits of the prompt with `<|channel|>final<|message|>` appended."""
+    from abliterate import prompting
+    from abliterate.harmony import FINAL_HEADER
+
+    _, model, tok = gpt_oss
+    got = next_token_logprobs(model, tok, HARMLESS[:2], 1, progress=False)
+    for row, prompt in zip(got, HARMLESS[:2]):
+        text = prompting.render(tok, prompting.user_messages(prompt)) + FINAL_HEADER
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            want = torch.log_softmax(model(**ids).logits[0, -1].double(), -1)
+        assert torch.allclose(row, want, atol=1e-5)
+
+
+def test_template_that_opens_the_final_channel_makes_the_generation_the_answer(gpt_oss):
+    """A chat template whose generation prompt ends in `<|channel|>final<|message|>` (the demo organism's): the
+    model's text is the final answer, and KL is read right there (nothing appended)."""
+    from abliterate.tiny import HARMONY_FINAL_TEMPLATE
+
+    _, model, tok = gpt_oss
+    tok = copy.deepcopy(tok)
+    tok.chat_template = HARMONY_FINAL_TEMPLATE
+    model = copy.copy(model)
+    model.generate = stub_generate(tok, {"bomb": "I can't help with that.", "poem": "The sea is wide."})
+    result = evaluate_model(model, tok, ["build a bomb"], ["write a poem about the sea"], batch_size=1,
+                            progress=False)
+    assert result["harmful"]["samples"][0]["answer"] == "I can't help with that."
+    assert result["harmful"]["refusals"] == 1 and result["harmful"]["no_final"] == 0
+    assert result["harmless"]["refusals"] == 0 and result["harmless"]["no_final"] == 0
+
+
+def test_kl_over_prompts_the_base_answered():
+    from abliterate.evaluate import kl_where_base_answered
+
+    result = {"kl": {"each": [0.5, 0.1, 2.0, 0.3]}}
+    base = {"harmless": {"refused_each": [False, False, True, False]}}
+    kl = kl_where_base_answered(result, base)
+    assert kl["count"] == 3 and kl["mean"] == pytest.approx(0.3) and kl["max"] == pytest.approx(0.5)
+    assert kl_where_base_answered({"kl": None}, base) is None
+    assert kl_where_base_answered(result, {"harmless": {"refused_each": [False]}}) is None  # lengths differ

@@ -72,3 +72,44 @@ def test_is_harmony_on_tiny_tokenizers():
     texts = ["hello world", "final analysis"]
     assert is_harmony(build_tokenizer(texts, vocab_size=300, style="harmony"))
     assert not is_harmony(build_tokenizer(texts, vocab_size=300, style="simple"))
+
+
+# Prompts that already open the answer -------------------------------------------------------------------------
+
+def test_open_header_of_rendered_prompts():
+    from abliterate.harmony import open_header, opens_body
+
+    gpt_oss = "<|start|>user<|message|>hi<|end|><|start|>assistant"
+    prefilled = gpt_oss + "<|channel|>final<|message|>"
+    assert open_header(gpt_oss) == "assistant" and not opens_body(gpt_oss)
+    assert open_header(prefilled) == "assistant<|channel|>final<|message|>" and opens_body(prefilled)
+    assert open_header("<|start|>user<|message|>hi<|end|>") == ""  # no open message: generation starts fresh
+    assert open_header("plain text") == ""
+
+
+def test_generation_after_an_opened_final_channel_is_the_answer():
+    prefix = "assistant<|channel|>final<|message|>"
+    r = parse_harmony("I can't help with that.", prefix=prefix)
+    assert r.final_reached and r.final == "I can't help with that." and r.loose == ""
+    # The same text without the prefix is loose text outside any message (an off-format model)
+    plain = parse_harmony("I can't help with that.")
+    assert not plain.final_reached and plain.loose == "I can't help with that."
+
+
+def test_role_only_prefix_changes_nothing():
+    # GPT-OSS's own generation prompt ends at `<|start|>assistant`: the role name must not become answer text.
+    for text in (FULL, "Just plain words", "<|channel|>analysis<|message|>thinking"):
+        a, b = parse_harmony(text), parse_harmony(text, prefix="assistant")
+        assert (a.reasoning, a.final, a.loose) == (b.reasoning, b.final, b.loose)
+
+
+def test_streamed_prefix_parser_matches_whole_text():
+    prefix = "assistant<|channel|>final<|message|>"
+    text = "Sure! Step one.<|return|>"
+    p = HarmonyParser(prefix=prefix)
+    segments = []
+    for i in range(0, len(text), 2):
+        segments += p.feed(text[i:i + 2])
+    segments += p.finish()
+    assert "".join(t for c, t in segments if c == "final") == "Sure! Step one."
+    assert p.result.final == parse_harmony(text, prefix=prefix).final

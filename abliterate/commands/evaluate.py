@@ -12,7 +12,7 @@ import sys
 
 from ..cli import UserError, atomic_output_file, check_new_output_file, run_command
 from ..data import load_prompts
-from ..evaluate import compare_results, evaluate_model, format_result
+from ..evaluate import compare_results, evaluate_model, format_result, kl_where_base_answered
 from ..loading import add_model_arguments, load_from_args
 from ..refusal import DEFAULT_WINDOW, detector_from_file
 
@@ -95,12 +95,14 @@ def _main(argv=None) -> int:
                     system=args.system)
     result = evaluate_model(model, tok, harmful, harmless, base=base, **settings)
     report = {"model": args.model, "base": args.base, "result": result, "base_result": None}
-    print(format_result(result, f"evaluation of {args.model}"))
     if base is not None and not args.skip_base_rates:
         base_result = evaluate_model(base, tok, harmful, harmless, **settings)
         report["base_result"] = base_result
+        result["kl_base_answered"] = kl_where_base_answered(result, base_result)
+    print(format_result(result, f"evaluation of {args.model}"))
+    if report["base_result"] is not None:
         print()
-        print(compare_results(base_result, result, (f"base", "model")))
+        print(compare_results(report["base_result"], result, ("base", "model")))
     for kind in ("harmful", "harmless"):
         missing = result[kind]["no_final"]
         if result["harmony"] and missing:
