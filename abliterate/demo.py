@@ -31,11 +31,13 @@ ANALYSIS_JSON = "analysis.json"
 PLAN = "plan.yml"
 EVALUATION = "evaluation.json"
 SUMMARY = "demo-summary.json"
+ARCH_NAMES = {"gpt_oss": "GPT-OSS", "llama": "Llama (dense variant)"}
 
 
 @dataclasses.dataclass
 class DemoResult:
     workdir: Path
+    arch: str                          # gpt_oss or llama
     trained: bool                      # False when a matching organism was reused
     timings: dict[str, float]          # seconds per stage
     before: dict                       # evaluate's JSON for the base model
@@ -104,7 +106,7 @@ def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, 
         timings[name] = time.perf_counter() - t
 
     report = json.loads((workdir / EVALUATION).read_text(encoding="utf-8"))
-    result = DemoResult(workdir, trained, timings, report["base_result"], report["result"])
+    result = DemoResult(workdir, arch, trained, timings, report["base_result"], report["result"])
     (workdir / SUMMARY).write_text(json.dumps(summary_dict(result), indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -128,6 +130,7 @@ def _samples(report: dict, kind: str) -> list[dict]:
 def summary_dict(r: DemoResult) -> dict:
     return {
         "workdir": str(r.workdir),
+        "arch": r.arch,
         "trained": r.trained,
         "timings_s": {k: round(v, 2) for k, v in r.timings.items()},
         "harmful_refusal": {"before": _rate(r.before, "harmful"), "after": _rate(r.after, "harmful")},
@@ -146,7 +149,8 @@ def format_report(r: DemoResult) -> str:
     s = summary_dict(r)
     lines = [
         "",
-        "abliterate demo: the tiny GPT-OSS before and after abliteration (held-out test prompts)",
+        f"abliterate demo: the tiny {ARCH_NAMES.get(r.arch, r.arch)} before and after abliteration "
+        "(held-out test prompts)",
         "",
         f"  {'':<38}{'before':>10}{'after':>10}",
         f"  {'refusal rate, harmful prompts':<38}{s['harmful_refusal']['before']:>10.1%}"
