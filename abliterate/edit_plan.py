@@ -52,7 +52,10 @@ def _layer_of(key: str, role) -> int | None:
 
 
 def _make_edit(role, direction, scale: float, method: str, device, norm_weight=None):
-    """A closure editing one float32 tensor (or one expert slice of a fused tensor) on `device`."""
+    """A closure editing one tensor (or one expert slice of a fused tensor) on `device`, in its own dtype.
+
+    The closure takes (tensor, expert_slice, out=None) and returns the edited tensor in the input's dtype, on
+    `device`; `out` (a buffer on `device`) receives it when given."""
     r = direction.unit
     if norm_weight is not None:
         # The writer's output passes through a gain-carrying RMSNorm before the residual add (Gemma2/3, OLMo2...):
@@ -63,9 +66,14 @@ def _make_edit(role, direction, scale: float, method: str, device, norm_weight=N
         role = architectures.dequantized_role(role)
     slice_role = role.for_expert_slice() if role.expert_axis is not None else role
 
-    def edit(w, expert_slice: bool):
-        return edits.edit_tensor(w, slice_role if expert_slice else role, r, scale, method)
+    def edit(w, expert_slice: bool, out=None):
+        return edits.edit_tensor(w.to(device), slice_role if expert_slice else role, r, scale, method,
+                                 out=out if out is not None and out.device == device else None)
 
+    # What streaming a large tensor in bands needs (abliterate.shard_writer): its hidden axis and, for [H, N]
+    # writers, a two-pass column edit.
+    edit.hidden_axis = role.hidden_axis
+    edit.column_edit = lambda columns: edits.ColumnEdit(r.to(device), columns, scale, method)
     return edit
 
 

@@ -20,6 +20,10 @@ norm_preserving keeps the norm of every hidden-space vector, biases and router r
 for every kind, so the residual-space magnitude of each writer (and the router's logit scale) is unchanged.
 
 Computed in float32 (float64 when the input is float64) on the tensor's own device; returned in its dtype.
+On the CPU the vectors go through in blocks of about CPU_BLOCK_ELEMENTS: each block is converted, edited and
+converted back while it sits in cache, instead of materialising whole float32 copies of a [2880, 2880] slice
+(which costs more in fresh-memory page faults and memory traffic than the arithmetic itself). Every vector is
+edited on its own, so the blocking changes no value.
 """
 
 from __future__ import annotations
@@ -40,11 +44,13 @@ def edit_tensor(
     r: torch.Tensor,
     scale: float = 1.0,
     method: str = "conventional",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A new tensor (same shape, dtype, device) with every hidden-space vector orthogonalized against r.
 
     `r` is a unit vector of length hidden_size. Works on a whole fused tensor or on one expert's slice
-    (pass `role.for_expert_slice()` for tensor[e]). The input tensor is never modified.
+    (pass `role.for_expert_slice()` for tensor[e]). The input tensor is never modified. `out` (same shape,
+    dtype and device as `tensor`) receives the result instead of a new tensor, so a caller can reuse buffers.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -59,23 +65,93 @@ def edit_tensor(
         raise ValueError(f"{role.key}: cannot edit a {tensor.dtype} tensor, a floating-point tensor is needed")
     if not 0 <= role.hidden_axis < tensor.dim():
         raise ValueError(f"{role.key}: hidden axis {role.hidden_axis} does not exist in shape {list(tensor.shape)}")
+    if out is None:
+        out = torch.empty_like(tensor)
+    elif out.shape != tensor.shape or out.dtype != tensor.dtype or out.device != tensor.device:
+        raise ValueError(f"{role.key}: out must match the tensor's shape, dtype and device")
     compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     r = _checked_unit(r, tensor.shape[role.hidden_axis], role.key).to(device=tensor.device, dtype=compute)
+    block = CPU_BLOCK_ELEMENTS if tensor.device.type == "cpu" else None
+    src, dst = tensor.movedim(role.hidden_axis, -1), out.movedim(role.hidden_axis, -1)  # views: [..., H]
+    for rows_in, rows_out in _row_blocks(src, dst, block):
+        rows = rows_in.to(dtype=compute, copy=True)  # [n, H], one hidden-space vector per row
+        _edit_rows(rows, r, scale, method)
+        rows_out.copy_(rows)
+    return out
 
-    work = tensor.to(dtype=compute, copy=True)
-    vectors = work.movedim(role.hidden_axis, -1)  # a view: [..., H], one hidden-space vector per row
+
+CPU_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of float32 per block: stays in cache between convert, edit and convert back
+
+
+def _row_blocks(src: torch.Tensor, dst: torch.Tensor, block: int | None):
+    """Matching [n, H] views of src and dst covering every vector, n * H about `block` (None: as large as can be)."""
+    if src.dim() == 1:
+        yield src.unsqueeze(0), dst.unsqueeze(0)
+    elif src.dim() == 2:
+        step = src.shape[0] if block is None else max(1, block // max(1, src.shape[1]))
+        for i in range(0, src.shape[0], max(1, step)):
+            yield src[i:i + step], dst[i:i + step]
+    else:
+        for a, b in zip(src.unbind(0), dst.unbind(0)):  # fused experts: one expert at a time
+            yield from _row_blocks(a, b, block)
+
+
+def _edit_rows(rows: torch.Tensor, r: torch.Tensor, scale: float, method: str) -> None:
+    """In place on rows [n, H]: the module docstring's formula for each row."""
     if method == "norm_preserving":
-        norms = torch.linalg.vector_norm(vectors, dim=-1)
-    _remove_component(vectors, r, scale)
+        norms = torch.linalg.vector_norm(rows, dim=-1)
+    rows.addr_(rows @ r, r, alpha=-scale)  # v <- v - s (v . r) r, without a full-size temporary
     if method == "norm_preserving":
-        new_norms = torch.linalg.vector_norm(vectors, dim=-1)
+        new_norms = torch.linalg.vector_norm(rows, dim=-1)
         # A vector that lay (numerically) along r has only rounding noise left: scaling that noise up to |v|
         # would write a random vector, so it becomes exactly zero instead.
-        noise = norms * (torch.finfo(compute).eps * 8 * math.sqrt(vectors.shape[-1]))
+        noise = norms * (torch.finfo(rows.dtype).eps * 8 * math.sqrt(rows.shape[-1]))
         gone = new_norms <= noise
         factor = torch.where(gone, 0.0, norms / torch.where(gone, 1.0, new_norms))
-        vectors.mul_(factor.unsqueeze(-1))
-    return work if work.dtype == tensor.dtype else work.to(tensor.dtype)
+        rows.mul_(factor.unsqueeze(-1))
+
+
+class ColumnEdit:
+    """The edit of a [H, N] writer (hidden axis 0: each column is a hidden-space vector) done in row bands, for
+    tensors too large to hold: pass 1 (`accumulate` over every band) gathers each column's component along r
+    and, for norm_preserving, its squared norm; pass 2 (`apply` per band) writes the edited band. Equal to
+    `edit_tensor` up to float32 rounding (the column sums are taken in float64 here), in memory of one band.
+    """
+
+    def __init__(self, r: torch.Tensor, columns: int, scale: float = 1.0, method: str = "conventional"):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.r = _checked_unit(r, r.numel(), "ColumnEdit").to(torch.float64)
+        self.scale, self.method = scale, method
+        self.coeff = torch.zeros(columns, dtype=torch.float64, device=r.device)
+        self.sq = torch.zeros(columns, dtype=torch.float64, device=r.device) if method == "norm_preserving" else None
+        self._factor = None
+
+    def accumulate(self, band: torch.Tensor, row0: int) -> None:
+        x = band.to(torch.float64)
+        self.coeff += self.r[row0:row0 + x.shape[0]].to(x.device) @ x
+        if self.sq is not None:
+            self.sq += (x * x).sum(0)
+
+    def apply(self, band: torch.Tensor, row0: int) -> torch.Tensor:
+        """The edited band, in the band's dtype."""
+        x = band.to(torch.float32, copy=True)
+        r = self.r[row0:row0 + x.shape[0]].to(device=x.device, dtype=torch.float32)
+        x.addr_(r, self.coeff.to(device=x.device, dtype=torch.float32), alpha=-self.scale)
+        if self.method == "norm_preserving":
+            x.mul_(self.factor().to(device=x.device, dtype=torch.float32))
+        return x.to(band.dtype)
+
+    def factor(self) -> torch.Tensor:
+        """norm_preserving: |v| / |v'| per column, with |v'|^2 = |v|^2 - (2s - s^2) (v . r)^2 since r is a unit
+        vector; 0 where v' is rounding noise (the rule of edit_tensor)."""
+        if self._factor is None:
+            s, c, sq = self.scale, self.coeff, self.sq
+            new_sq = (sq - (2 * s - s * s) * c * c).clamp_min(0.0)
+            noise = sq.sqrt() * (torch.finfo(torch.float32).eps * 8 * math.sqrt(self.r.numel()))
+            gone = new_sq.sqrt() <= noise
+            self._factor = torch.where(gone, 0.0, sq.sqrt() / torch.where(gone, 1.0, new_sq.sqrt()))
+        return self._factor
 
 
 def direction_through_norm(r: torch.Tensor, norm_weight: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
@@ -90,18 +166,6 @@ def direction_through_norm(r: torch.Tensor, norm_weight: torch.Tensor, offset: f
     if not torch.isfinite(n) or n == 0:
         raise ValueError("the post-norm gain times the direction is zero or not finite")
     return u / n
-
-
-def _remove_component(vectors: torch.Tensor, r: torch.Tensor, scale: float) -> None:
-    """In place: v <- v - scale (v . r) r for every row v of `vectors` [..., H], without a full-size temporary."""
-    if vectors.dim() == 1:
-        vectors.sub_(r, alpha=scale * float(vectors @ r))
-    elif vectors.dim() == 2:
-        coeff = vectors @ r
-        vectors.addr_(coeff, r, alpha=-scale)
-    else:
-        for sub in vectors.unbind(0):  # views: fused experts are edited one expert at a time
-            _remove_component(sub, r, scale)
 
 
 def _checked_unit(r: torch.Tensor, hidden: int, key: str) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -129,6 +130,7 @@ class OutTensor:
     dtype: str
     shape: tuple[int, ...]
     write: Callable[[BinaryIO], None]
+    heavy: bool = False  # compute-bound (an edit): written by a worker thread while raw copies go on
 
     @property
     def nbytes(self) -> int:
@@ -159,22 +161,85 @@ def layout_unchanged(header: SafetensorsHeader, tensors: list[OutTensor]) -> boo
 
 def write_safetensors(fh: BinaryIO, tensors: list[OutTensor], metadata: dict | None,
                       header_bytes: bytes | None = None) -> int:
-    """Write a safetensors file to `fh`: header, then each tensor's bytes in order. Returns bytes written.
+    """Write a safetensors file to `fh`: header, then each tensor's bytes at its offset. Returns bytes written.
 
     `header_bytes` (the input's header, when the layout is unchanged) is written verbatim so the output header is
     byte-identical to the input's; otherwise a header is built from `tensors`.
+
+    Every tensor's offset follows from the header, so where the OS has positional I/O (pwrite/preadv), tensors
+    marked `heavy` (edits: CPU or GPU work) are written by one worker thread while the calling thread copies the
+    untouched ones (kernel copies): the edit work hides behind the I/O. The bytes are the same in any order.
     """
     head = header_bytes if header_bytes is not None else build_header(tensors, metadata)
     fh.write(head)
-    total = len(head)
+    fh.flush()
+    offsets, pos = [], len(head)
     for t in tensors:
-        before = fh.tell()
-        t.write(fh)
-        written = fh.tell() - before
-        if written != t.nbytes:
-            raise RuntimeError(f"internal error: tensor {t.name} wrote {written} bytes, expected {t.nbytes}")
-        total += written
-    return total
+        offsets.append(pos)
+        pos += t.nbytes
+    if not POSITIONAL_IO:
+        for t, off in zip(tensors, offsets):
+            _write_one(t, fh, off)
+        return pos
+    fd = fh.fileno()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = []
+        try:
+            for t, off in zip(tensors, offsets):
+                if t.heavy:
+                    pending.append(pool.submit(_write_one, t, PositionedWriter(fd, off), off))
+                else:
+                    _write_one(t, PositionedWriter(fd, off), off)
+        except BaseException:
+            for f in pending:  # this thread's error wins; the worker stops before the file is closed
+                f.cancel()
+            raise
+        for f in pending:  # the worker's first error, if any
+            f.result()
+    fh.seek(pos)
+    return pos
+
+
+def _write_one(t: OutTensor, out, offset: int) -> None:
+    out.seek(offset)
+    t.write(out)
+    written = out.tell() - offset
+    if written != t.nbytes:
+        raise RuntimeError(f"internal error: tensor {t.name} wrote {written} bytes, expected {t.nbytes}")
+
+
+POSITIONAL_IO = hasattr(os, "pwrite") and hasattr(os, "preadv")
+
+
+class PositionedWriter:
+    """A file-like object writing to `fd` from its own position with pwrite, so that several tensors of one file
+    can be written at once by different threads (the fd's shared position is never used)."""
+
+    def __init__(self, fd: int, pos: int):
+        self._fd, self._pos = fd, pos
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], self._pos + done)
+        self._pos += done
+        return done
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise ValueError("PositionedWriter seeks to absolute positions only")
+        self._pos = pos
+        return pos
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._fd
 
 
 def copy_range(src: BinaryIO, dst: BinaryIO, begin: int, length: int) -> None:
@@ -201,25 +266,33 @@ def copy_range(src: BinaryIO, dst: BinaryIO, begin: int, length: int) -> None:
             if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
                 raise
             dst.seek(out_pos)  # start over with plain reads and writes
-    src.seek(begin)
-    left = length
-    while left:
-        chunk = src.read(min(left, COPY_CHUNK))
-        if not chunk:
-            raise _corrupt(Path(getattr(src, "name", "?")), "file shrank while reading")
+    buf = bytearray(min(length, COPY_CHUNK))
+    done = 0
+    while done < length:
+        n = min(length - done, len(buf))
+        chunk = buf if n == len(buf) else bytearray(n)
+        read_into(src, begin + done, chunk)
         dst.write(chunk)
-        left -= len(chunk)
+        done += n
 
 
 def read_bytes(src: BinaryIO, begin: int, length: int) -> bytearray:
     """Exactly `length` bytes at `begin` (a writable buffer, so torch.frombuffer can wrap it without copying)."""
     buf = bytearray(length)
-    src.seek(begin)
+    read_into(src, begin, buf)
+    return buf
+
+
+def read_into(src: BinaryIO, begin: int, buf: bytearray) -> None:
+    """Fill `buf` with exactly len(buf) bytes read at `begin` (a buffer reused across reads).
+
+    Positional (preadv) where available, so threads sharing `src` never race on its file position."""
     view = memoryview(buf)
     got = 0
-    while got < length:
-        n = src.readinto(view[got:])
+    if not POSITIONAL_IO:
+        src.seek(begin)
+    while got < len(buf):
+        n = os.preadv(src.fileno(), [view[got:]], begin + got) if POSITIONAL_IO else src.readinto(view[got:])
         if not n:
             raise _corrupt(Path(getattr(src, "name", "?")), "file shrank while reading")
         got += n
-    return buf

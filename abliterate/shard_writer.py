@@ -2,7 +2,7 @@
 
 `shard_layout` turns an input header plus the edits planned for it into the list of output tensors (name,
 dtype, shape, writer). Runs of untouched tensors become one bounded byte copy; an edited tensor is read, edited
-in float32 and written back in its dtype; a fused-expert tensor [E, ...] is handled expert by expert, so peak
+in float32 block by block and written back in its dtype; a fused-expert tensor [E, ...] is handled expert by expert, so peak
 memory is one expert's slice. MXFP4 pairs (`X_blocks`/`X_scales`) become a dense bf16 `X` (default) or, with
 requantize, edited MXFP4 again.
 """
@@ -17,7 +17,8 @@ from typing import BinaryIO, Callable
 import torch
 
 from . import mxfp4
-from .safetensors_stream import DTYPE_SIZES, OutTensor, SafetensorsHeader, TensorInfo, copy_range, read_bytes
+from .safetensors_stream import (DTYPE_SIZES, OutTensor, SafetensorsHeader, TensorInfo, copy_range, read_bytes,
+                                 read_into)
 
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -26,7 +27,8 @@ TORCH_DTYPES = {
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
-# Edit callable: (float32 tensor on the edit device, expert_slice) -> edited float32 tensor.
+# Edit callable: (tensor in its stored dtype, expert_slice, out=None) -> the edited tensor in that dtype, on the
+# edit device (in `out` when given and on that device).
 EditFn = Callable[[torch.Tensor, bool], torch.Tensor]
 
 
@@ -91,30 +93,66 @@ def _raw_copier(info: TensorInfo, ctx: WriteContext):
 
 def _edited_output(info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> OutTensor:
     dtype = TORCH_DTYPES[info.dtype]
+    on_cpu = ctx.device.type == "cpu"
 
     def write(fh: BinaryIO) -> None:
         if e.fused_experts and len(info.shape) >= 2 and info.shape[0] > 0:
             per = info.nbytes // info.shape[0]
-            # One writer thread overlaps writing expert k with editing expert k+1 (both release the GIL);
-            # at most two slices are alive at a time.
+            shape = info.shape[1:]
+            # Buffers are allocated once per tensor and reused for every expert: fresh multi-megabyte buffers
+            # cost more in page faults than the edit itself. One writer thread overlaps writing expert k with
+            # reading and editing expert k+1 (both release the GIL), so two output buffers alternate.
+            src_buf = bytearray(per)
+            outs = [torch.empty(shape, dtype=dtype) for _ in range(2)] if on_cpu else [None, None]
             with ThreadPoolExecutor(max_workers=1) as pool:
                 pending = None
                 for k in range(info.shape[0]):
-                    buf = read_bytes(ctx.src, info.begin + k * per, per)
-                    w = _to_tensor(buf, info.dtype, info.shape[1:]).to(ctx.device, torch.float32)
-                    edited = e.edit(w, True).to(dtype)
+                    read_into(ctx.src, info.begin + k * per, src_buf)
+                    edited = e.edit(_to_tensor(src_buf, info.dtype, shape), True, out=outs[k % 2])
                     if pending is not None:
                         pending.result()
                     pending = pool.submit(_write_tensor, fh, edited)
                 if pending is not None:
                     pending.result()
+        elif info.nbytes > STREAM_BYTES and len(info.shape) == 2 and hasattr(e.edit, "hidden_axis"):
+            _write_in_bands(fh, info, e, ctx)
         else:
             buf = read_bytes(ctx.src, info.begin, info.nbytes)
-            w = _to_tensor(buf, info.dtype, info.shape).to(ctx.device, torch.float32)
-            _write_tensor(fh, e.edit(w, False).to(dtype))
+            _write_tensor(fh, e.edit(_to_tensor(buf, info.dtype, info.shape), False).to(dtype))
         ctx.on_tensor_done(info.name)
 
-    return OutTensor(info.name, info.dtype, info.shape, write)
+    return OutTensor(info.name, info.dtype, info.shape, write, heavy=True)
+
+
+STREAM_BYTES = 64 * 1024 * 1024  # 2-D tensors larger than this are edited in row bands, never whole
+BAND_BYTES = 16 * 1024 * 1024  # stored bytes per band
+
+
+def _write_in_bands(fh: BinaryIO, info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> None:
+    """A large 2-D tensor (an edited embedding table, a big dense writer) in row bands of about BAND_BYTES.
+
+    Rows are contiguous in the file. When the hidden axis is the last one, every row is a hidden-space vector and
+    each band is edited on its own. When it is axis 0 ([H, N] writers), each vector is a column spanning all
+    bands: a first pass over the bands sums each column's component along r (edits.ColumnEdit), a second pass
+    writes the edited bands."""
+    rows, cols = info.shape
+    row_bytes = info.nbytes // rows if rows else 0
+    step = max(1, BAND_BYTES // max(1, row_bytes))
+    bands = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+    def band(r0: int, r1: int) -> torch.Tensor:
+        buf = read_bytes(ctx.src, info.begin + r0 * row_bytes, (r1 - r0) * row_bytes)
+        return _to_tensor(buf, info.dtype, (r1 - r0, cols)).to(ctx.device)
+
+    if e.edit.hidden_axis == 1:
+        for r0, r1 in bands:
+            _write_tensor(fh, e.edit(band(r0, r1), False))
+        return
+    column_edit = e.edit.column_edit(cols)
+    for r0, r1 in bands:
+        column_edit.accumulate(band(r0, r1), r0)
+    for r0, r1 in bands:
+        _write_tensor(fh, column_edit.apply(band(r0, r1), r0))
 
 
 def _mxfp4_expert(e: TensorEdit, ctx: WriteContext, k: int) -> torch.Tensor:
@@ -140,7 +178,7 @@ def _mxfp4_outputs(info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> list[O
                 _write_tensor(fh, _mxfp4_expert(e, ctx, k).to(torch.bfloat16))
             ctx.on_tensor_done(e.key)
 
-        return [OutTensor(e.key, "BF16", mxfp4.dense_shape(b.shape), write_dense)]
+        return [OutTensor(e.key, "BF16", mxfp4.dense_shape(b.shape), write_dense, heavy=True)]
 
     if e.edit is None:  # requantize mode, tensor not edited: its bytes stay as they are
         return [OutTensor(info.name, info.dtype, info.shape, _raw_copier(info, ctx))]
@@ -160,7 +198,7 @@ def _mxfp4_outputs(info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> list[O
                 e.errors.append((float(diff.max()), float((diff.double() ** 2).sum()), diff.numel()))
         ctx.on_tensor_done(info.name)
 
-    return [OutTensor(info.name, info.dtype, info.shape, write_requantized)]
+    return [OutTensor(info.name, info.dtype, info.shape, write_requantized, heavy=True)]
 
 
 def layout_bytes(header: SafetensorsHeader, edits: dict[str, TensorEdit]) -> int:

@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,6 +150,10 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     (partial / MARKER_DIR).mkdir(exist_ok=True)
     crash = _CrashHook.from_env()
     current_tmp: list[Path] = []
+    # A finished shard is made durable (fsync), renamed into place and marked done by a background thread while
+    # the next shard is written: its write-back to disk overlaps the next shard's copying, as it does for `cp`.
+    sealer = ThreadPoolExecutor(max_workers=1)
+    sealing: list = []
     try:
         from tqdm import tqdm
 
@@ -173,24 +178,26 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
                 tensors = shard_layout(header, work.edits.get(name, {}), ctx)
                 verbatim = header.header_bytes if layout_unchanged(header, tensors) else None
                 summary.bytes_written += write_safetensors(dst, tensors, header.metadata, verbatim)
-                dst.flush()
-                os.fsync(dst.fileno())
             tensor_bar.close()
-            os.replace(tmp, partial / name)
-            current_tmp.clear()
-            _write_marker(partial, name, keys[name])
+            sealing.append(sealer.submit(_seal_shard, tmp, partial, name, keys[name]))
             summary.shards_written += 1
             crash.tick()
+        for f in sealing:
+            f.result()
+        current_tmp.clear()
         _finish_folder(folder, plan, partial, work, directions, meas_sha, dev.type)
         crash.tick()
         _move_into_place(partial, output, force)
     except OSError as exc:
+        _settle(sealing)
         for tmp in current_tmp:
             tmp.unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"no space left on the device holding {partial} ({exc.strerror}); free space and rerun "
                             f"(finished shards there are reused), or choose another --output") from None
         raise
+    finally:
+        sealer.shutdown(wait=True)
     summary.mxfp4 = work.mxfp4_report() if work.mxfp4_mode else None
     summary.seconds = time.monotonic() - start
     return summary
@@ -236,6 +243,27 @@ def _clean_partial(partial: Path, keep: set[str]) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def _seal_shard(tmp: Path, partial: Path, name: str, key: str) -> None:
+    """fsync a written shard, rename it into place, then write its completion marker (in this order, so a marker
+    never names bytes that could still be lost)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, partial / name)
+    _write_marker(partial, name, key)
+
+
+def _settle(futures: list) -> None:
+    """Wait for background shard sealing after an error elsewhere; its own errors matter less than that one."""
+    for f in futures:
+        try:
+            f.result()
+        except Exception:  # noqa: BLE001 - the error being handled is reported instead
+            pass
 
 
 def _write_marker(partial: Path, name: str, key: str) -> None:

@@ -186,3 +186,72 @@ def test_streaming_edits_post_norm_writers_like_the_reference(meas, tmp_path):
     assert not torch.equal(ref[o_proj], before[o_proj])
     for key in before:
         torch.testing.assert_close(after[key], ref[key], rtol=0, atol=1e-6, msg=key)
+
+
+# Writing one file: heavy tensors on a worker thread ------------------------------------------------------------
+
+def _out_tensors(n: int, heavy_every: int, fail_at: int | None = None):
+    from abliterate.safetensors_stream import OutTensor
+
+    tensors = []
+    for i in range(n):
+        payload = bytes([i % 251]) * (1000 + 37 * i)
+
+        def write(fh, payload=payload, i=i):
+            if i == fail_at:
+                raise ValueError(f"tensor {i} failed")
+            for k in range(0, len(payload), 300):  # several writes per tensor, like the real writers
+                fh.write(payload[k:k + 300])
+
+        tensors.append(OutTensor(f"t{i}", "U8", (len(payload),), write, heavy=(i % heavy_every == 0)))
+    return tensors
+
+
+def test_worker_written_tensors_give_the_same_bytes_as_writing_in_order(tmp_path, monkeypatch):
+    from abliterate import safetensors_stream as st
+
+    with open(tmp_path / "a.safetensors", "wb") as fh:
+        n_a = st.write_safetensors(fh, _out_tensors(12, heavy_every=3), {"format": "pt"})
+        assert fh.tell() == n_a
+    monkeypatch.setattr(st, "POSITIONAL_IO", False)  # the sequential path of systems without pwrite
+    with open(tmp_path / "b.safetensors", "wb") as fh:
+        n_b = st.write_safetensors(fh, _out_tensors(12, heavy_every=3), {"format": "pt"})
+    a, b = (tmp_path / "a.safetensors").read_bytes(), (tmp_path / "b.safetensors").read_bytes()
+    assert n_a == n_b == len(a) and a == b
+    header = st.read_header(tmp_path / "a.safetensors")
+    for info in header.tensors:
+        i = int(info.name[1:])
+        assert a[info.begin:info.end] == bytes([i % 251]) * (1000 + 37 * i)
+
+
+@pytest.mark.parametrize("fail_at", [3, 4])  # a worker tensor, a calling-thread tensor
+def test_a_failing_tensor_writer_raises_its_error(tmp_path, fail_at):
+    from abliterate import safetensors_stream as st
+
+    with open(tmp_path / "c.safetensors", "wb") as fh, pytest.raises(ValueError, match=f"tensor {fail_at} failed"):
+        st.write_safetensors(fh, _out_tensors(8, heavy_every=3, fail_at=fail_at), None)
+
+
+@pytest.mark.parametrize("method", ["conventional", "norm_preserving"])
+def test_large_tensors_streamed_in_bands_equal_the_reference(tiny_model, meas, tmp_path, monkeypatch, method):
+    """Tensors above STREAM_BYTES are edited in row bands: embeddings (hidden axis last, band by band) and [H, N]
+    writers (hidden axis 0, two passes). Shrunk thresholds send every 2-D edited tensor of a tiny llama that way."""
+    from abliterate import shard_writer
+
+    calls = []
+    real = shard_writer._write_in_bands
+    monkeypatch.setattr(shard_writer, "STREAM_BYTES", 256)
+    monkeypatch.setattr(shard_writer, "BAND_BYTES", 300)  # a few rows per band, the last band shorter
+    monkeypatch.setattr(shard_writer, "_write_in_bands", lambda fh, info, e, ctx: (calls.append(info.name),
+                                                                                   real(fh, info, e, ctx)))
+    model = tiny_model("llama")
+    plan, summary = _ablate(tmp_path, model, meas, method=method, scale=0.8,
+                            roles={"embeddings": True}, embeddings_measurement=1)
+    cfg = read_json(model / "config.json")
+    before, after = load_folder_tensors(model), load_folder_tensors(plan.output)
+    ref = reference_ablation(before, cfg["model_type"], cfg["hidden_size"], plan,
+                             prepared_directions(plan, load_measurements(meas)))
+    assert any("embed_tokens" in k for k in calls) and any("o_proj" in k for k in calls)
+    assert any("down_proj" in k for k in calls)
+    for key in before:
+        torch.testing.assert_close(after[key], ref[key], rtol=0, atol=2e-6, msg=key)
