@@ -1,7 +1,8 @@
 """Capture the residual stream at the last prompt token, layer by layer, with forward hooks.
 
-One forward pass per batch through the decoder stack (no `generate`, no language-model head, no KV cache, no
-`output_hidden_states` tuple): a pre-hook on decoder layer 0 takes its input (the embedding output, index 0) and a
+One forward pass per batch through the decoder stack (no `generate`, no language-model head, no
+`output_hidden_states` tuple; the only KV cache is that of the chat-template prefix all prompts share, run once,
+see prefix_cache): a pre-hook on decoder layer 0 takes its input (the embedding output, index 0) and a
 forward hook on every decoder layer takes its output (index k+1 for layer k). Each hook keeps only the last
 position of the batch, which is every row's last prompt token because prompts are left-padded. The last index
 is therefore the last layer's output *before* the final norm (see measurements.LAYER_CONVENTION).
@@ -82,11 +83,16 @@ class LastTokenHooks:
     def __init__(self, layers):
         self.layers = layers
         self.slices: list[torch.Tensor | None] = [None] * (len(layers) + 1)
+        self.rows: torch.Tensor | None = None  # each row's last-token position (right padding); None: the last
         self._handles = []
 
     def _keep(self, index: int, hidden: torch.Tensor) -> None:
-        # clone: a view would keep the whole [B, T, H] activation alive until the next batch
-        self.slices[index] = hidden[:, -1, :].detach().clone()
+        if self.rows is None:
+            # clone: a view would keep the whole [B, T, H] activation alive until the next batch
+            self.slices[index] = hidden[:, -1, :].detach().clone()
+        else:
+            rows = self.rows.to(hidden.device)  # layers may sit on different devices (device_map)
+            self.slices[index] = hidden[torch.arange(hidden.shape[0], device=hidden.device), rows].detach()
 
     def __enter__(self):
         def pre_hook(module, args, kwargs):
@@ -212,6 +218,7 @@ class CaptureOptions:
     projected: bool = False
     verbose: bool = False
     progress: bool = True
+    prefix_cache: bool = True  # run the prompts' shared chat-template prefix once (abliterate.prefix_cache)
 
 
 class _OutOfMemory(Exception):
@@ -249,13 +256,64 @@ class Runner:
         self.device = model.get_input_embeddings().weight.device
         self.oom_said = False
         self.tokens_seen = 0
-        self.padded_tokens = 0
+        self.padded_tokens = 0  # token positions run through the model, padding and the shared prefix included
+        self.prefix = None  # a prefix_cache.SharedPrefix while it is in use
+        self.prefix_checked = False
 
     @property
     def num_indices(self) -> int:
         return len(self.layers) + 1
 
+    def use_shared_prefix(self, token_ids: list[list[int]]) -> None:
+        """Run the prefix every prompt shares once and continue it for each batch (see prefix_cache)."""
+        from . import prefix_cache
+
+        n = prefix_cache.shared_prefix_length(token_ids)
+        if n < prefix_cache.MIN_PREFIX:
+            return
+        try:
+            self.prefix = prefix_cache.SharedPrefix(self.text_model, token_ids[0][:n], self.device)
+        except Exception as exc:  # a model whose cache cannot be built this way: measure without it
+            if _is_oom(exc):
+                raise
+            prefix_cache.note(f"the shared {n}-token prompt prefix could not be cached ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); measuring without it")
+            return
+        self.padded_tokens += n
+        if self.options.verbose:
+            print(f"shared prompt prefix: {n} tokens, run once and reused as a KV cache", file=sys.stderr)
+
     def _forward(self, hooks: LastTokenHooks, batch: list[list[int]]) -> torch.Tensor:
+        if self.prefix is None:
+            return self._forward_plain(hooks, batch)
+        from . import prefix_cache
+
+        n = self.prefix.length
+        kwargs, last = self.prefix.inputs([x[n:] for x in batch], self.pad_id)
+        hooks.rows = last.to(self.device)
+        try:
+            with torch.inference_mode():
+                self.text_model(**kwargs)
+        finally:
+            hooks.rows = None
+        acts = hooks.collect()
+        self.tokens_seen += sum(len(x) for x in batch)
+        self.padded_tokens += len(batch) * max(len(x) - n for x in batch)
+        if not self.prefix_checked:
+            # Two prompts of the first batch also run the plain way: the cached prefix must give the same
+            # activations. (Two, not the batch: the plain pass of a whole batch would set the peak memory.)
+            rows = min(len(batch), prefix_cache.CHECK_ROWS)
+            plain = self._forward_plain(hooks, batch[:rows], count=False)
+            ok, err = prefix_cache.agrees(acts[:, :rows], plain, self.text_model.dtype)
+            self.prefix_checked = True
+            if not ok:
+                prefix_cache.note(f"with the shared prompt prefix cached, activations differ from the plain pass "
+                                  f"(relative error {err:.1e}); measuring without the cache")
+                self.prefix = None
+                return self._forward_plain(hooks, batch, count=False)
+        return acts
+
+    def _forward_plain(self, hooks: LastTokenHooks, batch: list[list[int]], count: bool = True) -> torch.Tensor:
         width = max(len(x) for x in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -267,8 +325,9 @@ class Runner:
         with torch.inference_mode():
             self.text_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=positions.to(self.device), use_cache=False)
-        self.tokens_seen += int(mask.sum())
-        self.padded_tokens += ids.numel()
+        if count:
+            self.tokens_seen += int(mask.sum())
+            self.padded_tokens += ids.numel()
         return hooks.collect()
 
     def run(self, token_ids: list[list[int]], stats: ClassStats, desc: str) -> None:
@@ -345,6 +404,8 @@ def measure_directions(model, tokenizer, harmful_ids: list[list[int]], harmless_
         harmless = ClassStats(runner.num_indices, hidden, len(harmless_ids), options.clip,
                               os.path.join(spill, "harmless.f32") if spill else None)
         t0 = time.perf_counter()
+        if options.prefix_cache:
+            runner.use_shared_prefix(list(harmful_ids) + list(harmless_ids))
         runner.run(harmful_ids, harmful, "harmful")
         runner.run(harmless_ids, harmless, "harmless")
         seconds = time.perf_counter() - t0
@@ -356,6 +417,7 @@ def measure_directions(model, tokenizer, harmful_ids: list[list[int]], harmless_
         "final_batch_size": runner.batch_size,
         "tokens": runner.tokens_seen,
         "padded_tokens": runner.padded_tokens,
+        "shared_prefix": runner.prefix.length if runner.prefix is not None else 0,
         "buffer_bytes": buffer_bytes,
     }
     return m, info

@@ -37,6 +37,13 @@ WORDS = ("how do I make a cake write a poem about the sea explain photosynthesis
          "three final analysis please quickly for my class at home with friends without anyone knowing").split()
 
 
+# GPT-OSS's chat template puts a system message like this one before every conversation (identity, knowledge
+# cutoff, date, reasoning level, channels); --system-preamble puts it into the tiny model's template.
+PREAMBLE = ("You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n"
+            "Current date: 2026-11-28\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, final. "
+            "Channel must be included for every message.")
+
+
 def make_prompts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40))) for _ in range(n)]
@@ -72,6 +79,7 @@ def child(method: str, folder: str, prompts_file: str, batch: int, out: str, thr
             si = tokenize_prompts(tok, format_prompts(tok, s))
             m, info = measure_directions(model, tok, hi, si, CaptureOptions(batch_size=batch, progress=False))
             counted["padded"] += info["padded_tokens"]
+            counted["prefix"] = info["shared_prefix"]
             return m.harmful_mean, m.harmless_mean
     else:
         def class_mean(prompts):
@@ -104,7 +112,8 @@ def child(method: str, folder: str, prompts_file: str, batch: int, out: str, thr
     torch.save({"harmful": harmful_mean, "harmless": harmless_mean}, out + ".pt")
     Path(out + ".json").write_text(json.dumps({"seconds": seconds, "peak_mib": peak, "base_mib": base,
                                                "threads": torch.get_num_threads(),
-                                               "padded_tokens": counted["padded"]}))
+                                               "padded_tokens": counted["padded"],
+                                               "shared_prefix": counted.get("prefix", 0)}))
 
 
 def main() -> int:
@@ -116,6 +125,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads in each child (0: torch's default)")
+    ap.add_argument("--system-preamble", action="store_true",
+                    help="put a GPT-OSS-like system message before every prompt (as real chat templates do); "
+                         "measure.py then runs that shared prefix once (prefix_cache)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -134,8 +146,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_measure_"))
     harmful = make_prompts(args.prompts // 2, 1)
     harmless = make_prompts(args.prompts - args.prompts // 2, 2)
-    folder = save_tiny_model_folder(work / "model", arch=args.arch, texts=harmful + harmless, hidden=args.hidden,
+    corpus = harmful + harmless + ([PREAMBLE] * 20 if args.system_preamble else [])
+    folder = save_tiny_model_folder(work / "model", arch=args.arch, texts=corpus, hidden=args.hidden,
                                     layers=args.layers)
+    if args.system_preamble:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        tok.chat_template = "<|system|>" + PREAMBLE + "<|end|>" + tok.chat_template
+        tok.save_pretrained(folder)
     prompts_file = work / "prompts.json"
     prompts_file.write_text(json.dumps({"harmful": harmful, "harmless": harmless}))
 
@@ -154,6 +173,8 @@ def main() -> int:
     n = len(harmful) + len(harmless)
     print(f"model: tiny {args.arch}, hidden {args.hidden}, {args.layers} layers; {n} prompts; batch "
           f"{args.batch_size}; CPU, {best['hooked']['threads']} torch thread(s); best of {args.repeats}")
+    print(f"chat template: {'simple, plus a GPT-OSS-like system preamble' if args.system_preamble else 'simple'}; "
+          f"prefix shared by every prompt, run once by the hooked pass: {best['hooked']['shared_prefix']} tokens")
     print(f"{'method':<10}{'seconds':>9}{'prompts/s':>11}{'positions run':>15}{'peak RSS MiB':>14}{'added MiB':>11}")
     for m in ("generate", "hooked"):
         b = best[m]
@@ -173,7 +194,7 @@ def main() -> int:
                    / max(1e-9, max(r["peak_mib"] - r["base_mib"] for r in results["generate"])))
     pad_ratio = best["generate"]["padded_tokens"] / best["hooked"]["padded_tokens"]
     print(f"speed-up (generate time / hooked time): {speed:.2f}x   (target >= 2x); token positions run, "
-          f"generate/hooked: {pad_ratio:.2f}x (padding saved by sorting prompts by length)")
+          f"generate/hooked: {pad_ratio:.2f}x (padding saved by sorting prompts by length; a shared prefix runs once)")
     print(f"direction cosine, indices 1..{L - 1}: min {cos[1:L].min():.6f}   (target >= 0.9999)")
     print(f"  index 0 norms (zero by construction): ours {d_ours[0].norm():.2e}, generate {d_theirs[0].norm():.2e}; "
           f"index {L}: cos {cos[L]:.4f} (ours pre-norm, generate's last entry post-norm)")

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clip", type=float, default=None, metavar="Q",
                    help="winsorize each activation vector at its Q quantile of absolute values (0 < Q <= 1) "
                         "before averaging, taming massive-activation channels")
+    c.add_argument("--no-prefix-cache", action="store_true",
+                   help="run every prompt's full chat-template text; by default the prefix all prompts share (a "
+                        "system preamble) runs once and is reused as a KV cache, after a check on the first batch "
+                        "that it gives the same activations")
     c.add_argument("-v", "--verbose", action="store_true", help="per-batch shapes, memory and timings")
     add_model_arguments(p, quant_flag="--quant-measure")
     return p
@@ -95,7 +99,7 @@ def _main(argv=None) -> int:
     model = load_model(model_id, dtype=args.dtype, device=args.device, device_map=args.device_map, quant=args.quant,
                        flash_attn=args.flash_attn, trust_remote_code=args.trust_remote_code, verbose=args.verbose)
     options = CaptureOptions(batch_size=args.batch_size, clip=args.clip, projected=args.projected,
-                             verbose=args.verbose)
+                             verbose=args.verbose, prefix_cache=not args.no_prefix_cache)
     m, info = measure_directions(model, tokenizer, harmful_ids, harmless_ids, options)
 
     import torch
@@ -135,11 +139,13 @@ def _summary(m, info, out: Path, total_seconds: float) -> None:
     scores = {k: cohens_d(m.harmful_proj[k], m.harmless_proj[k]) for k in range(1, m.num_indices)}
     k = max(scores, key=lambda i: -math.inf if math.isnan(scores[i]) else scores[i])
     score = scores[k]
-    pad = 1 - info["tokens"] / max(1, info["padded_tokens"])
+    shared = info.get("shared_prefix", 0)
+    how = (f"the {shared}-token prefix they share run once, " if shared else "")
     print(f"model      {m.metadata['model']} ({m.metadata['model_type']}, {m.metadata['num_layers']} layers, "
           f"hidden {m.metadata['hidden_size']}, {m.metadata['dtype']})")
     print(f"prompts    {m.metadata['n_harmful']} harmful + {m.metadata['n_harmless']} harmless, "
-          f"{info['tokens']} tokens ({pad:.0%} padding), batch {info['final_batch_size']}")
+          f"{info['tokens']} tokens; {how}{info['padded_tokens']} positions run (padding included), "
+          f"batch {info['final_batch_size']}")
     print(f"time       {info['seconds']:.1f} s measuring ({n / max(info['seconds'], 1e-9):.1f} prompts/s), "
           f"{total_seconds:.1f} s in all")
     print(f"best       index {k} (output of decoder layer {k - 1}): Cohen's d {score:.2f} along its direction")
