@@ -294,6 +294,15 @@ class Runner:
         try:
             with torch.inference_mode():
                 self.text_model(**kwargs)
+        except Exception as exc:
+            if _is_oom(exc) or self.prefix_checked:
+                raise
+            # The first batch tells whether this model takes a cache this way at all (custom code may not).
+            hooks.slices, hooks.rows = [None] * len(hooks.slices), None
+            prefix_cache.note(f"continuing the cached prompt prefix failed ({type(exc).__name__}); measuring "
+                              "without it")
+            self.prefix = None
+            return self._forward_plain(hooks, batch)
         finally:
             hooks.rows = None
         acts = hooks.collect()

@@ -90,3 +90,20 @@ def test_measure_command_uses_and_can_skip_the_prefix_cache(tiny_model, tmp_path
     assert "prefix they share" not in out
     a, b = load_measurements(tmp_path / "a.safetensors"), load_measurements(tmp_path / "b.safetensors")
     torch.testing.assert_close(a.directions, b.directions, **TOL)
+
+
+def test_a_model_that_cannot_continue_a_cache_falls_back(tiny_model, monkeypatch, capsys):
+    folder = str(tiny_model("llama", **ARCHS["llama"]))
+    plain, plain_info = _measure(folder, prefix=False)
+    real_inputs = prefix_cache.SharedPrefix.inputs
+
+    def bad_inputs(self, suffixes, pad_id):  # a cache object the model cannot use, as with some custom code
+        kwargs, last = real_inputs(self, suffixes, pad_id)
+        return {**kwargs, "past_key_values": object()}, last
+
+    monkeypatch.setattr(prefix_cache.SharedPrefix, "inputs", bad_inputs)
+    m, info = _measure(folder, prefix=True)
+    assert "continuing the cached prompt prefix failed" in capsys.readouterr().err
+    assert info["shared_prefix"] == 0
+    torch.testing.assert_close(m.harmful_mean, plain.harmful_mean, **TOL)
+    torch.testing.assert_close(m.harmless_proj, plain.harmless_proj, **TOL)
