@@ -36,6 +36,7 @@ def build_figure(a: Analysis, chosen: int | None = None, band: tuple[int, int] |
     """The matplotlib Figure (Agg canvas): `chosen` is a vertical line in every panel, `band` shaded."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     FigureCanvasAgg(fig)
@@ -57,6 +58,8 @@ def build_figure(a: Analysis, chosen: int | None = None, band: tuple[int, int] |
             ax.axvspan(band[0], band[1], color="gold", alpha=0.12, label="candidate band")
         if chosen is not None:
             ax.axvline(chosen, color="black", linestyle="--", linewidth=1, label=f"chosen index {chosen}")
+        ax.set_xlim(-0.3, a.num_indices - 0.7)  # the same index range in every panel, NaN ends included
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # indices are whole numbers
         ax.set_title(heading, fontsize=11)
         ax.set_xlabel("measurement index (0 = embeddings, k = after decoder layer k-1)", fontsize=8)
         ax.set_ylabel(ylabel)
