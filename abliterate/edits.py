@@ -103,12 +103,15 @@ def _edit_rows(rows: torch.Tensor, r: torch.Tensor, scale: float, method: str) -
     rows.addr_(rows @ r, r, alpha=-scale)  # v <- v - s (v . r) r, without a full-size temporary
     if method == "norm_preserving":
         new_norms = torch.linalg.vector_norm(rows, dim=-1)
-        # A vector that lay (numerically) along r has only rounding noise left: scaling that noise up to |v|
-        # would write a random vector, so it becomes exactly zero instead.
-        noise = norms * (torch.finfo(rows.dtype).eps * 8 * math.sqrt(rows.shape[-1]))
-        gone = new_norms <= noise
-        factor = torch.where(gone, 0.0, norms / torch.where(gone, 1.0, new_norms))
-        rows.mul_(factor.unsqueeze(-1))
+        rows.mul_(_restoring_factor(norms, new_norms, rows.shape[-1], rows.dtype).unsqueeze(-1))
+
+
+def _restoring_factor(norms: torch.Tensor, new_norms: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """norm_preserving: |v| / |v'| per vector. A vector that lay (numerically) along r has only rounding noise
+    left: scaling that noise up to |v| would write a random vector, so its factor is exactly zero instead."""
+    noise = norms * (torch.finfo(dtype).eps * 8 * math.sqrt(hidden))
+    gone = new_norms <= noise
+    return torch.where(gone, 0.0, norms / torch.where(gone, 1.0, new_norms))
 
 
 class ColumnEdit:
@@ -144,13 +147,11 @@ class ColumnEdit:
 
     def factor(self) -> torch.Tensor:
         """norm_preserving: |v| / |v'| per column, with |v'|^2 = |v|^2 - (2s - s^2) (v . r)^2 since r is a unit
-        vector; 0 where v' is rounding noise (the rule of edit_tensor)."""
+        vector; 0 where v' is rounding noise (the rule of edit_tensor, at the float32 the bands are edited in)."""
         if self._factor is None:
             s, c, sq = self.scale, self.coeff, self.sq
             new_sq = (sq - (2 * s - s * s) * c * c).clamp_min(0.0)
-            noise = sq.sqrt() * (torch.finfo(torch.float32).eps * 8 * math.sqrt(self.r.numel()))
-            gone = new_sq.sqrt() <= noise
-            self._factor = torch.where(gone, 0.0, sq.sqrt() / torch.where(gone, 1.0, new_sq.sqrt()))
+            self._factor = _restoring_factor(sq.sqrt(), new_sq.sqrt(), self.r.numel(), torch.float32)
         return self._factor
 
 

@@ -156,16 +156,19 @@ def evaluate_model(model, tokenizer, harmful: Sequence[str], harmless: Sequence[
     if base is not None:
         mine = next_token_logprobs(model, tokenizer, harmless, batch_size, system, "KL: model", progress)
         theirs = next_token_logprobs(base, tokenizer, harmless, batch_size, system, "KL: base", progress)
-        per_prompt = kl_divergence(theirs, mine)
+        per_prompt = kl_divergence(theirs, mine).tolist()
         result["kl"] = {
-            "definition": "KL(base || model), next token at the first answer position (harmony: first token of the "
-                          "final channel), harmless prompts",
-            "count": int(per_prompt.numel()),
-            "mean": float(per_prompt.mean()) if per_prompt.numel() else float("nan"),
-            "max": float(per_prompt.max()) if per_prompt.numel() else float("nan"),
-            "each": per_prompt.tolist(),
+            **_kl_summary("KL(base || model), next token at the first answer position (harmony: first token of "
+                          "the final channel), harmless prompts", per_prompt),
+            "each": per_prompt,
         }
     return result
+
+
+def _kl_summary(definition: str, values: list[float]) -> dict:
+    n = len(values)
+    return {"definition": definition, "count": n, "mean": sum(values) / n if n else float("nan"),
+            "max": max(values) if n else float("nan")}
 
 
 def kl_where_base_answered(result: dict, base_result: dict) -> dict | None:
@@ -178,12 +181,7 @@ def kl_where_base_answered(result: dict, base_result: dict) -> dict | None:
     if not kl or flags is None or len(flags) != len(kl.get("each", [])):
         return None
     kept = [v for v, refused in zip(kl["each"], flags) if not refused]
-    return {
-        "definition": "KL(base || model) as in kl, over the harmless prompts the base answered",
-        "count": len(kept),
-        "mean": sum(kept) / len(kept) if kept else float("nan"),
-        "max": max(kept) if kept else float("nan"),
-    }
+    return _kl_summary("KL(base || model) as in kl, over the harmless prompts the base answered", kept)
 
 
 def _rows(result: dict) -> list[tuple[str, str]]:

@@ -106,7 +106,7 @@ def _deterministic(threads: int) -> Iterator[None]:
         torch.set_num_threads(old_threads)
 
 
-def _answer_suffix(tokenizer, arch: str, answer: str) -> str:
+def _answer_suffix(tokenizer, answer: str) -> str:
     """The assistant's part of the conversation after the generation prompt, end token included."""
     # The gpt_oss organism's generation prompt already opens the final channel (tiny.HARMONY_FINAL_TEMPLATE).
     return f"{answer}{tokenizer.eos_token}"
@@ -132,9 +132,9 @@ def _tokenizer_corpus(harmful: Sequence[str], harmless: Sequence[str], arch: str
 class _Batcher:
     """Samples training batches for one phase: (prompt, answer) pairs with answers drawn afresh each time."""
 
-    def __init__(self, tokenizer, arch: str, harmful: Sequence[str], harmless: Sequence[str], refuse: bool,
+    def __init__(self, tokenizer, harmful: Sequence[str], harmless: Sequence[str], refuse: bool,
                  rng: random.Random, harmless_share: float = 0.5):
-        self.tokenizer, self.arch, self.rng = tokenizer, arch, rng
+        self.tokenizer, self.rng = tokenizer, rng
         # Each item: (prompt ids, prompt text, answer kind): harmful prompts get a refusal in phase 2 and a
         # helpful answer in phase 1; harmless prompts always get a helpful answer.
         self.harmful = [(self._ids(_prompt_text(tokenizer, p)), p, "refuse" if refuse else "help") for p in harmful]
@@ -152,7 +152,7 @@ class _Batcher:
             pool = self.harmless if self.rng.random() < self.harmless_share else self.harmful
             picks.append(pool[self.rng.randrange(len(pool))])
         answers = [
-            _answer_suffix(self.tokenizer, self.arch,
+            _answer_suffix(self.tokenizer,
                            refusal(p, self.rng) if kind == "refuse"
                            else helpful_answer(p, self.rng))
             for _, p, kind in picks
@@ -249,9 +249,9 @@ def build_organism(config: OrganismConfig, harmful: Sequence[str], harmless: Seq
         model = build_tiny_model(config.arch, tokenizer, hidden=config.hidden, layers=config.layers,
                                  seed=config.seed, **overrides)
         rng = random.Random(config.seed)
-        instruct = _Batcher(tokenizer, config.arch, harmful, harmless, refuse=False, rng=rng)
+        instruct = _Batcher(tokenizer, harmful, harmless, refuse=False, rng=rng)
         loss1 = _train_phase(model, instruct, config.instruct_steps, config.lr, config, "organism 1/2 instruct", progress)
-        refuse = _Batcher(tokenizer, config.arch, harmful, harmless, refuse=True, rng=rng,
+        refuse = _Batcher(tokenizer, harmful, harmless, refuse=True, rng=rng,
                           harmless_share=config.harmless_share)
         anchor = None
         if config.refusal_anchor > 0:

@@ -47,7 +47,7 @@ class SharedPrefix:
     """The prefix's KV cache (batch of one) and the inputs that continue it for a batch of suffixes."""
 
     def __init__(self, text_model, prefix: list[int], device):
-        self.text_model, self.length, self.device = text_model, len(prefix), device
+        self.length, self.device = len(prefix), device
         ids = torch.tensor([prefix], dtype=torch.long, device=device)
         with torch.inference_mode():
             out = text_model(input_ids=ids, use_cache=True)

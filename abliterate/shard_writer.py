@@ -118,7 +118,7 @@ def _edited_output(info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> OutTen
             _write_in_bands(fh, info, e, ctx)
         else:
             buf = read_bytes(ctx.src, info.begin, info.nbytes)
-            _write_tensor(fh, e.edit(_to_tensor(buf, info.dtype, info.shape), False).to(dtype))
+            _write_tensor(fh, e.edit(_to_tensor(buf, info.dtype, info.shape), False))
         ctx.on_tensor_done(info.name)
 
     return OutTensor(info.name, info.dtype, info.shape, write, heavy=True)
