@@ -74,6 +74,18 @@ def hidden_axis_in_slice(role: TensorRole) -> int:
     return role.hidden_axis - 1 if role.hidden_axis > role.expert_axis else role.hidden_axis
 
 
+MXFP4_GROUP = 32  # values per shared scale in an MXFP4 block
+
+
+def mxfp4_dense_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """MXFP4 blocks [E, R, G, 16] -> the dense tensor's transformers layout [E, 32 G, R] (abliterate.mxfp4 holds
+    the conversion; the shape lives here so planning an edit needs no tensor library)."""
+    *lead, r, g, b = blocks_shape
+    if b != MXFP4_GROUP // 2:
+        raise ValueError(f"MXFP4 blocks must end in {MXFP4_GROUP // 2} bytes per group, got shape {tuple(blocks_shape)}")
+    return (*lead, g * MXFP4_GROUP, r)
+
+
 def dequantized_role(role: TensorRole, hidden_axis: int = 2) -> TensorRole:
     """The role of the dense tensor an "mxfp4_writes" role dequantizes to.
 

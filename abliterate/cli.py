@@ -6,7 +6,9 @@ Exit codes (DESIGN.md section 6): 0 success, 2 bad input (one line naming the pr
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 import sys
 import tempfile
@@ -24,6 +26,7 @@ class UserError(Exception):
 
 def run_command(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a command's main, turning UserError into one line on stderr and exit code 2."""
+    _skip_collection_at_exit()
     try:
         code = main(argv)
     except UserError as exc:
@@ -33,6 +36,21 @@ def run_command(main: Callable[[Sequence[str] | None], int | None], argv: Sequen
         print("interrupted; nothing partial was left behind", file=sys.stderr)
         return 130
     return EXIT_OK if code is None else int(code)
+
+
+_exit_hook_registered = False
+
+
+def _skip_collection_at_exit() -> None:
+    """At interpreter exit, freeze every object instead of letting the final garbage collection walk them.
+
+    With torch imported that walk costs about 0.3 s of every command's wall time and frees nothing the OS would
+    not reclaim anyway; atexit runs after the command's files are closed and before that collection.
+    """
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(gc.freeze)
+        _exit_hook_registered = True
 
 
 def check_new_output_file(path: str | os.PathLike, force: bool = False, flag: str = "--output") -> Path:

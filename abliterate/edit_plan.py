@@ -4,6 +4,10 @@ Every tensor of every shard is classified with `architectures.classify` (the per
 a tensor is edited when its role group is enabled in the plan and its layer has an ablate entry (embeddings:
 when roles.embeddings is on). MXFP4 pairs (`X_blocks` + `X_scales`) are classified under their dense name and
 shape. Every planned layer must get at least one edited tensor, else a UserError lists what that layer holds.
+
+Two steps, so that the job can start copying untouched tensors while torch is still loading:
+`plan_tensor_edits` decides what is edited from headers alone and imports no tensor library; `bind_edits`
+then gives each planned edit its direction and device (torch).
 """
 
 from __future__ import annotations
@@ -13,13 +17,40 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
-from . import architectures, edits
+from . import architectures
+from .architectures import mxfp4_dense_shape
 from .cli import UserError
-from .mxfp4 import dense_shape
-from .shard_writer import FLOAT_DTYPES, TensorEdit
+from .safetensors_stream import DTYPE_SIZES, SafetensorsHeader, TensorInfo
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass
+class EditTarget:
+    """The edit a tensor gets, before any direction is loaded: its role, which prepared direction, the scale."""
+
+    role: architectures.TensorRole
+    direction_key: tuple[int, float]  # (measurement index, sparsity): a key of plan.prepared_directions
+    scale: float
+
+
+@dataclass
+class TensorEdit:
+    """What happens to one stored tensor (or MXFP4 pair, named by its dense name)."""
+
+    key: str
+    # (tensor in its stored dtype, expert_slice, out=None) -> the edited tensor in that dtype, on the edit device.
+    # Set by bind_edits; None for a tensor that is converted (MXFP4 -> dense) but not edited.
+    edit: Callable | None = None
+    target: EditTarget | None = None  # None: converted but not edited
+    fused_experts: bool = False  # leading axis is the expert axis: edit expert by expert
+    mxfp4_blocks: TensorInfo | None = None
+    mxfp4_scales: TensorInfo | None = None
+    requantize: bool = False
+    errors: list = field(default_factory=list)  # requantization error stats (max, sum of squares, count)
 
 
 @dataclass
@@ -56,6 +87,8 @@ def _make_edit(role, direction, scale: float, method: str, device, norm_weight=N
 
     The closure takes (tensor, expert_slice, out=None) and returns the edited tensor in the input's dtype, on
     `device`; `out` (a buffer on `device`) receives it when given."""
+    from . import edits
+
     r = direction.unit
     if norm_weight is not None:
         # The writer's output passes through a gain-carrying RMSNorm before the residual add (Gemma2/3, OLMo2...):
@@ -83,8 +116,9 @@ def edits_dtype():
     return torch.float32
 
 
-def plan_tensor_edits(folder, plan, directions: dict, device) -> EditWork:
-    """Classify every stored tensor and build the per-shard edit tables (no tensor data is read)."""
+def plan_tensor_edits(folder, plan) -> EditWork:
+    """Classify every stored tensor and build the per-shard edit tables from the headers (no tensor data is read,
+    no tensor library imported); `bind_edits` completes them."""
     model_type, hidden = folder.model_type, folder.hidden_size
     entry_by_layer = {e.layer: e for e in plan.ablate}
     is_mxfp4 = folder.quant_method == "mxfp4"
@@ -100,7 +134,7 @@ def plan_tensor_edits(folder, plan, directions: dict, device) -> EditWork:
             key, shape, mx = info.name, info.shape, None
             if is_mxfp4 and key.endswith("_blocks") and key[: -len("_blocks")] + "_scales" in by_name:
                 key = key[: -len("_blocks")]
-                shape = dense_shape(info.shape)
+                shape = mxfp4_dense_shape(info.shape)
                 mx = (info, by_name[key + "_scales"])
             elif is_mxfp4 and key.endswith("_scales") and key[: -len("_scales")] + "_blocks" in by_name:
                 continue  # handled with its blocks
@@ -113,20 +147,17 @@ def plan_tensor_edits(folder, plan, directions: dict, device) -> EditWork:
             if role is not None and plan.roles.get(group, False):
                 if group == "embeddings":
                     if plan.embeddings_measurement is not None:
-                        d = directions[(plan.embeddings_measurement, 1.0)]
-                        s = plan.scale * (-1.0 if plan.invert else 1.0)
-                        edit = (d, s)
+                        edit = EditTarget(role, (plan.embeddings_measurement, 1.0),
+                                          plan.scale * (-1.0 if plan.invert else 1.0))
                 elif layer in entry_by_layer:
                     e = entry_by_layer[layer]
-                    edit = (directions[(e.measurement, e.sparsity)], plan.effective_scale(e))
+                    edit = EditTarget(role, (e.measurement, e.sparsity), plan.effective_scale(e))
             if edit is not None and mx is None and info.dtype not in FLOAT_DTYPES:
                 raise UserError(f"{folder.root / shard}: tensor {key} has dtype {info.dtype}; only float tensors can "
                                 "be edited (dequantize the checkpoint first)")
             if edit is None and mx is None:
                 continue
-            norm_weight = _read_tensor(folder, role.post_norm) if edit is not None and role.post_norm else None
-            fn = _make_edit(role, edit[0], edit[1], plan.method, device, norm_weight) if edit is not None else None
-            te = TensorEdit(key, fn, fused_experts=_is_fused(role, shape),
+            te = TensorEdit(key, target=edit, fused_experts=_is_fused(role, shape),
                             mxfp4_blocks=mx[0] if mx else None, mxfp4_scales=mx[1] if mx else None,
                             requantize=bool(mx) and plan.requantize_mxfp4)
             table[info.name if mx is None else key] = te
@@ -163,6 +194,37 @@ def plan_tensor_edits(folder, plan, directions: dict, device) -> EditWork:
     return work
 
 
+def bind_edits(work: EditWork, folder, plan, directions: dict, device) -> None:
+    """Give every planned edit its function: the prepared direction (through the post-sublayer norm's gain where
+    the architecture has one) on `device`. Reads only the small norm weights."""
+    for table in work.edits.values():
+        for te in table.values():
+            t = te.target
+            if t is None:
+                continue
+            norm_weight = _read_tensor(folder, t.role.post_norm) if t.role.post_norm else None
+            te.edit = _make_edit(t.role, directions[t.direction_key], t.scale, plan.method, device, norm_weight)
+
+
+def keeps_layout(edits: dict[str, TensorEdit]) -> bool:
+    """True when a shard with these edits keeps its tensor names, dtypes, shapes and offsets (no MXFP4 pair is
+    converted or re-quantized): every tensor not in `edits` then sits at the same offset in the output."""
+    return all(e.mxfp4_blocks is None for e in edits.values())
+
+
+def layout_bytes(header: SafetensorsHeader, edits: dict[str, TensorEdit]) -> int:
+    """Size of the data buffer the output shard will have (for the free-space estimate), without writing."""
+    total = 0
+    replaced = {}
+    for e in edits.values():
+        if e.mxfp4_blocks is not None and not e.requantize:
+            replaced[e.mxfp4_blocks.name] = math.prod(mxfp4_dense_shape(e.mxfp4_blocks.shape)) * DTYPE_SIZES["BF16"]
+            replaced[e.mxfp4_scales.name] = 0
+    for t in header.tensors:
+        total += replaced.get(t.name, t.nbytes)
+    return total
+
+
 def _role_name(role) -> str:
     return f"{role.group}:{role.kind}"
 
@@ -194,8 +256,6 @@ def _config_without_quantization(folder) -> bytes:
 
 
 def _rewritten_index(folder, work: EditWork, renamed: dict) -> bytes:
-    from .shard_writer import layout_bytes
-
     wm = {}
     for key, shard in folder.index["weight_map"].items():
         if key in renamed:

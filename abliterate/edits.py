@@ -23,12 +23,14 @@ Computed in float32 (float64 when the input is float64) on the tensor's own devi
 On the CPU the vectors go through in blocks of about CPU_BLOCK_ELEMENTS: each block is converted, edited and
 converted back while it sits in cache, instead of materialising whole float32 copies of a [2880, 2880] slice
 (which costs more in fresh-memory page faults and memory traffic than the arithmetic itself). Every vector is
-edited on its own, so the blocking changes no value.
+edited on its own, so the blocking changes no value. [H, N] writers, whose vectors are strided columns, go over
+contiguous row blocks in two passes instead (`ColumnEdit`: column sums in float64).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -72,15 +74,45 @@ def edit_tensor(
     compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     r = _checked_unit(r, tensor.shape[role.hidden_axis], role.key).to(device=tensor.device, dtype=compute)
     block = CPU_BLOCK_ELEMENTS if tensor.device.type == "cpu" else None
+    if block is not None and tensor.dim() == 2 and role.hidden_axis == 0:
+        # [H, N] writers: each vector is a strided column. Copying it out through a transposed view runs torch's
+        # generic element loop (about ten times slower than the rest of the edit), so go over contiguous row
+        # blocks instead, in ColumnEdit's two passes (a column's component along r needs all of its rows).
+        column_edit = ColumnEdit(r, tensor.shape[1], scale, method)
+        step = max(1, block // max(1, tensor.shape[1]))
+        for i in range(0, tensor.shape[0], step):
+            column_edit.accumulate(tensor[i:i + step], i)
+        for i in range(0, tensor.shape[0], step):
+            column_edit.apply(tensor[i:i + step], i, out=out[i:i + step])
+        return out
     src, dst = tensor.movedim(role.hidden_axis, -1), out.movedim(role.hidden_axis, -1)  # views: [..., H]
     for rows_in, rows_out in _row_blocks(src, dst, block):
-        rows = rows_in.to(dtype=compute, copy=True)  # [n, H], one hidden-space vector per row
+        rows = _block_buffer(rows_in.shape, compute, tensor.device)  # [n, H], one hidden-space vector per row
+        rows.copy_(rows_in)
         _edit_rows(rows, r, scale, method)
         rows_out.copy_(rows)
     return out
 
 
 CPU_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of float32 per block: stays in cache between convert, edit and convert back
+
+_reused = threading.local()
+
+
+def _block_buffer(shape: torch.Size | tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised [shape] tensor for one block's work. Block-sized CPU buffers (up to CPU_BLOCK_ELEMENTS) are
+    reused by every call on the same thread: a fresh one costs a page fault per 4 KiB page, more than the edit of
+    the block. Larger ones (band edits) and other devices get a new tensor."""
+    n = math.prod(shape)
+    if device.type != "cpu" or n > CPU_BLOCK_ELEMENTS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    cache = getattr(_reused, "buffers", None)
+    if cache is None:
+        cache = _reused.buffers = {}
+    buf = cache.get(dtype)
+    if buf is None:
+        buf = cache[dtype] = torch.empty(CPU_BLOCK_ELEMENTS, dtype=dtype)
+    return buf[:n].view(shape)
 
 
 def _row_blocks(src: torch.Tensor, dst: torch.Tensor, block: int | None):
@@ -115,10 +147,11 @@ def _restoring_factor(norms: torch.Tensor, new_norms: torch.Tensor, hidden: int,
 
 
 class ColumnEdit:
-    """The edit of a [H, N] writer (hidden axis 0: each column is a hidden-space vector) done in row bands, for
-    tensors too large to hold: pass 1 (`accumulate` over every band) gathers each column's component along r
-    and, for norm_preserving, its squared norm; pass 2 (`apply` per band) writes the edited band. Equal to
-    `edit_tensor` up to float32 rounding (the column sums are taken in float64 here), in memory of one band.
+    """The edit of a [H, N] writer (hidden axis 0: each column is a hidden-space vector) over contiguous row bands:
+    pass 1 (`accumulate` over every band) gathers each column's component along r and, for norm_preserving, its
+    squared norm; pass 2 (`apply` per band) writes the edited band. Used for tensors too large to hold (bands of
+    a file) and for every CPU edit of such a writer (cache-sized blocks: a column is strided in memory). Equal to
+    the per-vector formula up to float32 rounding (the column sums are taken in float64), in one band's memory.
     """
 
     def __init__(self, r: torch.Tensor, columns: int, scale: float = 1.0, method: str = "conventional"):
@@ -130,20 +163,31 @@ class ColumnEdit:
         self.sq = torch.zeros(columns, dtype=torch.float64, device=r.device) if method == "norm_preserving" else None
         self._factor = None
 
+    @staticmethod
+    def _copy(band: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`band` converted to `dtype`, in a reused block buffer when it is block-sized (valid until the next call)."""
+        x = _block_buffer(band.shape, dtype, band.device)
+        x.copy_(band)
+        return x
+
     def accumulate(self, band: torch.Tensor, row0: int) -> None:
-        x = band.to(torch.float64)
+        x = self._copy(band, torch.float64)
         self.coeff += self.r[row0:row0 + x.shape[0]].to(x.device) @ x
         if self.sq is not None:
-            self.sq += (x * x).sum(0)
+            self.sq += x.square_().sum(0)
 
-    def apply(self, band: torch.Tensor, row0: int) -> torch.Tensor:
-        """The edited band, in the band's dtype."""
-        x = band.to(torch.float32, copy=True)
-        r = self.r[row0:row0 + x.shape[0]].to(device=x.device, dtype=torch.float32)
-        x.addr_(r, self.coeff.to(device=x.device, dtype=torch.float32), alpha=-self.scale)
+    def apply(self, band: torch.Tensor, row0: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The edited band in the band's dtype: in `out` when given, else a new tensor."""
+        compute = torch.float64 if band.dtype == torch.float64 else torch.float32
+        x = self._copy(band, compute)
+        r = self.r[row0:row0 + x.shape[0]].to(device=x.device, dtype=compute)
+        x.addr_(r, self.coeff.to(device=x.device, dtype=compute), alpha=-self.scale)
         if self.method == "norm_preserving":
-            x.mul_(self.factor().to(device=x.device, dtype=torch.float32))
-        return x.to(band.dtype)
+            x.mul_(self.factor().to(device=x.device, dtype=compute))
+        if out is None:
+            return x.to(band.dtype, copy=True)
+        out.copy_(x)
+        return out
 
     def factor(self) -> torch.Tensor:
         """norm_preserving: |v| / |v'| per column, with |v'|^2 = |v|^2 - (2s - s^2) (v . r)^2 since r is a unit

@@ -23,8 +23,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .cli import UserError
 
 FORMAT = "abliterate.measurements/1"
@@ -74,10 +72,14 @@ class Measurements:
                 f"measurement index {index} is out of range: this file has indices 0..{self.num_indices - 1} "
                 f"({LAYER_CONVENTION})"
             )
+        import torch
+
         return self.directions[index].to(torch.float64)
 
     def validate(self, source: str = "measurements") -> None:
         """Shapes agree and every number is finite; raise UserError naming the tensor otherwise."""
+        import torch
+
         n, h = self.harmful_mean.shape if self.harmful_mean.dim() == 2 else (None, None)
         if n is None:
             raise UserError(f"{source}: harmful_mean must be 2-D [layers+1, hidden], got {tuple(self.harmful_mean.shape)}")
@@ -133,6 +135,26 @@ def load_measurements(path: str | Path) -> Measurements:
     raise UserError(
         f"{p} is not a measurement file (neither safetensors nor a torch .pt dict); give the file measure.py wrote"
     )
+
+
+def measurement_shape(path: str | Path) -> tuple[int, int] | None:
+    """(indices L+1, hidden size) of a measurement file, from its safetensors header alone (no tensor library).
+
+    None when the header cannot tell (a legacy .pt file, a missing or odd file): `load_measurements` then gives
+    the answer, or the one-line error."""
+    from .safetensors_stream import read_header
+
+    p = Path(path)
+    try:
+        if not p.is_file() or not _looks_like_safetensors(p):
+            return None
+        header = read_header(p)
+    except (OSError, UserError):
+        return None
+    if "abliterate" not in (header.metadata or {}):
+        return None
+    shape = header.by_name().get("harmful_mean")
+    return (shape.shape[0], shape.shape[1]) if shape is not None and len(shape.shape) == 2 else None
 
 
 def _looks_like_safetensors(p: Path) -> bool:

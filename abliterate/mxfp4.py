@@ -17,19 +17,13 @@ from __future__ import annotations
 
 import torch
 
+from .architectures import MXFP4_GROUP as GROUP  # values per shared scale
+from .architectures import mxfp4_dense_shape as dense_shape  # noqa: F401 - [E, R, G, 16] -> [E, 32 G, R]
+
 SCALE_BIAS = 127
-GROUP = 32  # values per shared scale
 # E2M1 code -> value; bit 3 is the sign.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FP4_MAX = 6.0
-
-
-def dense_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """[E, R, G, 16] -> the transformers layout [E, 32 G, R]."""
-    *lead, r, g, b = blocks_shape
-    if b != GROUP // 2:
-        raise ValueError(f"MXFP4 blocks must end in {GROUP // 2} bytes per group, got shape {tuple(blocks_shape)}")
-    return (*lead, g * GROUP, r)
 
 
 def dequantize_expert(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

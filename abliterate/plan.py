@@ -197,13 +197,21 @@ def apply_overrides(plan: Plan, output: str | None = None, invert: bool = False,
 
 def check_plan_against(plan: Plan, measurements, num_layers: int, hidden_size: int) -> None:
     """Model-dependent checks: layer and measurement ranges, hidden sizes, usable directions."""
+    check_plan_shapes(plan, measurements.num_indices, measurements.hidden_size, num_layers, hidden_size)
+    # Degenerate directions fail here, before anything is written.
+    prepared_directions(plan, measurements)
+
+
+def check_plan_shapes(plan: Plan, num_indices: int, measured_hidden: int, num_layers: int, hidden_size: int) -> None:
+    """The checks that need only the measurement file's shape (L+1 indices, hidden size) and the model's config:
+    layer and measurement index ranges, hidden sizes."""
     src = plan.source
-    if measurements.hidden_size != hidden_size:
+    if measured_hidden != hidden_size:
         raise UserError(
-            f"{src}: measurement file {plan.measurements} has hidden size {measurements.hidden_size} but the model "
+            f"{src}: measurement file {plan.measurements} has hidden size {measured_hidden} but the model "
             f"has hidden_size {hidden_size}; measure this model (the file belongs to another one)"
         )
-    last_index = measurements.num_indices - 1
+    last_index = num_indices - 1
     for i, e in enumerate(plan.ablate):
         if e.layer >= num_layers:
             raise UserError(
@@ -220,8 +228,6 @@ def check_plan_against(plan: Plan, measurements, num_layers: int, hidden_size: i
                 f"{src}: embeddings_measurement = {plan.embeddings_measurement} is out of range; the measurement "
                 f"file has indices 0..{last_index}"
             )
-    # Degenerate directions fail here, before anything is written.
-    prepared_directions(plan, measurements)
 
 
 @dataclass(frozen=True)

@@ -160,11 +160,12 @@ def layout_unchanged(header: SafetensorsHeader, tensors: list[OutTensor]) -> boo
 
 
 def write_safetensors(fh: BinaryIO, tensors: list[OutTensor], metadata: dict | None,
-                      header_bytes: bytes | None = None) -> int:
-    """Write a safetensors file to `fh`: header, then each tensor's bytes at its offset. Returns bytes written.
+                      header_bytes: bytes | None = None, skip: set[str] | frozenset = frozenset()) -> int:
+    """Write a safetensors file to `fh`: header, then each tensor's bytes at its offset. Returns the file's size.
 
     `header_bytes` (the input's header, when the layout is unchanged) is written verbatim so the output header is
-    byte-identical to the input's; otherwise a header is built from `tensors`.
+    byte-identical to the input's; otherwise a header is built from `tensors`. Tensors named in `skip` are
+    already in the file at their offsets (written earlier into the same layout) and are left as they are.
 
     Every tensor's offset follows from the header, so where the OS has positional I/O (pwrite/preadv), tensors
     marked `heavy` (edits: CPU or GPU work) are written by one worker thread while the calling thread copies the
@@ -177,15 +178,17 @@ def write_safetensors(fh: BinaryIO, tensors: list[OutTensor], metadata: dict | N
     for t in tensors:
         offsets.append(pos)
         pos += t.nbytes
+    todo = [(t, off) for t, off in zip(tensors, offsets) if t.name not in skip]
     if not POSITIONAL_IO:
-        for t, off in zip(tensors, offsets):
+        for t, off in todo:
             _write_one(t, fh, off)
+        fh.seek(pos)
         return pos
     fd = fh.fileno()
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = []
         try:
-            for t, off in zip(tensors, offsets):
+            for t, off in todo:
                 if t.heavy:
                     pending.append(pool.submit(_write_one, t, PositionedWriter(fd, off), off))
                 else:

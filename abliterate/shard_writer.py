@@ -17,32 +17,38 @@ from typing import BinaryIO, Callable
 import torch
 
 from . import mxfp4
-from .safetensors_stream import (DTYPE_SIZES, OutTensor, SafetensorsHeader, TensorInfo, copy_range, read_bytes,
-                                 read_into)
+from .edit_plan import TensorEdit
+from .safetensors_stream import OutTensor, SafetensorsHeader, TensorInfo, copy_range, read_bytes, read_into
 
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool,
 }
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-
-# Edit callable: (tensor in its stored dtype, expert_slice, out=None) -> the edited tensor in that dtype, on the
-# edit device (in `out` when given and on that device).
-EditFn = Callable[[torch.Tensor, bool], torch.Tensor]
 
 
-@dataclass
-class TensorEdit:
-    """What happens to one stored tensor (or MXFP4 pair, named by its dense name)."""
+class Buffers:
+    """Memory reused from one edited tensor to the next (they are written one at a time): a fresh multi-megabyte
+    buffer costs a page fault per 4 KiB page, which on this project's machines took longer than the edit itself.
+    Each slot keeps one buffer and grows it when a larger tensor needs more; peak memory stays that of the
+    largest edited slice or band."""
 
-    key: str
-    edit: EditFn | None  # None: converted (MXFP4 -> dense) but not edited
-    fused_experts: bool = False  # leading axis is the expert axis: edit expert by expert
-    mxfp4_blocks: TensorInfo | None = None
-    mxfp4_scales: TensorInfo | None = None
-    requantize: bool = False
-    errors: list = field(default_factory=list)  # requantization error stats (max, sum of squares, count)
+    def __init__(self) -> None:
+        self._raw: dict[str, bytearray] = {}
+        self._tensors: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def raw(self, slot: str, nbytes: int) -> memoryview:
+        buf = self._raw.get(slot)
+        if buf is None or len(buf) < nbytes:
+            buf = self._raw[slot] = bytearray(nbytes)
+        return memoryview(buf)[:nbytes]
+
+    def tensor(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        t = self._tensors.get((slot, dtype))
+        if t is None or t.numel() < n:
+            t = self._tensors[(slot, dtype)] = torch.empty(n, dtype=dtype)
+        return t[:n].view(shape)
 
 
 @dataclass
@@ -50,6 +56,7 @@ class WriteContext:
     src: BinaryIO
     device: torch.device
     on_tensor_done: Callable[[str], None] = lambda name: None
+    buffers: Buffers = field(default_factory=Buffers)
 
 
 def _to_tensor(buf: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -99,11 +106,10 @@ def _edited_output(info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> OutTen
         if e.fused_experts and len(info.shape) >= 2 and info.shape[0] > 0:
             per = info.nbytes // info.shape[0]
             shape = info.shape[1:]
-            # Buffers are allocated once per tensor and reused for every expert: fresh multi-megabyte buffers
-            # cost more in page faults than the edit itself. One writer thread overlaps writing expert k with
-            # reading and editing expert k+1 (both release the GIL), so two output buffers alternate.
-            src_buf = bytearray(per)
-            outs = [torch.empty(shape, dtype=dtype) for _ in range(2)] if on_cpu else [None, None]
+            # One writer thread overlaps writing expert k with reading and editing expert k+1 (both release the
+            # GIL), so two output buffers alternate.
+            src_buf = ctx.buffers.raw("src", per)
+            outs = ([ctx.buffers.tensor(f"out{i}", shape, dtype) for i in range(2)] if on_cpu else [None, None])
             with ThreadPoolExecutor(max_workers=1) as pool:
                 pending = None
                 for k in range(info.shape[0]):
@@ -117,8 +123,10 @@ def _edited_output(info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> OutTen
         elif info.nbytes > STREAM_BYTES and len(info.shape) == 2 and hasattr(e.edit, "hidden_axis"):
             _write_in_bands(fh, info, e, ctx)
         else:
-            buf = read_bytes(ctx.src, info.begin, info.nbytes)
-            _write_tensor(fh, e.edit(_to_tensor(buf, info.dtype, info.shape), False))
+            buf = ctx.buffers.raw("src", info.nbytes)
+            read_into(ctx.src, info.begin, buf)
+            out = ctx.buffers.tensor("out0", info.shape, dtype) if on_cpu else None
+            _write_tensor(fh, e.edit(_to_tensor(buf, info.dtype, info.shape), False, out=out))
         ctx.on_tensor_done(info.name)
 
     return OutTensor(info.name, info.dtype, info.shape, write, heavy=True)
@@ -140,8 +148,9 @@ def _write_in_bands(fh: BinaryIO, info: TensorInfo, e: TensorEdit, ctx: WriteCon
     step = max(1, BAND_BYTES // max(1, row_bytes))
     bands = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
-    def band(r0: int, r1: int) -> torch.Tensor:
-        buf = read_bytes(ctx.src, info.begin + r0 * row_bytes, (r1 - r0) * row_bytes)
+    def band(r0: int, r1: int) -> torch.Tensor:  # valid until the next band is read
+        buf = ctx.buffers.raw("src", (r1 - r0) * row_bytes)
+        read_into(ctx.src, info.begin + r0 * row_bytes, buf)
         return _to_tensor(buf, info.dtype, (r1 - r0, cols)).to(ctx.device)
 
     if e.edit.hidden_axis == 1:
@@ -199,16 +208,3 @@ def _mxfp4_outputs(info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> list[O
         ctx.on_tensor_done(info.name)
 
     return [OutTensor(info.name, info.dtype, info.shape, write_requantized, heavy=True)]
-
-
-def layout_bytes(header: SafetensorsHeader, edits: dict[str, TensorEdit]) -> int:
-    """Size of the data buffer the output shard will have (for the free-space estimate), without writing."""
-    total = 0
-    replaced = {}
-    for e in edits.values():
-        if e.mxfp4_blocks is not None and not e.requantize:
-            replaced[e.mxfp4_blocks.name] = math.prod(mxfp4.dense_shape(e.mxfp4_blocks.shape)) * DTYPE_SIZES["BF16"]
-            replaced[e.mxfp4_scales.name] = 0
-    for t in header.tensors:
-        total += replaced.get(t.name, t.nbytes)
-    return total

@@ -2,7 +2,8 @@
 
 Safety and atomicity:
 - everything that can be checked is checked before the first byte is written (plan, model, shards, index,
-  output location, free space);
+  the measurement file's shape, output location, free space), except the measured values themselves, which are
+  read once torch has loaded: untouched tensors are copied meanwhile, and bad values remove that copy again;
 - work goes to `<output>.partial/`; each finished shard is renamed into place there and gets a completion marker
   holding a hash of (input shard identity, plan, measurement file, mode, device type); a rerun reuses shards
   whose marker matches and redoes the rest;
@@ -26,10 +27,9 @@ from pathlib import Path
 
 from .cli import UserError
 from .model_folder import INDEX_NAME, ModelFolder, open_model_folder, resolve_model_path
-from .plan import Plan, check_plan_against, prepared_directions
+from .plan import Plan, check_plan_against, check_plan_shapes, prepared_directions
 from .record import RECORD_NAME, build_record, file_sha256, model_card, record_bytes
-from .safetensors_stream import layout_unchanged, write_safetensors
-from .shard_writer import WriteContext, layout_bytes, shard_layout
+from .safetensors_stream import POSITIONAL_IO, copy_range, layout_unchanged, write_safetensors
 
 MARKER_DIR = ".abliterate-done"
 CRASH_ENV = "ABLITERATE_TEST_CRASH_AFTER"  # test-only: "N[:kill|:enospc]" crashes after N output tensors
@@ -106,101 +106,203 @@ def check_output_location(input_root: Path, output: Path, force: bool) -> None:
 
 
 def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry_run: bool = False,
-                 verbose: bool = False, progress: bool = True) -> Summary:
-    """Validate everything, then write the edited model folder at plan.output (or only list edits on dry_run)."""
-    from .edit_plan import plan_tensor_edits
-    from .measurements import load_measurements
+                 verbose: bool = False, progress: bool = True, early_copy: bool = True) -> Summary:
+    """Validate everything, then write the edited model folder at plan.output (or only list edits on dry_run).
+
+    Three phases. 1: everything the headers can tell (model folder, shards, index, the measurement file's shape,
+    plan ranges, which tensors are edited, output location, free space) is checked without a tensor library.
+    2 (fresh runs, `early_copy`): each shard's header and untouched tensors are copied to their final offsets,
+    while torch loads on a background thread (abliterate.background_import). 3: the measured values are checked
+    (finite, usable directions), the edits get their directions and every edited tensor is written; each shard
+    is then made durable, renamed and marked done. Bad input found in phase 3 removes what phase 2 wrote, so a
+    failed run leaves nothing behind either way.
+    """
+    from .edit_plan import bind_edits, keeps_layout, layout_bytes, plan_tensor_edits
+    from .measurements import measurement_shape
 
     start = time.monotonic()
-    measurements = load_measurements(plan.measurements)
     root = resolve_model_path(plan.model, plan.source)
     folder = open_model_folder(root)
-    check_plan_against(plan, measurements, folder.num_layers, folder.hidden_size)
-    directions = prepared_directions(plan, measurements)
-    dev = pick_device(device)
-    work = plan_tensor_edits(folder, plan, directions, dev)
-    summary = Summary(plan.output, work.counts_by_role, sorted(work.layers), rows=work.rows, dry_run=dry_run,
-                      mxfp4=({"mode": work.mxfp4_mode} if work.mxfp4_mode else None))
-    if dry_run:
-        summary.seconds = time.monotonic() - start
-        return summary
-
-    check_output_location(root, plan.output, force)
+    shape = measurement_shape(plan.measurements)
+    if shape is not None:
+        check_plan_shapes(plan, *shape, folder.num_layers, folder.hidden_size)
+    work = plan_tensor_edits(folder, plan)
     output = plan.output.resolve()
     partial = output.with_name(output.name + ".partial")
-    meas_sha = file_sha256(plan.measurements)
-    keys = {name: _shard_key(folder, name, plan, meas_sha, dev.type) for name in folder.shards}
-    done = {name for name in folder.shards if _shard_done(partial, name, keys[name])}
+    fresh = not dry_run and not partial.exists()
+    if not dry_run:
+        check_output_location(root, plan.output, force)
+    if fresh:
+        _check_free_space(folder, output, {name: layout_bytes(folder.headers[name], work.edits.get(name, {}))
+                                           for name in folder.shards})
+    crash = _CrashHook.from_env()
+    early: dict[str, set[str]] = {}  # shard name -> the tensors phase 2 wrote
+    # One background thread makes written data durable, in submission order: phase 2's shards (started early, so
+    # the disk works while torch loads and the edits run) and every finished shard (then renamed and marked).
+    disk = ThreadPoolExecutor(max_workers=1)
+    syncing: list = []
+    try:
+        try:
+            if fresh and early_copy and shape is not None and POSITIONAL_IO:
+                partial.mkdir(parents=True)
+                early = _copy_untouched(folder, work, partial, crash, progress,
+                                        [n for n in folder.shards if keeps_layout(work.edits.get(n, {}))],
+                                        disk, syncing)
+            directions, dev = _bind(plan, folder, work, device)
+        except (UserError, OSError) as exc:
+            # Bad input found after phase 2 wrote, or no space: nothing in a fresh partial folder is finished work
+            # yet, so the failed run leaves nothing behind. (A crash or kill leaves it; the next run cleans it up.)
+            _settle(syncing)
+            error = _space_error(exc, partial) if isinstance(exc, OSError) else exc
+            if fresh and error is not None and partial.exists():
+                shutil.rmtree(partial, ignore_errors=True)
+            raise error or exc
+        summary = Summary(plan.output, work.counts_by_role, sorted(work.layers), rows=work.rows, dry_run=dry_run,
+                          mxfp4=({"mode": work.mxfp4_mode} if work.mxfp4_mode else None))
+        if not dry_run:
+            _write_shards(plan, folder, work, directions, dev, partial, early, force, crash, progress, summary,
+                          disk, syncing)
+            summary.mxfp4 = work.mxfp4_report() if work.mxfp4_mode else None
+    finally:
+        disk.shutdown(wait=True)
+    summary.seconds = time.monotonic() - start
+    return summary
 
-    out_sizes = {name: folder.headers[name].data_start + layout_bytes(folder.headers[name], work.edits.get(name, {}))
-                 for name in folder.shards}
-    needed = sum(size for name, size in out_sizes.items() if name not in done)
-    needed += sum((root / rel).stat().st_size for rel in folder.other_files)
+
+def _space_error(exc: OSError, partial: Path) -> UserError | None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"no space left on the device holding {partial} ({exc.strerror}); free space and rerun "
+                         f"(finished shards there are reused), or choose another --output")
+    return None
+
+
+def _check_free_space(folder: ModelFolder, output: Path, out_sizes: dict[str, int], done=frozenset()) -> None:
+    needed = sum(folder.headers[name].data_start + size for name, size in out_sizes.items() if name not in done)
+    needed += sum((folder.root / rel).stat().st_size for rel in folder.other_files)
     free = free_bytes(output.parent)
     if free < needed:
         raise UserError(f"no space left: {output.parent} has {free:,} bytes free but the output needs about "
                         f"{needed:,}; free space or choose another --output")
 
+
+def _copy_untouched(folder: ModelFolder, work, partial: Path, crash: "_CrashHook", progress: bool,
+                    shards: list[str], disk: ThreadPoolExecutor, syncing: list) -> dict[str, set[str]]:
+    """Phase 2: for each shard whose layout the edit keeps, write its header and every tensor it does not edit
+    at their final offsets in `<shard>.tmp` (kernel copies, which release the GIL while torch imports). The edited
+    tensors' bytes are filled in later at their own offsets. Returns, per shard, the tensors written."""
+    from tqdm import tqdm
+
+    untouched = {name: [t for t in folder.headers[name].tensors if t.name not in work.edits.get(name, {})]
+                 for name in shards}
+    bar = tqdm(total=sum(t.nbytes for ts in untouched.values() for t in ts), desc="untouched tensors", unit="B",
+               unit_scale=True, disable=not progress, file=sys.stderr)
+    written: dict[str, set[str]] = {}
+    for name in shards:
+        header = folder.headers[name]
+        tmp = partial / (name + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.root / name, "rb") as src, open(tmp, "wb") as dst:
+            dst.write(header.header_bytes)
+            for info in sorted(untouched[name], key=lambda t: t.begin):
+                dst.seek(info.begin)  # the output keeps the input's layout: same offset
+                copy_range(src, dst, info.begin, info.nbytes)
+                bar.update(info.nbytes)
+                crash.tick()
+        written[name] = {t.name for t in untouched[name]}
+        # Without this, nothing reaches the disk before each shard's final fsync (under the kernel's dirty-memory
+        # limits), and the last one then waits for a whole shard: 0.1-0.2 s of a 2 GB run.
+        syncing.append(disk.submit(_datasync, tmp))
+    bar.close()
+    return written
+
+
+def _bind(plan: Plan, folder: ModelFolder, work, device: str | None):
+    """Phase 3's checks: load the measured values, check them (finite, usable directions), bind the edits."""
+    from .edit_plan import bind_edits
+    from .measurements import load_measurements
+
+    measurements = load_measurements(plan.measurements)
+    check_plan_against(plan, measurements, folder.num_layers, folder.hidden_size)
+    directions = prepared_directions(plan, measurements)
+    dev = pick_device(device)
+    bind_edits(work, folder, plan, directions, dev)
+    return directions, dev
+
+
+def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partial: Path,
+                  early: dict[str, set[str]], force: bool, crash: "_CrashHook", progress: bool,
+                  summary: Summary, disk: ThreadPoolExecutor, syncing: list) -> None:
+    """Phase 3's writing: every shard's edited tensors (and, for shards phase 2 did not start, everything else),
+    then the other files, then the rename into place."""
     import torch
+    from tqdm import tqdm
+
+    from .edit_plan import layout_bytes
+    from .shard_writer import Buffers, WriteContext, shard_layout
+
+    output = plan.output.resolve()
+    meas_sha = file_sha256(plan.measurements)
+    keys = {name: _shard_key(folder, name, plan, meas_sha, dev.type) for name in folder.shards}
+    done: set[str] = set()
+    if not early:
+        done = {name for name in folder.shards if _shard_done(partial, name, keys[name])}
+        _check_free_space(folder, output, {name: layout_bytes(folder.headers[name], work.edits.get(name, {}))
+                                           for name in folder.shards}, done)
+        partial.mkdir(parents=True, exist_ok=True)
+        _clean_partial(partial, done)
 
     torch.backends.cuda.matmul.allow_tf32 = False  # edits in true float32
     _bound_heap_growth()
-    partial.mkdir(parents=True, exist_ok=True)
-    _clean_partial(partial, done)
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        # Up to three threads here move bytes (untouched copies, edited writes, fsync); the edit's own threads
+        # spin-waiting beside them made the edits take 1.6x as long on 2 cores. Leave them two cores.
+        torch.set_num_threads(max(1, threads - 2))
     (partial / MARKER_DIR).mkdir(exist_ok=True)
-    crash = _CrashHook.from_env()
-    current_tmp: list[Path] = []
-    # A finished shard is made durable (fsync), renamed into place and marked done by a background thread while
+    buffers = Buffers()  # shared by every shard: edited tensors are written one at a time
+    # A finished shard is made durable (fsync), renamed into place and marked done by the background thread while
     # the next shard is written: its write-back to disk overlaps the next shard's copying, as it does for `cp`.
-    sealer = ThreadPoolExecutor(max_workers=1)
-    sealing: list = []
     try:
-        from tqdm import tqdm
-
         bar = tqdm(folder.shards, desc="shards", unit="shard", disable=not progress, file=sys.stderr)
         for name in bar:
             if name in done:
                 summary.shards_reused += 1
                 continue
             header = folder.headers[name]
+            already = early.get(name, set())
             tmp = partial / (name + ".tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            current_tmp[:] = [tmp]
-            tensor_bar = tqdm(total=len(header.tensors), desc=Path(name).name, unit="tensor", leave=False,
-                              disable=not progress, file=sys.stderr)
+            tensor_bar = tqdm(total=len(header.tensors) - len(already), desc=Path(name).name, unit="tensor",
+                              leave=False, disable=not progress, file=sys.stderr)
 
             def tensor_done(_name: str, _bar=tensor_bar) -> None:
                 _bar.update(1)
                 crash.tick()
 
-            with open(root / name, "rb") as src, open(tmp, "wb") as dst:
-                ctx = WriteContext(src, dev, tensor_done)
+            # A shard phase 2 started is completed in place ("r+b" keeps its bytes); any other starts afresh.
+            with open(folder.root / name, "rb") as src, open(tmp, "r+b" if name in early else "wb") as dst:
+                ctx = WriteContext(src, dev, tensor_done, buffers)
                 tensors = shard_layout(header, work.edits.get(name, {}), ctx)
                 verbatim = header.header_bytes if layout_unchanged(header, tensors) else None
-                summary.bytes_written += write_safetensors(dst, tensors, header.metadata, verbatim)
+                if name in early and verbatim is None:
+                    raise RuntimeError(f"internal error: {name} was copied early but its layout changes")
+                summary.bytes_written += write_safetensors(dst, tensors, header.metadata, verbatim, skip=already)
             tensor_bar.close()
-            sealing.append(sealer.submit(_seal_shard, tmp, partial, name, keys[name]))
+            syncing.append(disk.submit(_seal_shard, tmp, partial, name, keys[name]))
             summary.shards_written += 1
             crash.tick()
-        for f in sealing:
+        for f in syncing:
             f.result()
-        current_tmp.clear()
         _finish_folder(folder, plan, partial, work, directions, meas_sha, dev.type)
         crash.tick()
         _move_into_place(partial, output, force)
     except OSError as exc:
-        _settle(sealing)
-        for tmp in current_tmp:
-            tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on the device holding {partial} ({exc.strerror}); free space and rerun "
-                            f"(finished shards there are reused), or choose another --output") from None
-        raise
+        _settle(syncing)
+        for name in folder.shards:  # unfinished shards (the current one, others phase 2 started) free their space
+            (partial / (name + ".tmp")).unlink(missing_ok=True)
+        raise _space_error(exc, partial) or exc
     finally:
-        sealer.shutdown(wait=True)
-    summary.mxfp4 = work.mxfp4_report() if work.mxfp4_mode else None
-    summary.seconds = time.monotonic() - start
-    return summary
+        torch.set_num_threads(threads)
 
 
 def _shard_key(folder: ModelFolder, name: str, plan: Plan, meas_sha: str, device_type: str) -> str:
@@ -245,6 +347,15 @@ def _clean_partial(partial: Path, keep: set[str]) -> None:
             path.unlink()
 
 
+def _datasync(path: Path) -> None:
+    """Write `path`'s data to disk now (its final fsync then has less to wait for)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def _seal_shard(tmp: Path, partial: Path, name: str, key: str) -> None:
     """fsync a written shard, rename it into place, then write its completion marker (in this order, so a marker
     never names bytes that could still be lost)."""
@@ -258,7 +369,7 @@ def _seal_shard(tmp: Path, partial: Path, name: str, key: str) -> None:
 
 
 def _settle(futures: list) -> None:
-    """Wait for background shard sealing after an error elsewhere; its own errors matter less than that one."""
+    """Wait for background syncing and sealing after an error elsewhere; their errors matter less than that one."""
     for f in futures:
         try:
             f.result()

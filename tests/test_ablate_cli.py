@@ -129,7 +129,11 @@ def test_unknown_yaml_key(run_cli, llama, meas, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["zero", "nan"])
-def test_zero_or_nan_direction(run_cli, llama, tmp_path, kind):
+def test_zero_or_nan_direction(run_cli, llama, tmp_path, kind, monkeypatch):
+    import abliterate.shards as shards
+
+    copied, real = [], shards._copy_untouched
+    monkeypatch.setattr(shards, "_copy_untouched", lambda *a: copied.append(1) or real(*a))
     if kind == "zero":
         m = write_measurements(tmp_path / "m.safetensors", layers=2, hidden=32, zero_at=1)
         needle = "measurement index 1"
@@ -137,7 +141,8 @@ def test_zero_or_nan_direction(run_cli, llama, tmp_path, kind):
         m = write_measurements(tmp_path / "m.safetensors", layers=2, hidden=32, nan_at=1)
         needle = "NaN"
     plan = write_plan(tmp_path / "p.yml", llama, m, tmp_path / "out")
-    _bad(run_cli, tmp_path, plan, needle)
+    _bad(run_cli, tmp_path, plan, needle)  # nothing left behind ...
+    assert copied  # ... although untouched tensors were copied before the values could be read
 
 
 def test_no_space_left_up_front(run_cli, llama, meas, tmp_path, monkeypatch):
@@ -149,15 +154,20 @@ def test_no_space_left_up_front(run_cli, llama, meas, tmp_path, monkeypatch):
     assert str(tmp_path) in line and "1,000 bytes free" in line
 
 
-def test_no_space_left_while_writing(run_cli, llama, meas, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tick, reused", [(10, 0), (24, 5)])
+def test_no_space_left_while_writing(run_cli, llama, meas, tmp_path, monkeypatch, tick, reused):
+    """Disk full while copying untouched tensors (tick 10 of 17: nothing is finished, the partial folder goes) or
+    while writing edited ones (tick 24: five shards are finished and kept for the rerun)."""
     plan = write_plan(tmp_path / "p.yml", llama, meas, tmp_path / "out")
-    monkeypatch.setenv(CRASH_ENV, "10:enospc")
+    monkeypatch.setenv(CRASH_ENV, f"{tick}:enospc")
     code, _, err = run_cli(main, [plan, "--no-progress"])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no space left" in err
     partial = tmp_path / "out.partial"
     assert not (tmp_path / "out").exists() and not (partial / "abliteration.json").exists()
     assert not list(partial.rglob("*.tmp"))  # the half-written shard is gone
+    assert partial.is_dir() == (reused > 0)
     monkeypatch.delenv(CRASH_ENV)
-    code, _, err = run_cli(main, [plan, "--no-progress"])  # after freeing space, a rerun completes
+    code, out, err = run_cli(main, [plan, "--no-progress"])  # after freeing space, a rerun completes
     assert code == 0, err
+    assert f", {reused} reused from an interrupted run" in out
     assert (tmp_path / "out" / "abliteration.json").is_file() and not partial.exists()

@@ -103,10 +103,11 @@ def test_crash_then_rerun_is_byte_identical(tiny_model, meas, tmp_path, monkeypa
     run_ablation(load_plan(plan_path), device="cpu", progress=False)
     reference = folder_bytes(out)
     os.rename(out, tmp_path / "reference")
-    # 7 shards hold 21 tensors: 28 ticks while writing shards (tensors + shard ends), the 29th after finishing.
-    # Crash inside the first shard, between shards, inside a later one, after the last, after finishing; each
-    # time the output must not exist and the partial folder must not look done; the rerun must match.
-    for spec in ("2", "5", "14", "28", "29"):
+    # 7 shards hold 21 tensors, 4 of them edited: ticks 1-17 copy the untouched ones (phase 2, all shards), 18-28
+    # write the edited ones and end each shard (phase 3), the 29th comes after finishing. Crash early and late in
+    # phase 2, inside the first shard of phase 3, between shards, after the last, after finishing; each time the
+    # output must not exist and the partial folder must not look done; the rerun must match.
+    for spec in ("2", "14", "18", "20", "24", "28", "29"):
         shutil.rmtree(partial, ignore_errors=True)
         _crash_run(plan_path, monkeypatch, spec)
         assert not out.exists() and partial.is_dir()
@@ -255,3 +256,83 @@ def test_large_tensors_streamed_in_bands_equal_the_reference(tiny_model, meas, t
     assert any("down_proj" in k for k in calls)
     for key in before:
         torch.testing.assert_close(after[key], ref[key], rtol=0, atol=2e-6, msg=key)
+
+
+def _spy_early_copy(monkeypatch) -> list:
+    """Record the shard lists abliterate.shards._copy_untouched is called with (it still runs)."""
+    import abliterate.shards as shards
+
+    calls, real = [], shards._copy_untouched
+    monkeypatch.setattr(shards, "_copy_untouched", lambda *a: calls.append(list(a[5])) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("arch, method", [("llama", "conventional"), ("gpt_oss", "norm_preserving")])
+def test_early_copy_gives_the_same_bytes_as_one_pass(tiny_model, meas, tmp_path, monkeypatch, arch, method):
+    """Phase 2 (untouched tensors copied at their offsets while torch loads, edited ones filled in afterwards)
+    writes exactly the folder the one-pass path writes."""
+    calls = _spy_early_copy(monkeypatch)
+    model = tiny_model(arch, **ARCHS[arch])
+    plan = load_plan(write_plan(tmp_path / "p.yml", model, meas, tmp_path / "out", method=method))
+    run_ablation(plan, device="cpu", progress=False)
+    assert [sorted(c) for c in calls] == [sorted(p.name for p in model.glob("*.safetensors"))]  # every shard, once
+    early = folder_bytes(tmp_path / "out")
+    shutil.rmtree(tmp_path / "out")
+    run_ablation(plan, device="cpu", progress=False, early_copy=False)
+    assert len(calls) == 1
+    assert folder_bytes(tmp_path / "out") == early
+
+
+def test_checks_and_early_copy_need_no_torch(tiny_model, meas, tmp_path):
+    """Everything before the measured values are read runs without torch (so it overlaps torch's import), and
+    leaves each shard's header and untouched tensors at their final offsets, edited tensors not yet written."""
+    from abliterate.edit_plan import plan_tensor_edits
+    from abliterate.model_folder import open_model_folder
+
+    model = tiny_model("llama", **ARCHS["llama"])
+    plan_path = write_plan(tmp_path / "p.yml", model, meas, tmp_path / "out")
+    script = ("import json, sys\n"
+              "import abliterate.shards as shards\n"
+              "from abliterate.plan import load_plan\n"
+              "def stop(*args):\n"
+              "    print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')))\n"
+              "    raise SystemExit(0)\n"
+              "shards._bind = stop\n"
+              f"shards.run_ablation(load_plan({str(plan_path)!r}), progress=False)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"  # no torch module was imported
+    edits = plan_tensor_edits(open_model_folder(model), load_plan(plan_path)).edits
+    shards = sorted(p.name for p in model.glob("*.safetensors"))
+    assert sorted(p.name[:-len(".tmp")] for p in (tmp_path / "out.partial").glob("*.tmp")) == shards
+    edited_seen = 0
+    for name in shards:
+        header, src = read_header(model / name), (model / name).read_bytes()
+        got = (tmp_path / "out.partial" / (name + ".tmp")).read_bytes()
+        assert got[:header.data_start] == src[:header.data_start]
+        for t in header.tensors:
+            if t.name in edits.get(name, {}):
+                assert not any(got[t.begin:t.end]), t.name  # a hole (or past the end) until phase 3
+                edited_seen += 1
+            else:
+                assert got[t.begin:t.end] == src[t.begin:t.end], t.name
+    assert edited_seen == 4  # o_proj and down_proj of layers 0 and 1
+    # the interrupted folder is cleaned up by the next run, which ends as a one-pass run does
+    run_ablation(load_plan(plan_path), device="cpu", progress=False)
+    rerun = folder_bytes(tmp_path / "out")
+    shutil.rmtree(tmp_path / "out")
+    run_ablation(load_plan(plan_path), device="cpu", progress=False, early_copy=False)
+    assert folder_bytes(tmp_path / "out") == rerun
+
+
+def test_measurement_shape_reads_the_header_only(meas, tmp_path):
+    from abliterate.measurements import measurement_shape
+
+    assert measurement_shape(meas) == (3, 32)
+    torch.save({"harmful_0": torch.zeros(4)}, tmp_path / "legacy.pt")
+    from safetensors.torch import save_file
+
+    save_file({"harmful_mean": torch.zeros(3, 32)}, str(tmp_path / "foreign.safetensors"))  # no abliterate metadata
+    for path in ("legacy.pt", "foreign.safetensors", "missing.safetensors"):
+        assert measurement_shape(tmp_path / path) is None, path  # load_measurements decides (or explains)

@@ -49,14 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from ..background_import import start_torch_import, wait_for_torch_import
     from ..plan import apply_overrides, load_plan
     from ..shards import run_ablation
 
-    plan = apply_overrides(load_plan(args.plan), output=args.output, invert=args.invert,
-                           normpreserve=args.normpreserve, projected=args.projected,
-                           requantize_mxfp4=args.requantize_mxfp4)
-    s = run_ablation(plan, device=args.device, force=args.force, dry_run=args.dry_run, verbose=args.verbose,
-                     progress=not args.no_progress)
+    # The checks and the copying of untouched tensors need no torch: let it load meanwhile (abliterate.shards).
+    # Started after our own imports: importing side by side, both threads crawled (0.2 s instead of 0.03 s here).
+    start_torch_import()
+    try:
+        plan = apply_overrides(load_plan(args.plan), output=args.output, invert=args.invert,
+                               normpreserve=args.normpreserve, projected=args.projected,
+                               requantize_mxfp4=args.requantize_mxfp4)
+        s = run_ablation(plan, device=args.device, force=args.force, dry_run=args.dry_run, verbose=args.verbose,
+                         progress=not args.no_progress)
+    finally:
+        wait_for_torch_import()
     if args.dry_run:
         print(f"{'key':<60} {'role':<24} {'group':<17} {'axis':>4}  shard")
         for key, role, group, axis, shard in s.rows:
