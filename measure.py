@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Thin wrapper: see `python -m abliterate measure --help`."""
-import sys
-
+from abliterate.cli import exit_process
 from abliterate.commands.measure import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -32,4 +32,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from abliterate.cli import exit_process
+
+    exit_process(main())

@@ -53,6 +53,23 @@ def _skip_collection_at_exit() -> None:
         _exit_hook_registered = True
 
 
+def exit_process(code: int) -> None:
+    """End a command-line process with `code`: run the atexit handlers, flush stdout and stderr, then leave with
+    os._exit, skipping only the interpreter's teardown of every loaded module (about 0.1 s with torch loaded,
+    after the final collection that `_skip_collection_at_exit` already avoids). Every file a command writes is
+    closed before it returns, and its thread pools are shut down, so nothing is lost.
+    For `if __name__ == "__main__"` blocks and the root scripts only: it never returns."""
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
 def check_new_output_file(path: str | os.PathLike, force: bool = False, flag: str = "--output") -> Path:
     """Validate a file we are about to create: its folder exists and is writable, and it is new unless forced."""
     out = Path(path)

@@ -22,8 +22,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cli import UserError
+
+if TYPE_CHECKING:  # torch is imported where values are needed: reading shapes needs no tensor library
+    import torch
 
 FORMAT = "abliterate.measurements/1"
 LAYER_CONVENTION = (

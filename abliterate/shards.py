@@ -117,7 +117,7 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     is then made durable, renamed and marked done. Bad input found in phase 3 removes what phase 2 wrote, so a
     failed run leaves nothing behind either way.
     """
-    from .edit_plan import bind_edits, keeps_layout, layout_bytes, plan_tensor_edits
+    from .edit_plan import keeps_layout, layout_bytes, plan_tensor_edits
     from .measurements import measurement_shape
 
     start = time.monotonic()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import shutil
 
 import pytest
 
@@ -171,3 +168,24 @@ def test_no_space_left_while_writing(run_cli, llama, meas, tmp_path, monkeypatch
     assert code == 0, err
     assert f", {reused} reused from an interrupted run" in out
     assert (tmp_path / "out" / "abliteration.json").is_file() and not partial.exists()
+
+
+def test_scripts_exit_with_the_command_code_and_flushed_output(tmp_path):
+    """Root scripts end through cli.exit_process (os._exit after the atexit handlers and a flush): the exit code,
+    buffered output and handlers must all survive it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import atexit\n"
+              "from abliterate.cli import exit_process\n"
+              "atexit.register(lambda: print('handler ran'))\n"
+              "print('buffered', end=' ')\n"
+              "exit_process(3)\n")
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
+    assert (res.returncode, res.stdout) == (3, "buffered handler ran\n")
+    res = subprocess.run([sys.executable, str(root / "sharded_ablate.py"), str(tmp_path / "missing.yml")],
+                         cwd=root, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"error: plan file {tmp_path / 'missing.yml'} does not exist; give the YAML plan (see configs/ for examples)"]

@@ -9,7 +9,6 @@ direction, routers stop reading it, and everything else is copied byte for byte.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 from ..cli import run_command
@@ -74,7 +73,7 @@ def _main(argv: Sequence[str] | None) -> int:
         for key, role, group, axis, shard in s.rows:
             print(f"  edited {key} ({role}, hidden axis {axis}) in {shard}")
     print(f"wrote {s.output}")
-    print(f"  edited tensors: " + ", ".join(f"{k} {v}" for k, v in sorted(s.counts_by_role.items())))
+    print("  edited tensors: " + ", ".join(f"{k} {v}" for k, v in sorted(s.counts_by_role.items())))
     print(f"  layers: {_ranges(s.layers)}")
     print(f"  shards: {s.shards_written} written, {s.shards_reused} reused from an interrupted run")
     print(f"  bytes written: {s.bytes_written:,}  time: {s.seconds:.1f} s")
@@ -102,4 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from abliterate.cli import exit_process
+
+    exit_process(main())

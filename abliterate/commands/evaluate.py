@@ -120,4 +120,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from abliterate.cli import exit_process
+
+    exit_process(main())
