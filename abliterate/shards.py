@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .cli import UserError
 from .model_folder import INDEX_NAME, ModelFolder, open_model_folder, resolve_model_path
-from .plan import Plan, check_plan_against, check_plan_shapes, prepared_directions
+from .plan import Plan, check_plan_shapes, prepared_directions
 from .record import RECORD_NAME, build_record, file_sha256, model_card, record_bytes
 from .safetensors_stream import POSITIONAL_IO, copy_range, layout_unchanged, write_safetensors
 
@@ -117,7 +117,7 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     is then made durable, renamed and marked done. Bad input found in phase 3 removes what phase 2 wrote, so a
     failed run leaves nothing behind either way.
     """
-    from .edit_plan import keeps_layout, layout_bytes, plan_tensor_edits
+    from .edit_plan import keeps_layout, plan_tensor_edits
     from .measurements import measurement_shape
 
     start = time.monotonic()
@@ -133,8 +133,7 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     if not dry_run:
         check_output_location(root, plan.output, force)
     if fresh:
-        _check_free_space(folder, output, {name: layout_bytes(folder.headers[name], work.edits.get(name, {}))
-                                           for name in folder.shards})
+        _check_free_space(folder, work, output)
     crash = _CrashHook.from_env()
     early: dict[str, set[str]] = {}  # shard name -> the tensors phase 2 wrote
     # One background thread makes written data durable, in submission order: phase 2's shards (started early, so
@@ -176,8 +175,12 @@ def _space_error(exc: OSError, partial: Path) -> UserError | None:
     return None
 
 
-def _check_free_space(folder: ModelFolder, output: Path, out_sizes: dict[str, int], done=frozenset()) -> None:
-    needed = sum(folder.headers[name].data_start + size for name, size in out_sizes.items() if name not in done)
+def _check_free_space(folder: ModelFolder, work, output: Path, done=frozenset()) -> None:
+    """UserError unless the output's file system has room for every shard not yet done and the other files."""
+    from .edit_plan import layout_bytes
+
+    needed = sum(folder.headers[name].data_start + layout_bytes(folder.headers[name], work.edits.get(name, {}))
+                 for name in folder.shards if name not in done)
     needed += sum((folder.root / rel).stat().st_size for rel in folder.other_files)
     free = free_bytes(output.parent)
     if free < needed:
@@ -222,8 +225,8 @@ def _bind(plan: Plan, folder: ModelFolder, work, device: str | None):
     from .measurements import load_measurements
 
     measurements = load_measurements(plan.measurements)
-    check_plan_against(plan, measurements, folder.num_layers, folder.hidden_size)
-    directions = prepared_directions(plan, measurements)
+    check_plan_shapes(plan, measurements.num_indices, measurements.hidden_size, folder.num_layers, folder.hidden_size)
+    directions = prepared_directions(plan, measurements)  # raises on a degenerate direction
     dev = pick_device(device)
     bind_edits(work, folder, plan, directions, dev)
     return directions, dev
@@ -237,7 +240,6 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
     import torch
     from tqdm import tqdm
 
-    from .edit_plan import layout_bytes
     from .shard_writer import Buffers, WriteContext, shard_layout
 
     output = plan.output.resolve()
@@ -246,8 +248,7 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
     done: set[str] = set()
     if not early:
         done = {name for name in folder.shards if _shard_done(partial, name, keys[name])}
-        _check_free_space(folder, output, {name: layout_bytes(folder.headers[name], work.edits.get(name, {}))
-                                           for name in folder.shards}, done)
+        _check_free_space(folder, work, output, done)
         partial.mkdir(parents=True, exist_ok=True)
         _clean_partial(partial, done)
 
