@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .cli import UserError
 
 METHODS = ("conventional", "norm_preserving")
@@ -86,8 +88,6 @@ class Plan:
 
 def load_plan(path: str | Path) -> Plan:
     """Read a plan file with yaml.safe_load and validate its structure (UserError on any problem)."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise UserError(f"plan file {p} does not exist; give the YAML plan (see configs/ for examples)")

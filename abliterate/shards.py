@@ -25,11 +25,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .cli import UserError
+from .edit_plan import bind_edits, keeps_layout, layout_bytes, plan_tensor_edits
+from .measurements import load_measurements, measurement_shape
 from .model_folder import INDEX_NAME, ModelFolder, open_model_folder, resolve_model_path
 from .plan import Plan, check_plan_shapes, prepared_directions
 from .record import RECORD_NAME, build_record, file_sha256, model_card, record_bytes
 from .safetensors_stream import POSITIONAL_IO, copy_range, layout_unchanged, write_safetensors
+
+# tqdm's first bar creates its multiprocessing lock (importing multiprocessing). Done at import, before the command
+# starts torch's import: any import during phases 1-2 waits behind torch's on the other thread.
+tqdm.get_lock()
 
 MARKER_DIR = ".abliterate-done"
 CRASH_ENV = "ABLITERATE_TEST_CRASH_AFTER"  # test-only: "N[:kill|:enospc]" crashes after N output tensors
@@ -117,9 +125,6 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     is then made durable, renamed and marked done. Bad input found in phase 3 removes what phase 2 wrote, so a
     failed run leaves nothing behind either way.
     """
-    from .edit_plan import keeps_layout, plan_tensor_edits
-    from .measurements import measurement_shape
-
     start = time.monotonic()
     root = resolve_model_path(plan.model, plan.source)
     folder = open_model_folder(root)
@@ -177,8 +182,6 @@ def _space_error(exc: OSError, partial: Path) -> UserError | None:
 
 def _check_free_space(folder: ModelFolder, work, output: Path, done=frozenset()) -> None:
     """UserError unless the output's file system has room for every shard not yet done and the other files."""
-    from .edit_plan import layout_bytes
-
     needed = sum(folder.headers[name].data_start + layout_bytes(folder.headers[name], work.edits.get(name, {}))
                  for name in folder.shards if name not in done)
     needed += sum((folder.root / rel).stat().st_size for rel in folder.other_files)
@@ -193,8 +196,6 @@ def _copy_untouched(folder: ModelFolder, work, partial: Path, crash: "_CrashHook
     """Phase 2: for each shard whose layout the edit keeps, write its header and every tensor it does not edit
     at their final offsets in `<shard>.tmp` (kernel copies, which release the GIL while torch imports). The edited
     tensors' bytes are filled in later at their own offsets. Returns, per shard, the tensors written."""
-    from tqdm import tqdm
-
     untouched = {name: [t for t in folder.headers[name].tensors if t.name not in work.edits.get(name, {})]
                  for name in shards}
     bar = tqdm(total=sum(t.nbytes for ts in untouched.values() for t in ts), desc="untouched tensors", unit="B",
@@ -221,9 +222,6 @@ def _copy_untouched(folder: ModelFolder, work, partial: Path, crash: "_CrashHook
 
 def _bind(plan: Plan, folder: ModelFolder, work, device: str | None):
     """Phase 3's checks: load the measured values, check them (finite, usable directions), bind the edits."""
-    from .edit_plan import bind_edits
-    from .measurements import load_measurements
-
     measurements = load_measurements(plan.measurements)
     check_plan_shapes(plan, measurements.num_indices, measurements.hidden_size, folder.num_layers, folder.hidden_size)
     directions = prepared_directions(plan, measurements)  # raises on a degenerate direction
@@ -238,7 +236,6 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
     """Phase 3's writing: every shard's edited tensors (and, for shards phase 2 did not start, everything else),
     then the other files, then the rename into place."""
     import torch
-    from tqdm import tqdm
 
     from .shard_writer import Buffers, WriteContext, shard_layout
 
