@@ -195,11 +195,13 @@ def apply_overrides(plan: Plan, output: str | None = None, invert: bool = False,
     return replace(plan, **changes) if changes else plan
 
 
-def check_plan_against(plan: Plan, measurements, num_layers: int, hidden_size: int) -> None:
-    """Model-dependent checks: layer and measurement ranges, hidden sizes, usable directions."""
+def check_plan_against(plan: Plan, measurements, num_layers: int,
+                       hidden_size: int) -> dict[tuple[int, float], PreparedDirection]:
+    """Model-dependent checks: layer and measurement ranges, hidden sizes, usable directions. Returns the
+    prepared directions (`prepared_directions`), so the caller that edits does not prepare them again."""
     check_plan_shapes(plan, measurements.num_indices, measurements.hidden_size, num_layers, hidden_size)
-    # Degenerate directions fail here, before anything is written.
-    prepared_directions(plan, measurements)
+    # Degenerate directions fail here, before the edited tensors are written.
+    return prepared_directions(plan, measurements)
 
 
 def check_plan_shapes(plan: Plan, num_indices: int, measured_hidden: int, num_layers: int, hidden_size: int) -> None:

@@ -31,7 +31,7 @@ from .cli import UserError
 from .edit_plan import bind_edits, keeps_layout, layout_bytes, plan_tensor_edits
 from .measurements import load_measurements, measurement_shape
 from .model_folder import INDEX_NAME, ModelFolder, open_model_folder, resolve_model_path
-from .plan import Plan, check_plan_shapes, prepared_directions
+from .plan import Plan, check_plan_against, check_plan_shapes
 from .record import RECORD_NAME, build_record, file_sha256, model_card, record_bytes
 from .safetensors_stream import POSITIONAL_IO, copy_range, layout_unchanged, write_safetensors
 
@@ -215,7 +215,7 @@ def _copy_untouched(folder: ModelFolder, work, partial: Path, crash: "_CrashHook
         written[name] = {t.name for t in untouched[name]}
         # Without this, nothing reaches the disk before each shard's final fsync (under the kernel's dirty-memory
         # limits), and the last one then waits for a whole shard: 0.1-0.2 s of a 2 GB run.
-        syncing.append(disk.submit(_datasync, tmp))
+        syncing.append(disk.submit(_sync_file, tmp, True))
     bar.close()
     return written
 
@@ -223,8 +223,7 @@ def _copy_untouched(folder: ModelFolder, work, partial: Path, crash: "_CrashHook
 def _bind(plan: Plan, folder: ModelFolder, work, device: str | None):
     """Phase 3's checks: load the measured values, check them (finite, usable directions), bind the edits."""
     measurements = load_measurements(plan.measurements)
-    check_plan_shapes(plan, measurements.num_indices, measurements.hidden_size, folder.num_layers, folder.hidden_size)
-    directions = prepared_directions(plan, measurements)  # raises on a degenerate direction
+    directions = check_plan_against(plan, measurements, folder.num_layers, folder.hidden_size)
     dev = pick_device(device)
     bind_edits(work, folder, plan, directions, dev)
     return directions, dev
@@ -345,11 +344,11 @@ def _clean_partial(partial: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def _datasync(path: Path) -> None:
-    """Write `path`'s data to disk now (its final fsync then has less to wait for)."""
+def _sync_file(path: Path, data_only: bool = False) -> None:
+    """fsync `path` (fdatasync with `data_only`: its data now, so that its final fsync has less to wait for)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fdatasync(fd)
+        (os.fdatasync if data_only else os.fsync)(fd)
     finally:
         os.close(fd)
 
@@ -357,11 +356,7 @@ def _datasync(path: Path) -> None:
 def _seal_shard(tmp: Path, partial: Path, name: str, key: str) -> None:
     """fsync a written shard, rename it into place, then write its completion marker (in this order, so a marker
     never names bytes that could still be lost)."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _sync_file(tmp)
     os.replace(tmp, partial / name)
     _write_marker(partial, name, key)
 
