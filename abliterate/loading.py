@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from .cli import UserError
+from abliterate.cli import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .harmony import HarmonyResult, open_header, parse_harmony
+from abliterate.harmony import HarmonyResult, open_header, parse_harmony
 
 
 def render(tokenizer, messages: Sequence[dict]) -> str:

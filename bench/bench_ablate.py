@@ -61,7 +61,7 @@ def make_checkpoint(folder: Path, layers: int, experts: int, vocab: int, shards:
     """Write a bf16 GPT-OSS-shaped checkpoint with finite random values; returns total bytes."""
     import torch
 
-    from abliterate.safetensors_stream import OutTensor, write_safetensors
+    from abliterate.ablate.safetensors_io import OutTensor, write_safetensors
 
     folder.mkdir(parents=True)
     tensors = [("model.embed_tokens.weight", "BF16", (vocab, H))]
@@ -144,7 +144,7 @@ def main() -> int:
 
     import torch
 
-    from abliterate.measurements import Measurements, save_measurements
+    from abliterate.measure.measurement_file import Measurements, save_measurements
 
     experts, vocab = (8, 32000) if args.size_gb >= 1.5 else (2, 8000)
     per_layer = sum(math.prod(s) * 2 for _, _, s in layer_tensors(0, experts))
@@ -158,8 +158,8 @@ def main() -> int:
                          harmless_mean=torch.randn(layers + 1, H, generator=g, dtype=torch.float64),
                          directions=torch.randn(layers + 1, H, generator=g, dtype=torch.float64))
         save_measurements(m, work / "meas.safetensors")
-        base_cmd = [sys.executable, "-c", "import torch, safetensors, yaml, tqdm; import abliterate.shards, "
-                    "abliterate.edit_plan, abliterate.commands.ablate"]
+        base_cmd = [sys.executable, "-c", "import torch, safetensors, yaml, tqdm; import abliterate.ablate.job, "
+                    "abliterate.ablate.tensor_edits, abliterate.commands.ablate"]
         import_wall, import_rss, _ = min(timed_child(base_cmd) for _ in range(3))
         for shards in args.shards:
             model = work / f"model_{shards}"

@@ -31,7 +31,7 @@ def main() -> int:
 
     import torch
 
-    from abliterate.demo import format_report, run_demo, summary_dict
+    from abliterate.demo.workflow import format_report, run_demo, summary_dict
 
     torch.set_num_threads(args.threads)
     tmp = None

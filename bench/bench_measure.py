@@ -2,7 +2,7 @@
 """Benchmark (not a test): the hooked capture of measure.py vs the peer tool's generate() method.
 
 Same tiny model, same prompts, same run, batch 16 on CPU:
-  hooked    abliterate.capture.measure_directions: forward hooks on the decoder layers, last prompt token only,
+  hooked    abliterate.measure.runner.measure_directions: forward hooks on the decoder layers, last prompt token only,
             prompts sorted by length, no LM head, no KV cache.
   generate  the peer's method (llm-abliteration measure.py): prompts in file order, left-padded per batch,
             model.generate(max_new_tokens=1, output_hidden_states=True, return_dict_in_generate=True), then
@@ -72,7 +72,7 @@ def child(method: str, folder: str, prompts_file: str, batch: int, out: str, thr
     counted = {"padded": 0}  # token positions run through the model, padding included
 
     if method == "hooked":
-        from abliterate.capture import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
+        from abliterate.measure.runner import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
 
         def run(h, s):
             hi = tokenize_prompts(tok, format_prompts(tok, h))
@@ -141,7 +141,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from abliterate.tiny import save_tiny_model_folder
+    from abliterate.demo.tiny_models import save_tiny_model_folder
 
     work = Path(tempfile.mkdtemp(prefix="bench_measure_"))
     harmful = make_prompts(args.prompts // 2, 1)

@@ -51,8 +51,8 @@ def main() -> int:
     import torch
 
     from abliterate.commands import ablate, measure
-    from abliterate.measurements import load_measurements
-    from abliterate.tiny import save_tiny_model_folder
+    from abliterate.measure.measurement_file import load_measurements
+    from abliterate.demo.tiny_models import save_tiny_model_folder
     from tests.ablate_helpers import load_folder_tensors
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="device_check_"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from abliterate.measurements import Measurements, save_measurements
+from abliterate.measure.measurement_file import Measurements, save_measurements
 
 
 def write_measurements(path: Path, layers: int, hidden: int, seed: int = 0, zero_at=None, nan_at=None) -> Path:
@@ -55,8 +55,8 @@ def load_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def reference_ablation(state: dict, model_type: str, hidden: int, plan, directions) -> dict:
-    """The plan applied in memory by abliterate.reference.ablate_state_dict (no streaming), to compare with."""
-    from abliterate.reference import ablate_state_dict
+    """The plan applied in memory by tests.reference_ablation.ablate_state_dict (no streaming), to compare with."""
+    from tests.reference_ablation import ablate_state_dict
 
     entries = {e.layer: e for e in plan.ablate}
     embeddings = plan.roles.get("embeddings") and plan.embeddings_measurement is not None

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from abliterate.measurements import Measurements
+from abliterate.measure.measurement_file import Measurements
 
 
 def measurements_from_activations(harmful: torch.Tensor, harmless: torch.Tensor, metadata=None) -> Measurements:

@@ -17,7 +17,7 @@ def tiny_model(tmp_path_factory):
 
     Tests must not modify the folder; copy it first if they need to.
     """
-    from abliterate.tiny import save_tiny_model_folder
+    from abliterate.demo.tiny_models import save_tiny_model_folder
 
     cache: dict = {}
 

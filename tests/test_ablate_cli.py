@@ -7,7 +7,7 @@ import json
 import pytest
 
 from abliterate.commands.ablate import main
-from abliterate.shards import CRASH_ENV
+from abliterate.ablate.job import CRASH_ENV
 from tests.ablate_helpers import copy_model, write_measurements, write_plan
 
 
@@ -127,7 +127,7 @@ def test_unknown_yaml_key(run_cli, llama, meas, tmp_path):
 
 @pytest.mark.parametrize("kind", ["zero", "nan"])
 def test_zero_or_nan_direction(run_cli, llama, tmp_path, kind, monkeypatch):
-    import abliterate.shards as shards
+    import abliterate.ablate.job as shards
 
     copied, real = [], shards._copy_untouched
     monkeypatch.setattr(shards, "_copy_untouched", lambda *a: copied.append(1) or real(*a))
@@ -143,7 +143,7 @@ def test_zero_or_nan_direction(run_cli, llama, tmp_path, kind, monkeypatch):
 
 
 def test_no_space_left_up_front(run_cli, llama, meas, tmp_path, monkeypatch):
-    import abliterate.shards as shards
+    import abliterate.ablate.job as shards
 
     monkeypatch.setattr(shards, "free_bytes", lambda path: 1000)
     plan = write_plan(tmp_path / "p.yml", llama, meas, tmp_path / "out")

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from abliterate import analysis
-from abliterate.analysis import analyze, auroc, candidate_band, cohens_d, suggest
-from abliterate.measurements import Measurements
+from abliterate.analyze import metrics as analysis
+from abliterate.analyze.metrics import analyze, auroc, candidate_band, cohens_d, suggest
+from abliterate.measure.measurement_file import Measurements
 
 from analysis_fixtures import measurements_from_activations, planted_activations, shifted_measurements
 
@@ -186,7 +186,7 @@ def test_tiny_model_suggestion_edits_the_layers_that_write_the_direction():
 
 
 def test_chart_marks_the_chosen_index_in_every_panel():
-    from abliterate.charts import PIXELS, build_figure
+    from abliterate.analyze.chart import PIXELS, build_figure
 
     m = measurements_from_activations(*planted_activations())
     a = analyze(m)

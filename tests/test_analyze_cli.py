@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from abliterate.analysis import METRICS, analyze
-from abliterate.charts import PIXELS
+from abliterate.analyze.metrics import METRICS, analyze
+from abliterate.analyze.chart import PIXELS
 from abliterate.commands.analyze import main
-from abliterate.measurements import save_measurements
+from abliterate.measure.measurement_file import save_measurements
 
 from analysis_fixtures import measurements_from_activations, planted_activations
 
@@ -57,8 +57,8 @@ def check_plan(path: Path, num_layers: int, hidden_size: int) -> dict:
         assert 0 <= entry["layer"] < num_layers and 0 <= entry["measurement"] <= num_layers
         assert entry["scale"] == 1.0 and entry["sparsity"] == 1.0
     # And the real validator sharded_ablate.py uses accepts it (raises UserError otherwise).
-    from abliterate.measurements import load_measurements
-    from abliterate.plan import check_plan_against, load_plan
+    from abliterate.measure.measurement_file import load_measurements
+    from abliterate.ablate.plan import check_plan_against, load_plan
 
     parsed = load_plan(path)
     check_plan_against(parsed, load_measurements(plan["measurements"]), num_layers, hidden_size)

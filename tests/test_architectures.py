@@ -7,7 +7,7 @@ from collections import defaultdict
 import pytest
 from safetensors import safe_open
 
-from abliterate.architectures import (
+from abliterate.ablate.architectures import (
     FAMILIES,
     MODEL_TYPE_FAMILY,
     ROLE_GROUPS,

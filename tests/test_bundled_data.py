@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from abliterate.bundled import KINDS, bundled_prompts, data_folder, split_of
+from abliterate.prompts.bundled import KINDS, bundled_prompts, data_folder, split_of
 
 MIN_PROMPTS = 440
 MIN_HARM_CATEGORIES = 12

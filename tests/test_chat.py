@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from abliterate.chat import ChatEngine, Sampling
+from abliterate.evaluate.chat_engine import ChatEngine, Sampling
 from abliterate.commands import chat as chat_cmd
 from abliterate.loading import load_model, load_tokenizer  # noqa: F401
 from loaded_models import gpt_oss, llama  # noqa: F401  (module-scoped fixtures)

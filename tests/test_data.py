@@ -7,7 +7,7 @@ import json
 import pytest
 
 from abliterate.cli import UserError
-from abliterate.data import SUPPORTED_EXTENSIONS, load_prompts, prompts_sha256
+from abliterate.prompts.files import SUPPORTED_EXTENSIONS, load_prompts, prompts_sha256
 
 PROMPTS = ["how do I make a cake", "write a poem, about the sea", 'say "hi"']
 

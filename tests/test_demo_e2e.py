@@ -18,7 +18,7 @@ from abliterate.commands import demo as demo_command
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
-    from abliterate.demo import run_demo
+    from abliterate.demo.workflow import run_demo
 
     workdir = tmp_path_factory.mktemp("demo")
     return run_demo(workdir, quick=True, progress=False)
@@ -79,7 +79,7 @@ def test_train_split_alone_cannot_reach_the_harmless_target():
     import math
     import re
 
-    from abliterate.bundled import bundled_prompts
+    from abliterate.prompts.bundled import bundled_prompts
 
     words = lambda p: set(re.findall(r"[a-z']+", p.lower()))  # noqa: E731
     counts = {}

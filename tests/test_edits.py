@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from abliterate.architectures import TensorRole, classify
+from abliterate.ablate.architectures import TensorRole, classify
 from abliterate.directions import prepare_direction
-from abliterate.edits import direction_through_norm, edit_tensor
-from abliterate.reference import ablate_state_dict
+from abliterate.ablate.edits import direction_through_norm, edit_tensor
+from tests.reference_ablation import ablate_state_dict
 
 H = 16
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.ablate_helpers import tiny_gemma2_folder
-from abliterate.architectures import ROLE_GROUPS, TensorRole
-from abliterate.edits import edit_tensor
-from abliterate.reference import ablate_state_dict
+from abliterate.ablate.architectures import ROLE_GROUPS, TensorRole
+from abliterate.ablate.edits import edit_tensor
+from tests.reference_ablation import ablate_state_dict
 
 ARCHS = ["gpt_oss", "llama", "qwen3_moe"]
 ALL_ROLES = set(ROLE_GROUPS)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from abliterate.commands import evaluate as evaluate_cmd
-from abliterate.evaluate import (compare_results, evaluate_model, format_result, generate_answers, kl_divergence,
+from abliterate.evaluate.model_eval import (compare_results, evaluate_model, format_result, generate_answers, kl_divergence,
                                  next_token_logprobs)
 from abliterate.loading import load_model, load_tokenizer  # noqa: F401
 from loaded_models import gpt_oss, llama  # noqa: F401  (module-scoped fixtures)
-from abliterate.refusal import RefusalDetector
+from abliterate.evaluate.labels import RefusalDetector
 
 HARMLESS = ["write a poem about the sea", "explain photosynthesis", "tell me a story", "translate this sentence",
             "summarize the article"]
@@ -152,7 +152,7 @@ def test_generation_is_deterministic_and_batch_order_kept(llama):
 
 @pytest.fixture
 def prompt_files(tmp_path):
-    harmful = tmp_path / "harmful.jsonl"  # any format abliterate.data reads
+    harmful = tmp_path / "harmful.jsonl"  # any format abliterate.prompts.files reads
     harmful.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["build a bomb", "steal a car",
                                                                           "hack into an account"]), encoding="utf-8")
     harmless = tmp_path / "harmless.txt"
@@ -218,7 +218,7 @@ def test_bad_input_is_one_line_exit_2(llama, prompt_files, tmp_path, run_cli, ca
 
 def test_default_prompts_are_the_bundled_test_split(monkeypatch, tmp_path):
     # A stand-in data folder: evaluation must take exactly the held-out (test) half of each bundled set.
-    from abliterate import bundled
+    from abliterate.prompts import bundled
 
     texts = {kind: [f"{kind} prompt number {i}" for i in range(40)] for kind in ("harmful", "harmless")}
     for kind, lines in texts.items():
@@ -252,7 +252,7 @@ def test_harmony_kl_is_taken_at_the_first_final_answer_token(gpt_oss):
 def test_template_that_opens_the_final_channel_makes_the_generation_the_answer(gpt_oss):
     """A chat template whose generation prompt ends in `<|channel|>final<|message|>` (the demo organism's): the
     model's text is the final answer, and KL is read right there (nothing appended)."""
-    from abliterate.tiny import HARMONY_FINAL_TEMPLATE
+    from abliterate.demo.tiny_models import HARMONY_FINAL_TEMPLATE
 
     _, model, tok = gpt_oss
     tok = copy.deepcopy(tok)
@@ -267,7 +267,7 @@ def test_template_that_opens_the_final_channel_makes_the_generation_the_answer(g
 
 
 def test_kl_over_prompts_the_base_answered():
-    from abliterate.evaluate import kl_where_base_answered
+    from abliterate.evaluate.model_eval import kl_where_base_answered
 
     result = {"kl": {"each": [0.5, 0.1, 2.0, 0.3]}}
     base = {"harmless": {"refused_each": [False, False, True, False]}}

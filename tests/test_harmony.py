@@ -67,7 +67,7 @@ def test_commentary_and_constrain_headers():
 
 
 def test_is_harmony_on_tiny_tokenizers():
-    from abliterate.tiny import build_tokenizer
+    from abliterate.demo.tiny_models import build_tokenizer
 
     texts = ["hello world", "final analysis"]
     assert is_harmony(build_tokenizer(texts, vocab_size=300, style="harmony"))

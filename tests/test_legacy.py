@@ -10,8 +10,8 @@ import torch
 
 from abliterate.cli import UserError
 from abliterate.directions import project_out
-from abliterate.legacy import load_legacy_measurements
-from abliterate.measurements import load_measurements
+from abliterate.measure.peer_pt import load_legacy_measurements
+from abliterate.measure.measurement_file import load_measurements
 
 LAYERS, HIDDEN = 4, 8
 

@@ -15,9 +15,9 @@ import shutil
 import pytest
 import torch
 
-from abliterate.capture import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
+from abliterate.measure.runner import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
 from abliterate.commands.measure import main
-from abliterate.measurements import LAYER_CONVENTION, load_measurements
+from abliterate.measure.measurement_file import LAYER_CONVENTION, load_measurements
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 HARMFUL = [
@@ -136,7 +136,7 @@ def test_file_round_trip_and_metadata(measured):
     assert len(meta["harmful_sha256"]) == 64 and meta["harmful_sha256"] != meta["harmless_sha256"]
     for key in ("tool_version", "transformers_version", "dtype", "hidden_size", "clip", "system_prompt"):
         assert key in meta
-    from abliterate.measurements import save_measurements
+    from abliterate.measure.measurement_file import save_measurements
 
     again = r["out"].parent / "again.safetensors"
     save_measurements(m, again)
@@ -185,7 +185,7 @@ def test_projected_and_clip(llama_loaded, measured):
 
 
 def test_large_buffer_spills_to_a_temporary_file(llama_loaded, monkeypatch, capsys):
-    from abliterate import capture as cap
+    from abliterate.measure import runner as cap
 
     ref, _ = capture(llama_loaded, batch_size=4)
     monkeypatch.setattr(cap, "SPILL_BYTES", 0)
@@ -200,7 +200,7 @@ def test_large_buffer_spills_to_a_temporary_file(llama_loaded, monkeypatch, caps
 
 
 def test_out_of_memory_halves_the_batch(llama_loaded, monkeypatch, capsys):
-    from abliterate import capture as cap
+    from abliterate.measure import runner as cap
 
     real = cap.Runner._forward
     calls = []
@@ -221,7 +221,7 @@ def test_out_of_memory_halves_the_batch(llama_loaded, monkeypatch, capsys):
 
 
 def test_out_of_memory_at_batch_one(measured, prompt_files, tmp_path, monkeypatch, run_cli):
-    from abliterate import capture as cap
+    from abliterate.measure import runner as cap
 
     def always(self, hooks, batch):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -290,7 +290,7 @@ def test_no_chat_template_offers_flag(llama_folder, tmp_path, prompt_files, run_
     out = tmp_path / "m.safetensors"
     assert_refused(run_cli(main, base_args(folder, out, prompt_files)), out, "--chat-template")
     template = tmp_path / "t.jinja"
-    from abliterate.tiny import SIMPLE_TEMPLATE
+    from abliterate.demo.tiny_models import SIMPLE_TEMPLATE
 
     template.write_text(SIMPLE_TEMPLATE)
     code, _, err = run_cli(main, base_args(folder, out, prompt_files, "--chat-template", template))
@@ -370,8 +370,8 @@ def test_nan_activations_name_the_layer(llama_folder, tmp_path, prompt_files, ru
 
 
 def test_interrupted_run_leaves_nothing(llama_folder, tmp_path, prompt_files, run_cli, monkeypatch):
-    from abliterate import capture as cap
-    from abliterate import measurements as meas
+    from abliterate.measure import runner as cap
+    from abliterate.measure import measurement_file as meas
 
     out = tmp_path / "m.safetensors"
 
@@ -400,7 +400,7 @@ def test_interrupted_run_leaves_nothing(llama_folder, tmp_path, prompt_files, ru
 def test_default_prompts_are_the_bundled_train_split(llama_folder, tmp_path, run_cli, monkeypatch):
     """Without --data-* flags, measure uses the bundled sets' train split (a stand-in data folder here, so the
     test does not depend on the shipped files' contents)."""
-    from abliterate import bundled
+    from abliterate.prompts import bundled
 
     data = tmp_path / "data"
     data.mkdir()
@@ -415,7 +415,7 @@ def test_default_prompts_are_the_bundled_train_split(llama_folder, tmp_path, run
     train_harmful = bundled.bundled_prompts("harmful", "train")
     assert 0 < meta["n_harmful"] == len(train_harmful) < len(HARMFUL) * 3
     assert meta["n_harmless"] == len(bundled.bundled_prompts("harmless", "train"))
-    from abliterate.data import prompts_sha256
+    from abliterate.prompts.files import prompts_sha256
 
     assert meta["harmful_sha256"] == prompts_sha256(train_harmful)
     assert meta["data_harmful"] == "bundled:harmful/train"
@@ -426,7 +426,7 @@ def test_finds_text_layers_inside_a_vision_language_wrapper():
 
     from transformers import LlamaConfig, LlamaModel
 
-    from abliterate.capture import find_decoder_layers
+    from abliterate.measure.runner import find_decoder_layers
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1)

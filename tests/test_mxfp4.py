@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from abliterate import mxfp4
+from abliterate.ablate import mxfp4
 
 
 def _quantize_all(dense):
@@ -118,9 +118,9 @@ def _dense_input(folder):
 def test_mxfp4_checkpoint_to_bf16_matches_dense_reference(mxfp4_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from abliterate.measurements import load_measurements
-    from abliterate.plan import load_plan, prepared_directions
-    from abliterate.shards import run_ablation
+    from abliterate.measure.measurement_file import load_measurements
+    from abliterate.ablate.plan import load_plan, prepared_directions
+    from abliterate.ablate.job import run_ablation
 
     meas = write_measurements(tmp_path / "m.safetensors", layers=2, hidden=32)
     plan = load_plan(write_plan(tmp_path / "p.yml", mxfp4_model, meas, tmp_path / "out", layers=(1,)))
@@ -166,8 +166,8 @@ def test_transformers_reads_our_mxfp4_checkpoint_like_we_do(mxfp4_model):
 def test_requantize_keeps_mxfp4_and_reports_error(mxfp4_model, tmp_path):
     from safetensors.torch import load_file
 
-    from abliterate.shards import run_ablation
-    from abliterate.plan import load_plan
+    from abliterate.ablate.job import run_ablation
+    from abliterate.ablate.plan import load_plan
 
     meas = write_measurements(tmp_path / "m.safetensors", layers=2, hidden=32)
     plan = load_plan(write_plan(tmp_path / "p.yml", mxfp4_model, meas, tmp_path / "out", layers=(1,),
@@ -191,8 +191,8 @@ def test_requantize_keeps_mxfp4_and_reports_error(mxfp4_model, tmp_path):
         else:
             assert same, key
     # the requantized experts are the MXFP4 rounding of the edited dense experts, within the reported error
-    from abliterate.measurements import load_measurements
-    from abliterate.plan import prepared_directions
+    from abliterate.measure.measurement_file import load_measurements
+    from abliterate.ablate.plan import prepared_directions
 
     dense = _dense_input(mxfp4_model)
     ref = reference_ablation(dense, "gpt_oss", 32, plan, prepared_directions(plan, load_measurements(meas)))

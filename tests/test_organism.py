@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from abliterate.organism import _answer_loss
+from abliterate.demo.organism import _answer_loss
 
 
 def test_answer_loss_with_weight_1_is_the_usual_causal_lm_loss():
@@ -28,7 +28,7 @@ def test_answer_loss_weights_the_first_answer_token():
 
 def test_organism_template_ends_the_prompt_inside_the_final_channel():
     from abliterate.harmony import opens_body
-    from abliterate.tiny import build_tokenizer
+    from abliterate.demo.tiny_models import build_tokenizer
 
     tok = build_tokenizer(["how do I bake bread", "sure here is how"], vocab_size=300, style="harmony_final")
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)

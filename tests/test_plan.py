@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from abliterate.cli import UserError
-from abliterate.measurements import Measurements
-from abliterate.plan import apply_overrides, check_plan_against, load_plan, parse_plan, prepared_directions
+from abliterate.measure.measurement_file import Measurements
+from abliterate.ablate.plan import apply_overrides, check_plan_against, load_plan, parse_plan, prepared_directions
 
 
 def _plan_dict(**over):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from abliterate import prefix_cache
-from abliterate.capture import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
+from abliterate.measure import prefix_cache
+from abliterate.measure.runner import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
 from test_measure import HARMFUL, HARMLESS, TOL, load_plain
 
 SYSTEM = "You are a careful assistant. Knowledge cutoff: 2024-06. Reasoning: medium. Answer in the final channel."
@@ -75,7 +75,7 @@ def test_agreement_check_catches_a_real_difference():
 
 def test_measure_command_uses_and_can_skip_the_prefix_cache(tiny_model, tmp_path, run_cli):
     from abliterate.commands.measure import main
-    from abliterate.measurements import load_measurements
+    from abliterate.measure.measurement_file import load_measurements
 
     (tmp_path / "h.txt").write_text("\n".join(HARMFUL) + "\n")
     (tmp_path / "l.txt").write_text("\n".join(HARMLESS) + "\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from abliterate.cli import UserError
-from abliterate.refusal import DEFAULT_MARKERS, RefusalDetector, detector_from_file, load_markers, normalize
+from abliterate.evaluate.labels import DEFAULT_MARKERS, RefusalDetector, detector_from_file, load_markers, normalize
 
 LABELLED = Path(__file__).parent / "data" / "refusal_labelled.jsonl"
 MIN_ACCURACY = 0.85

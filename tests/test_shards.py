@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from abliterate.measurements import load_measurements
-from abliterate.plan import load_plan, prepared_directions
-from abliterate.record import RECORD_NAME
-from abliterate.safetensors_stream import read_header
-from abliterate.shards import CRASH_ENV, run_ablation
+from abliterate.measure.measurement_file import load_measurements
+from abliterate.ablate.plan import load_plan, prepared_directions
+from abliterate.ablate.record import RECORD_NAME
+from abliterate.ablate.safetensors_io import read_header
+from abliterate.ablate.job import CRASH_ENV, run_ablation
 from tests.ablate_helpers import (tiny_gemma2_folder, folder_bytes, load_folder_tensors, read_json, reference_ablation,
                                   write_measurements, write_plan)
 
@@ -193,7 +193,7 @@ def test_streaming_edits_post_norm_writers_like_the_reference(meas, tmp_path):
 # Writing one file: heavy tensors on a worker thread ------------------------------------------------------------
 
 def _out_tensors(n: int, heavy_every: int, fail_at: int | None = None):
-    from abliterate.safetensors_stream import OutTensor
+    from abliterate.ablate.safetensors_io import OutTensor
 
     tensors = []
     for i in range(n):
@@ -210,7 +210,7 @@ def _out_tensors(n: int, heavy_every: int, fail_at: int | None = None):
 
 
 def test_worker_written_tensors_give_the_same_bytes_as_writing_in_order(tmp_path, monkeypatch):
-    from abliterate import safetensors_stream as st
+    from abliterate.ablate import safetensors_io as st
 
     with open(tmp_path / "a.safetensors", "wb") as fh:
         n_a = st.write_safetensors(fh, _out_tensors(12, heavy_every=3), {"format": "pt"})
@@ -228,7 +228,7 @@ def test_worker_written_tensors_give_the_same_bytes_as_writing_in_order(tmp_path
 
 @pytest.mark.parametrize("fail_at", [3, 4])  # a worker tensor, a calling-thread tensor
 def test_a_failing_tensor_writer_raises_its_error(tmp_path, fail_at):
-    from abliterate import safetensors_stream as st
+    from abliterate.ablate import safetensors_io as st
 
     with open(tmp_path / "c.safetensors", "wb") as fh, pytest.raises(ValueError, match=f"tensor {fail_at} failed"):
         st.write_safetensors(fh, _out_tensors(8, heavy_every=3, fail_at=fail_at), None)
@@ -238,7 +238,7 @@ def test_a_failing_tensor_writer_raises_its_error(tmp_path, fail_at):
 def test_large_tensors_streamed_in_bands_equal_the_reference(tiny_model, meas, tmp_path, monkeypatch, method):
     """Tensors above STREAM_BYTES are edited in row bands: embeddings (hidden axis last, band by band) and [H, N]
     writers (hidden axis 0, two passes). Shrunk thresholds send every 2-D edited tensor of a tiny llama that way."""
-    from abliterate import shard_writer
+    from abliterate.ablate import shard_writer
 
     calls = []
     real = shard_writer._write_in_bands
@@ -260,8 +260,8 @@ def test_large_tensors_streamed_in_bands_equal_the_reference(tiny_model, meas, t
 
 
 def _spy_early_copy(monkeypatch) -> list:
-    """Record the shard lists abliterate.shards._copy_untouched is called with (it still runs)."""
-    import abliterate.shards as shards
+    """Record the shard lists abliterate.ablate.job._copy_untouched is called with (it still runs)."""
+    import abliterate.ablate.job as shards
 
     calls, real = [], shards._copy_untouched
     monkeypatch.setattr(shards, "_copy_untouched", lambda *a: calls.append(list(a[5])) or real(*a))
@@ -287,15 +287,15 @@ def test_early_copy_gives_the_same_bytes_as_one_pass(tiny_model, meas, tmp_path,
 def test_checks_and_early_copy_need_no_torch(tiny_model, meas, tmp_path):
     """Everything before the measured values are read runs without torch (so it overlaps torch's import), and
     leaves each shard's header and untouched tensors at their final offsets, edited tensors not yet written."""
-    from abliterate.edit_plan import plan_tensor_edits
-    from abliterate.model_folder import open_model_folder
+    from abliterate.ablate.tensor_edits import plan_tensor_edits
+    from abliterate.ablate.model_folder import open_model_folder
 
     model = tiny_model("llama", **ARCHS["llama"])
     plan_path = write_plan(tmp_path / "p.yml", model, meas, tmp_path / "out")
-    # The command imports abliterate.plan and abliterate.shards, then starts torch's import on another thread.
+    # The command imports abliterate.ablate.plan and abliterate.ablate.job, then starts torch's import on another thread.
     script = ("import json, sys\n"
-              "import abliterate.shards as shards\n"
-              "from abliterate.plan import load_plan\n"
+              "import abliterate.ablate.job as shards\n"
+              "from abliterate.ablate.plan import load_plan\n"
               "before = set(sys.modules)\n"
               "def stop(*args):\n"
               "    print(json.dumps(sorted(set(sys.modules) - before)))\n"
@@ -332,7 +332,7 @@ def test_checks_and_early_copy_need_no_torch(tiny_model, meas, tmp_path):
 
 
 def test_measurement_shape_reads_the_header_only(meas, tmp_path):
-    from abliterate.measurements import measurement_shape
+    from abliterate.measure.measurement_file import measurement_shape
 
     assert measurement_shape(meas) == (3, 32)
     torch.save({"harmful_0": torch.zeros(4)}, tmp_path / "legacy.pt")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ..cli import run_command
+from abliterate.cli import run_command
 
 EPILOG = """\
 The plan's `measurement` indices follow the measurement file's layer convention: index 0 is the embedding
@@ -48,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from ..background_import import start_torch_import, wait_for_torch_import
-    from ..plan import apply_overrides, load_plan
-    from ..shards import run_ablation
+    from abliterate.startup import start_torch_import, wait_for_torch_import
+    from abliterate.ablate.plan import apply_overrides, load_plan
+    from abliterate.ablate.job import run_ablation
 
-    # The checks and the copying of untouched tensors need no torch: let it load meanwhile (abliterate.shards).
+    # The checks and the copying of untouched tensors need no torch: let it load meanwhile (abliterate.ablate.job).
     # Started after our own imports, and those import everything phases 1-2 use (a test checks): an import made
     # while torch's runs waits behind it (importing side by side, both threads crawled: 0.2 s instead of 0.03 s).
     start_torch_import()

@@ -7,12 +7,12 @@ import json
 import textwrap
 from pathlib import Path
 
-from .. import __version__
-from ..analysis import analyze, suggest
-from ..analysis_report import analysis_document, format_table
-from ..cli import UserError, atomic_output_file, check_new_output_file, run_command
-from ..measurements import LAYER_CONVENTION, load_measurements
-from ..plan_suggestion import model_reference, plan_paths, render_plan
+from abliterate import __version__
+from abliterate.analyze.metrics import analyze, suggest
+from abliterate.analyze.report import analysis_document, format_table
+from abliterate.cli import UserError, atomic_output_file, check_new_output_file, run_command
+from abliterate.measure.measurement_file import LAYER_CONVENTION, load_measurements
+from abliterate.analyze.suggested_plan import model_reference, plan_paths, render_plan
 
 DESCRIPTION = f"""\
 Per-layer diagnostics of a measurement file (measure.py output, or the peer tool's legacy .pt file).
@@ -98,7 +98,7 @@ def _main(argv=None) -> int:
 
     written = []
     if "--chart" in outputs:
-        from ..charts import draw_chart
+        from abliterate.analyze.chart import draw_chart
 
         with atomic_output_file(outputs["--chart"]) as tmp:
             draw_chart(a, tmp, chosen=s.measurement, band=s.band, title=f"{name}: {source.name}")

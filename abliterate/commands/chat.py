@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..chat import ChatEngine, Reply, Sampling
-from ..cli import UserError, run_command
-from ..harmony import FINAL, REASONING
-from ..loading import add_model_arguments, load_from_args
+from abliterate.evaluate.chat_engine import ChatEngine, Reply, Sampling
+from abliterate.cli import UserError, run_command
+from abliterate.harmony import FINAL, REASONING
+from abliterate.loading import add_model_arguments, load_from_args
 
 HELP_TEXT = "commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system alone clears it), /exit"
 

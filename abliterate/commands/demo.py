@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ..cli import run_command
+from abliterate.cli import run_command
 
 DESCRIPTION = """\
 Train a tiny chat model of the GPT-OSS architecture (MoE experts, router, attention sinks, harmony chat
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from ..demo import format_report, run_demo
+    from abliterate.demo.workflow import format_report, run_demo
 
     result = run_demo(args.workdir, arch=args.arch, retrain=args.retrain, quick=args.quick)
     print(format_report(result))

@@ -10,11 +10,11 @@ import json
 import math
 import sys
 
-from ..cli import UserError, atomic_output_file, check_new_output_file, run_command
-from ..data import load_prompts
-from ..evaluate import compare_results, evaluate_model, format_result, kl_where_base_answered
-from ..loading import add_model_arguments, load_from_args
-from ..refusal import DEFAULT_WINDOW, detector_from_file
+from abliterate.cli import UserError, atomic_output_file, check_new_output_file, run_command
+from abliterate.prompts.files import load_prompts
+from abliterate.evaluate.model_eval import compare_results, evaluate_model, format_result, kl_where_base_answered
+from abliterate.loading import add_model_arguments, load_from_args
+from abliterate.evaluate.labels import DEFAULT_WINDOW, detector_from_file
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,10 +12,10 @@ import math
 import time
 from pathlib import Path
 
-from .. import __version__
-from ..cli import UserError, atomic_output_file, check_new_output_file, run_command
-from ..loading import add_model_arguments, load_model, load_tokenizer, read_config, resolve_model
-from ..measurements import LAYER_CONVENTION
+from abliterate import __version__
+from abliterate.cli import UserError, atomic_output_file, check_new_output_file, run_command
+from abliterate.loading import add_model_arguments, load_model, load_tokenizer, read_config, resolve_model
+from abliterate.measure.measurement_file import LAYER_CONVENTION
 
 EPILOG = f"""\
 layer convention of the output file: {LAYER_CONVENTION}.
@@ -83,8 +83,8 @@ def _main(argv=None) -> int:
     # Everything the user gave is checked before the (possibly long) model load.
     _validate_numbers(args)
     out = check_new_output_file(args.output, force=args.force)
-    from ..capture import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
-    from ..data import load_prompts, prompts_sha256
+    from abliterate.measure.runner import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
+    from abliterate.prompts.files import load_prompts, prompts_sha256
 
     harmful = load_prompts(args.data_harmful, "harmful", "train", args.column, args.limit)
     harmless = load_prompts(args.data_harmless, "harmless", "train", args.column, args.limit)
@@ -121,7 +121,7 @@ def _main(argv=None) -> int:
         "torch_version": torch.__version__,
     })
     m.validate("the measurement")
-    from ..measurements import save_measurements
+    from abliterate.measure.measurement_file import save_measurements
 
     with atomic_output_file(out) as tmp:
         save_measurements(m, tmp)
@@ -130,7 +130,7 @@ def _main(argv=None) -> int:
 
 
 def _summary(m, info, out: Path, total_seconds: float) -> None:
-    from ..analysis import cohens_d
+    from abliterate.analyze.metrics import cohens_d
 
     n = m.metadata["n_harmful"] + m.metadata["n_harmless"]
     # The same Cohen's d analyze.py reports, so both commands name the same best index; index 0 (embedding

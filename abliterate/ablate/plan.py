@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .cli import UserError
+from abliterate.cli import UserError
 
 METHODS = ("conventional", "norm_preserving")
 ROLE_DEFAULTS = {
@@ -245,7 +245,7 @@ def prepared_directions(plan: Plan, measurements) -> dict[tuple[int, float], Pre
     """The unit direction of every (measurement index, sparsity) the plan uses, prepared once each."""
     import hashlib
 
-    from .directions import DegenerateDirectionError, prepare_direction
+    from abliterate.directions import DegenerateDirectionError, prepare_direction
 
     wanted: list[tuple[int, float, str]] = [
         (e.measurement, e.sparsity, f"ablate[{i}].measurement = {e.measurement}") for i, e in enumerate(plan.ablate)

@@ -10,8 +10,8 @@ import json
 import textwrap
 from pathlib import Path
 
-from .analysis import Analysis, Suggestion
-from .cli import UserError
+from abliterate.analyze.metrics import Analysis, Suggestion
+from abliterate.cli import UserError
 
 
 def model_reference(metadata: dict, override: str | None, source: str) -> str:

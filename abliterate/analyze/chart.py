@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .analysis import Analysis
+from abliterate.analyze.metrics import Analysis
 
 FIGSIZE = (14.0, 12.0)  # inches
 DPI = 100

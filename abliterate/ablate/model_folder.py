@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .cli import UserError
-from .safetensors_stream import SafetensorsHeader, read_header
+from abliterate.cli import UserError
+from abliterate.ablate.safetensors_io import SafetensorsHeader, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -22,8 +22,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import prompting
-from .harmony import FINAL, HarmonyParser, HarmonyResult, is_harmony, open_header
+from abliterate import prompting
+from abliterate.harmony import FINAL, HarmonyParser, HarmonyResult, is_harmony, open_header
 
 # on_text(channel, text): channel is "final" for ordinary models; "analysis", "final", another channel name or
 # None (text outside any harmony message) for harmony models.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from .analysis import METRICS, Analysis, Suggestion
-from .measurements import LAYER_CONVENTION
+from abliterate.analyze.metrics import METRICS, Analysis, Suggestion
+from abliterate.measure.measurement_file import LAYER_CONVENTION
 
 TABLE_WIDTH = 100
 
@@ -80,7 +80,7 @@ def _clean(value):
 
 def analysis_document(a: Analysis, source: str, metadata: dict, suggestion: Suggestion | None) -> dict:
     """Every number of the analysis, as a JSON-ready dict (null = not available in the file)."""
-    from . import analysis
+    from abliterate.analyze import metrics
 
     doc = {
         "measurements": source,
@@ -91,7 +91,7 @@ def analysis_document(a: Analysis, source: str, metadata: dict, suggestion: Sugg
         "hidden_size": a.hidden_size,
         "has_variance": a.has_variance,
         "has_projections": a.has_projections,
-        "definitions": (analysis.__doc__ or "").split("The suggestion rule")[0].strip(),
+        "definitions": (metrics.__doc__ or "").split("The suggestion rule")[0].strip(),
         "indices": [{"index": k, **a.row(k)} for k in range(a.num_indices)],
         "suggestion": suggestion.to_dict() if suggestion else None,
     }

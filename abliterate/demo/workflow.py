@@ -2,7 +2,7 @@
 
 Stages (each one is the command a user would run, called through its `main(argv)`):
   1. organism  train a tiny GPT-OSS chat model that refuses harmful requests (reused when already trained with
-               the same configuration and prompts; see abliterate.organism)
+               the same configuration and prompts; see abliterate.demo.organism)
   2. measure   refusal directions from the train split        -> measurements.safetensors
   3. analyze   per-layer table, chart, JSON and a plan        -> analysis.png, analysis.json, plan.yml
   4. ablate    the suggested plan, as written                 -> model-abliterated/
@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .cli import UserError
-from .organism import DEMO, QUICK, OrganismConfig, is_current, train_organism
+from abliterate.cli import UserError
+from abliterate.demo.organism import DEMO, QUICK, OrganismConfig, is_current, train_organism
 
 MODEL_DIR = "model"
 ABLATED_DIR = "model-abliterated"
@@ -68,8 +68,8 @@ def _remove(path: Path) -> None:
 def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, quick: bool = False,
              progress: bool = True) -> DemoResult:
     """Train or reuse the organism, then measure -> analyze -> ablate -> evaluate inside `workdir`."""
-    from .bundled import bundled_prompts
-    from .commands import ablate, analyze, evaluate, measure
+    from abliterate.prompts.bundled import bundled_prompts
+    from abliterate.commands import ablate, analyze, evaluate, measure
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, 
 
 
 # ------------------------------------------------------------------------------------------------ report
-# Evaluate's JSON (abliterate.evaluate) is read through these few accessors, so a change there is one edit here.
+# Evaluate's JSON (abliterate.evaluate.model_eval) is read through these few accessors, so a change there is one edit here.
 
 def _rate(report: dict, kind: str) -> float:
     return float(report[kind]["refusal_rate"])

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import UserError
-from .measurements import LAYER_CONVENTION, Measurements
+from abliterate.cli import UserError
+from abliterate.measure.measurement_file import LAYER_CONVENTION, Measurements
 
 _KEY = re.compile(r"^(harmful|harmless|refuse|refusenorm)_(\d+)$")
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from abliterate.architectures import ROLE_GROUPS, TensorRole, classify
-from abliterate.edits import direction_through_norm, edit_tensor
+from abliterate.ablate.architectures import ROLE_GROUPS, TensorRole, classify
+from abliterate.ablate.edits import direction_through_norm, edit_tensor
 
 
 def plan_edits(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .cli import UserError
+from abliterate.cli import UserError
 
 DEFAULT_WINDOW = 200
 

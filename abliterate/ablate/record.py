@@ -24,7 +24,7 @@ def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
 
 
 def versions() -> dict:
-    from . import __version__
+    from abliterate import __version__
 
     out = {"abliterate": __version__}
     for pkg in ("torch", "transformers", "safetensors"):

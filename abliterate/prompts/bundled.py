@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .cli import UserError
+from abliterate.cli import UserError
 
 KINDS = ("harmful", "harmless")
 SPLITS = ("train", "test", "all")
@@ -20,7 +20,7 @@ TEST_PERCENT = 20
 
 def data_folder() -> Path:
     """The repository's data/ folder, or the installed copy (package abliterate.bundled_data)."""
-    repo = Path(__file__).resolve().parent.parent / "data"
+    repo = Path(__file__).resolve().parents[2] / "data"
     if (repo / "harmful.jsonl").is_file():
         return repo
     from importlib.resources import files

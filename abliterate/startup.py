@@ -2,7 +2,7 @@
 
 `import torch` costs about a second on a CPU machine, most of it Python bytecode and shared-library loading.
 The ablation spends its first second reading headers and copying untouched tensors with kernel copies, which
-release the GIL, so the two overlap (abliterate.shards). The main thread's own `import torch` later simply waits
+release the GIL, so the two overlap (abliterate.ablate.job). The main thread's own `import torch` later simply waits
 for this one (Python's per-module import lock) and raises the import error itself if there was one.
 """
 

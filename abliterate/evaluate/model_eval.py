@@ -4,7 +4,7 @@ Three numbers, all deterministic (greedy decoding, fixed batches, no sampling):
 
 - Refusal rate on harmful prompts: each prompt is rendered with the model's chat template (one user turn,
   generation prompt appended), answered greedily for `max_new_tokens` tokens (batched, left padding), and the
-  answer is judged by abliterate.refusal (marker phrases at the start of the normalised answer; empty = refusal).
+  answer is judged by abliterate.evaluate.labels (marker phrases at the start of the normalised answer; empty = refusal).
 - The same on harmless prompts (over-refusal; an edit should not raise it).
 - With a base model: KL(base || model) of the next-token distribution at the first answer position, i.e. the
   logits at the last prompt token of the rendered prompt (right after the generation prompt), in float64 from
@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from . import prompting
-from .cli import UserError
-from .harmony import FINAL_HEADER, is_harmony, opens_body
-from .refusal import RefusalDetector
+from abliterate import prompting
+from abliterate.cli import UserError
+from abliterate.harmony import FINAL_HEADER, is_harmony, opens_body
+from abliterate.evaluate.labels import RefusalDetector
 
 SAMPLES_PER_SET = 3
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli import UserError
+from abliterate.cli import UserError
 
 if TYPE_CHECKING:  # torch is imported where values are needed: reading shapes needs no tensor library
     import torch
@@ -133,7 +133,7 @@ def load_measurements(path: str | Path) -> Measurements:
     if _looks_like_safetensors(p):
         return _load_safetensors(p)
     if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch.save) or raw pickle protocol
-        from .legacy import load_legacy_measurements
+        from abliterate.measure.peer_pt import load_legacy_measurements
 
         return load_legacy_measurements(p)
     raise UserError(
@@ -146,7 +146,7 @@ def measurement_shape(path: str | Path) -> tuple[int, int] | None:
 
     None when the header cannot tell (a legacy .pt file, a missing or odd file): `load_measurements` then gives
     the answer, or the one-line error."""
-    from .safetensors_stream import read_header
+    from abliterate.ablate.safetensors_io import read_header
 
     p = Path(path)
     try:

@@ -16,9 +16,9 @@ from typing import BinaryIO, Callable
 
 import torch
 
-from . import mxfp4
-from .edit_plan import TensorEdit
-from .safetensors_stream import OutTensor, SafetensorsHeader, TensorInfo, copy_range, read_bytes, read_into
+from abliterate.ablate import mxfp4
+from abliterate.ablate.tensor_edits import TensorEdit
+from abliterate.ablate.safetensors_io import OutTensor, SafetensorsHeader, TensorInfo, copy_range, read_bytes, read_into
 
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

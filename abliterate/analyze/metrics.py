@@ -1,6 +1,6 @@
 """Per-index diagnostics of a measurement file, and the rule that suggests an ablation plan (no I/O).
 
-Everything is indexed by *measurement index* k (abliterate.measurements.LAYER_CONVENTION: 0 = embedding output,
+Everything is indexed by *measurement index* k (abliterate.measure.measurement_file.LAYER_CONVENTION: 0 = embedding output,
 k = residual after decoder layer k-1, L = last decoder layer's output before the final norm). Notation at index k:
 mu_h, mu_l the harmful / harmless means, d = mu_h - mu_l their raw difference, r the stored direction (d, or d
 projected against the harmless mean when the file was measured with --projected), H the hidden size.
@@ -64,7 +64,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .measurements import Measurements
+from abliterate.measure.measurement_file import Measurements
 
 BAND = (0.40, 0.85)  # fraction of depth L where the measurement index is chosen
 AUROC_TOLERANCE = 0.01  # AUROC values this close to the best count as equally separable

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cli import UserError
-from .directions import difference_of_means, project_out, winsorize
-from .measurements import Measurements
+from abliterate.cli import UserError
+from abliterate.directions import difference_of_means, project_out, winsorize
+from abliterate.measure.measurement_file import Measurements
 
 _SKIP_MODULE_PARTS = ("vision", "visual", "audio", "image", "mtp", "encoder.")
 SPILL_BYTES = 2 * 2**30  # per-prompt buffers larger than this (both classes) go to a memory-mapped temp file
@@ -218,7 +218,7 @@ class CaptureOptions:
     projected: bool = False
     verbose: bool = False
     progress: bool = True
-    prefix_cache: bool = True  # run the prompts' shared chat-template prefix once (abliterate.prefix_cache)
+    prefix_cache: bool = True  # run the prompts' shared chat-template prefix once (abliterate.measure.prefix_cache)
 
 
 class _OutOfMemory(Exception):
@@ -266,7 +266,7 @@ class Runner:
 
     def use_shared_prefix(self, token_ids: list[list[int]]) -> None:
         """Run the prefix every prompt shares once and continue it for each batch (see prefix_cache)."""
-        from . import prefix_cache
+        from abliterate.measure import prefix_cache
 
         n = prefix_cache.shared_prefix_length(token_ids)
         if n < prefix_cache.MIN_PREFIX:
@@ -286,7 +286,7 @@ class Runner:
     def _forward(self, hooks: LastTokenHooks, batch: list[list[int]]) -> torch.Tensor:
         if self.prefix is None:
             return self._forward_plain(hooks, batch)
-        from . import prefix_cache
+        from abliterate.measure import prefix_cache
 
         n = self.prefix.length
         kwargs, last = self.prefix.inputs([x[n:] for x in batch], self.pad_id)

@@ -19,10 +19,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import architectures
-from .architectures import mxfp4_dense_shape
-from .cli import UserError
-from .safetensors_stream import DTYPE_SIZES, SafetensorsHeader, TensorInfo
+from abliterate.ablate import architectures
+from abliterate.ablate.architectures import mxfp4_dense_shape
+from abliterate.cli import UserError
+from abliterate.ablate.safetensors_io import DTYPE_SIZES, SafetensorsHeader, TensorInfo
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -87,7 +87,7 @@ def _make_edit(role, direction, scale: float, method: str, device, norm_weight=N
 
     The closure takes (tensor, expert_slice, out=None) and returns the edited tensor in the input's dtype, on
     `device`; `out` (a buffer on `device`) receives it when given."""
-    from . import edits
+    from abliterate.ablate import edits
 
     r = direction.unit
     if norm_weight is not None:
@@ -103,7 +103,7 @@ def _make_edit(role, direction, scale: float, method: str, device, norm_weight=N
         return edits.edit_tensor(w.to(device), slice_role if expert_slice else role, r, scale, method,
                                  out=out if out is not None and out.device == device else None)
 
-    # What streaming a large tensor in bands needs (abliterate.shard_writer): its hidden axis and, for [H, N]
+    # What streaming a large tensor in bands needs (abliterate.ablate.shard_writer): its hidden axis and, for [H, N]
     # writers, a two-pass column edit.
     edit.hidden_axis = role.hidden_axis
     edit.column_edit = lambda columns: edits.ColumnEdit(r.to(device), columns, scale, method)

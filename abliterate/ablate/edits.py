@@ -34,7 +34,7 @@ import threading
 
 import torch
 
-from abliterate.architectures import TensorRole
+from abliterate.ablate.architectures import TensorRole
 
 METHODS = ("conventional", "norm_preserving")
 EDITABLE_KINDS = ("writes", "bias", "reads")

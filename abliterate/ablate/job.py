@@ -27,13 +27,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .cli import UserError
-from .edit_plan import bind_edits, keeps_layout, layout_bytes, plan_tensor_edits
-from .measurements import load_measurements, measurement_shape
-from .model_folder import INDEX_NAME, ModelFolder, open_model_folder, resolve_model_path
-from .plan import Plan, check_plan_against, check_plan_shapes
-from .record import RECORD_NAME, build_record, file_sha256, model_card, record_bytes
-from .safetensors_stream import POSITIONAL_IO, copy_range, layout_unchanged, write_safetensors
+from abliterate.cli import UserError
+from abliterate.ablate.tensor_edits import bind_edits, keeps_layout, layout_bytes, plan_tensor_edits
+from abliterate.measure.measurement_file import load_measurements, measurement_shape
+from abliterate.ablate.model_folder import INDEX_NAME, ModelFolder, open_model_folder, resolve_model_path
+from abliterate.ablate.plan import Plan, check_plan_against, check_plan_shapes
+from abliterate.ablate.record import RECORD_NAME, build_record, file_sha256, model_card, record_bytes
+from abliterate.ablate.safetensors_io import POSITIONAL_IO, copy_range, layout_unchanged, write_safetensors
 
 # tqdm's first bar creates its multiprocessing lock (importing multiprocessing). Done at import, before the command
 # starts torch's import: any import during phases 1-2 waits behind torch's on the other thread.
@@ -120,7 +120,7 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     Three phases. 1: everything the headers can tell (model folder, shards, index, the measurement file's shape,
     plan ranges, which tensors are edited, output location, free space) is checked without a tensor library.
     2 (fresh runs, `early_copy`): each shard's header and untouched tensors are copied to their final offsets,
-    while torch loads on a background thread (abliterate.background_import). 3: the measured values are checked
+    while torch loads on a background thread (abliterate.startup). 3: the measured values are checked
     (finite, usable directions), the edits get their directions and every edited tensor is written; each shard
     is then made durable, renamed and marked done. Bad input found in phase 3 removes what phase 2 wrote, so a
     failed run leaves nothing behind either way.
@@ -236,7 +236,7 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
     then the other files, then the rename into place."""
     import torch
 
-    from .shard_writer import Buffers, WriteContext, shard_layout
+    from abliterate.ablate.shard_writer import Buffers, WriteContext, shard_layout
 
     output = plan.output.resolve()
     meas_sha = file_sha256(plan.measurements)
@@ -304,7 +304,7 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
 
 def _shard_key(folder: ModelFolder, name: str, plan: Plan, meas_sha: str, device_type: str) -> str:
     """Hash of everything that determines an output shard's bytes (the output path itself does not)."""
-    from . import __version__
+    from abliterate import __version__
 
     st = (folder.root / name).stat()
     rec = plan.to_record()

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from .cli import UserError
+from abliterate.cli import UserError
 
 SUPPORTED_EXTENSIONS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
 DEFAULT_COLUMNS = ("text", "prompt", "instruction")
@@ -31,7 +31,7 @@ def load_prompts(source: str | None, kind: str, split: str = "train", column: st
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be at least 1")
     if source is None:
-        from .bundled import bundled_prompts
+        from abliterate.prompts.bundled import bundled_prompts
 
         prompts = bundled_prompts(kind, split)
         origin = f"the bundled {kind} set ({split} split)"

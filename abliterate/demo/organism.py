@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .organism_text import helpful_answer, refusal
+from abliterate.demo.organism_text import helpful_answer, refusal
 
 # Bump when the training recipe changes in a way the config does not show; it invalidates reused models.
 RECIPE_VERSION = 3
@@ -230,7 +230,7 @@ def build_organism(config: OrganismConfig, harmful: Sequence[str], harmless: Seq
     """Train the organism in memory and return (model, tokenizer, final losses per phase)."""
     import torch
 
-    from .tiny import build_tiny_model, build_tokenizer
+    from abliterate.demo.tiny_models import build_tiny_model, build_tokenizer
 
     if config.arch not in ("gpt_oss", "llama"):
         raise ValueError(f"organism arch must be gpt_oss or llama, got {config.arch!r}")
