@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Thin wrapper: see `python -m abliterate chat --help`."""
-from abliterate.cli import exit_process
+from abliterate.startup import exit_process
 from abliterate.commands.chat import main
 
 if __name__ == "__main__":

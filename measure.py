@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Thin wrapper: see `python -m abliterate measure --help`."""
-from abliterate.cli import exit_process
+from abliterate.startup import exit_process
 from abliterate.commands.measure import main
 
 if __name__ == "__main__":

@@ -6,17 +6,17 @@ Exit codes (DESIGN.md section 6): 0 success, 2 bad input (one line naming the pr
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import gc
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from abliterate.startup import skip_collection_at_exit
+
 EXIT_OK = 0
-EXIT_INTERNAL = 1
+EXIT_INTERNAL = 1  # what an uncaught exception gives: a traceback, our bug
 EXIT_BAD_INPUT = 2
 
 
@@ -26,7 +26,7 @@ class UserError(Exception):
 
 def run_command(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a command's main, turning UserError into one line on stderr and exit code 2."""
-    _skip_collection_at_exit()
+    skip_collection_at_exit()
     try:
         code = main(argv)
     except UserError as exc:
@@ -36,38 +36,6 @@ def run_command(main: Callable[[Sequence[str] | None], int | None], argv: Sequen
         print("interrupted; nothing partial was left behind", file=sys.stderr)
         return 130
     return EXIT_OK if code is None else int(code)
-
-
-_exit_hook_registered = False
-
-
-def _skip_collection_at_exit() -> None:
-    """At interpreter exit, freeze every object instead of letting the final garbage collection walk them.
-
-    With torch imported that walk costs about 0.3 s of every command's wall time and frees nothing the OS would
-    not reclaim anyway; atexit runs after the command's files are closed and before that collection.
-    """
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(gc.freeze)
-        _exit_hook_registered = True
-
-
-def exit_process(code: int) -> None:
-    """End a command-line process with `code`: run the atexit handlers, flush stdout and stderr, then leave with
-    os._exit, skipping only the interpreter's teardown of every loaded module (about 0.1 s with torch loaded,
-    after the final collection that `_skip_collection_at_exit` already avoids). Every file a command writes is
-    closed before it returns, and its thread pools are shut down, so nothing is lost.
-    For `if __name__ == "__main__"` blocks and the root scripts only: it never returns."""
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
 
 
 def check_new_output_file(path: str | os.PathLike, force: bool = False, flag: str = "--output") -> Path:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from abliterate.cli import UserError
+from abliterate.naming import resolve_model_location
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, quant_flag: str = "--quant") -> None:
@@ -39,16 +38,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, quant_flag: str = "--qu
 
 def resolve_model(model: str) -> str:
     """Check a model argument: an existing folder with config.json, or something shaped like a hub id."""
-    p = Path(model).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise UserError(f"--model {model} is a file; give the model folder (the one holding config.json)")
-        if not (p / "config.json").is_file():
-            raise UserError(f"--model {model}: folder has no config.json; give a Hugging Face model folder")
-        return str(p)
-    if model.startswith((".", "/", "~")) or not _HUB_ID.match(model):
-        raise UserError(f"--model {model}: no such folder, and it is not a hub id (owner/name); fix the path")
-    return model
+    location = resolve_model_location(model, f"--model {model}")
+    if Path(location).is_dir() and not (Path(location) / "config.json").is_file():
+        raise UserError(f"--model {model}: folder has no config.json; give a Hugging Face model folder")
+    return location
 
 
 def read_config(model: str, trust_remote_code: bool = False):

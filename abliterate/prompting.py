@@ -1,4 +1,4 @@
-"""Prompt rendering and answer decoding shared by chat and evaluate.
+"""Prompt rendering and answer decoding shared by measure, chat, evaluate (and the search).
 
 Prompts go through the model's own chat template with the generation prompt appended, and are tokenized without
 adding special tokens again (the template already has them). Answers are cut at the first end-of-sequence token
@@ -8,8 +8,10 @@ split (abliterate.harmony), other models drop them.
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
+from abliterate.cli import UserError
 from abliterate.harmony import HarmonyResult, open_header, parse_harmony
 
 
@@ -24,6 +26,34 @@ def render(tokenizer, messages: Sequence[dict]) -> str:
 def user_messages(prompt: str, system: str | None = None) -> list[dict]:
     msgs = [{"role": "system", "content": system}] if system else []
     return msgs + [{"role": "user", "content": prompt}]
+
+
+def format_prompts(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[str]:
+    """Each prompt as a one-turn chat, rendered with the generation prompt (the assistant header) appended;
+    a template that fails is one UserError naming the fix."""
+    out = []
+    for p in prompts:
+        try:
+            out.append(tokenizer.apply_chat_template(user_messages(p, system_prompt), add_generation_prompt=True,
+                                                     tokenize=False))
+        except Exception as exc:  # jinja2 TemplateError and template-raised exceptions
+            hint = "; drop --system-prompt (the template may not accept a system turn)" if system_prompt else ""
+            raise UserError(f"the chat template failed on a prompt ({str(exc).splitlines()[0]}){hint}; "
+                            "or pass --chat-template FILE.jinja") from None
+    return out
+
+
+def tokenize_prompts(tokenizer, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+    """Token ids per rendered prompt. Over-long prompts keep their LAST max_length tokens (so the measured
+    position is still the assistant header), with one note saying how many were cut."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if max_length:
+        cut = sum(len(x) > max_length for x in ids)
+        if cut:
+            print(f"note: {cut} prompt(s) longer than --max-length {max_length} tokens were cut from the left",
+                  file=sys.stderr)
+            ids = [x[-max_length:] for x in ids]
+    return [list(x) for x in ids]
 
 
 def encode(tokenizer, texts: Sequence[str], device=None) -> dict:

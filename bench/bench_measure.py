@@ -72,7 +72,8 @@ def child(method: str, folder: str, prompts_file: str, batch: int, out: str, thr
     counted = {"padded": 0}  # token positions run through the model, padding included
 
     if method == "hooked":
-        from abliterate.measure.runner import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
+        from abliterate.measure.runner import CaptureOptions, measure_directions
+        from abliterate.prompting import format_prompts, tokenize_prompts
 
         def run(h, s):
             hi = tokenize_prompts(tok, format_prompts(tok, h))

@@ -143,9 +143,9 @@ def test_zero_or_nan_direction(run_cli, llama, tmp_path, kind, monkeypatch):
 
 
 def test_no_space_left_up_front(run_cli, llama, meas, tmp_path, monkeypatch):
-    import abliterate.ablate.job as shards
+    import abliterate.ablate.preflight as preflight
 
-    monkeypatch.setattr(shards, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(preflight, "free_bytes", lambda path: 1000)
     plan = write_plan(tmp_path / "p.yml", llama, meas, tmp_path / "out")
     line = _bad(run_cli, tmp_path, plan, "no space left")
     assert str(tmp_path) in line and "1,000 bytes free" in line
@@ -171,7 +171,7 @@ def test_no_space_left_while_writing(run_cli, llama, meas, tmp_path, monkeypatch
 
 
 def test_scripts_exit_with_the_command_code_and_flushed_output(tmp_path):
-    """Root scripts end through cli.exit_process (os._exit after the atexit handlers and a flush): the exit code,
+    """Root scripts end through startup.exit_process (os._exit after the atexit handlers and a flush): the exit code,
     buffered output and handlers must all survive it."""
     import subprocess
     import sys
@@ -179,7 +179,7 @@ def test_scripts_exit_with_the_command_code_and_flushed_output(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     script = ("import atexit\n"
-              "from abliterate.cli import exit_process\n"
+              "from abliterate.startup import exit_process\n"
               "atexit.register(lambda: print('handler ran'))\n"
               "print('buffered', end=' ')\n"
               "exit_process(3)\n")

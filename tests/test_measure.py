@@ -15,7 +15,8 @@ import shutil
 import pytest
 import torch
 
-from abliterate.measure.runner import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
+from abliterate.measure.runner import CaptureOptions, measure_directions
+from abliterate.prompting import format_prompts, tokenize_prompts
 from abliterate.commands.measure import main
 from abliterate.measure.measurement_file import LAYER_CONVENTION, load_measurements
 
@@ -426,7 +427,7 @@ def test_finds_text_layers_inside_a_vision_language_wrapper():
 
     from transformers import LlamaConfig, LlamaModel
 
-    from abliterate.measure.runner import find_decoder_layers
+    from abliterate.measure.layers import find_decoder_layers
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1)

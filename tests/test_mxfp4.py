@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from abliterate.ablate import mxfp4
+from abliterate.ablate.architectures import mxfp4_dense_shape
 
 
 def _quantize_all(dense):
@@ -19,7 +20,7 @@ def test_dequantize_matches_transformers():
     dense = torch.randn(3, 64, 40, generator=g)  # [E, C, R] like down_proj [E, I, H]
     blocks, scales = _quantize_all(dense)
     assert blocks.shape == (3, 40, 2, 16) and scales.shape == (3, 40, 2)
-    assert mxfp4.dense_shape(tuple(blocks.shape)) == (3, 64, 40)
+    assert mxfp4_dense_shape(tuple(blocks.shape)) == (3, 64, 40)
     ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
     ours = torch.stack([mxfp4.dequantize_expert(blocks[e], scales[e]) for e in range(3)])
     assert torch.equal(ref, ours)

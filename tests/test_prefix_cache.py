@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from abliterate.measure import prefix_cache
-from abliterate.measure.runner import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
+from abliterate.measure.runner import CaptureOptions, measure_directions
+from abliterate.prompting import format_prompts, tokenize_prompts
 from test_measure import HARMFUL, HARMLESS, TOL, load_plain
 
 SYSTEM = "You are a careful assistant. Knowledge cutoff: 2024-06. Reasoning: medium. Answer in the final channel."

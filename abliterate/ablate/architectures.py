@@ -31,6 +31,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from abliterate.naming import outside_language_model
+
 ROLE_GROUPS = ("attention_output", "mlp_output", "biases", "router", "embeddings")
 KINDS = ("writes", "bias", "reads", "mxfp4_writes")
 
@@ -213,7 +215,6 @@ MODEL_TYPE_FAMILY: dict[str, str] = {
 _EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|wpe|word_embeddings|embed_in)\.weight$")
 # A decoder-layer key: <prefix>(layers|h).N.<suffix>; the first such component counts.
 _LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*?\.)?)(?P<stack>layers|h)\.(?P<layer>\d+)\.(?P<suffix>.+)$")
-_NOT_LANGUAGE = ("vision", "visual", "audio", "image", "speech", "projector")
 
 # Generic name rules (unknown model types): module names that write into the residual, by block.
 _GENERIC_ATTN_BLOCKS = {"self_attn", "attn", "attention", "self_attention"}
@@ -263,12 +264,12 @@ def classify(key: str, shape: tuple[int, ...], model_type: str, hidden_size: int
     """
     shape = tuple(int(n) for n in shape)
     if _EMBEDDING.search(key):
-        if _foreign_prefix(key.rsplit(".", 2)[0]):
+        if outside_language_model(key.rsplit(".", 2)[0]):
             return None
         role = TensorRole(key, None, "embeddings", "writes", 1, None)
         return _checked(role, shape, hidden_size)
     m = _LAYER_KEY.match(key)
-    if m is None or _foreign_prefix(m.group("prefix")):
+    if m is None or outside_language_model(m.group("prefix")):
         return None
     layer, suffix = int(m.group("layer")), m.group("suffix")
     layer_prefix = f"{m.group('prefix')}{m.group('stack')}.{layer}."
@@ -284,11 +285,6 @@ def classify(key: str, shape: tuple[int, ...], model_type: str, hidden_size: int
                               rule.post_norm_offset)
             return _checked(role, shape, hidden_size)
     return None
-
-
-def _foreign_prefix(prefix: str) -> bool:
-    """True when the key lives under a vision/audio tower or projector, not the language model."""
-    return any(word in part for part in prefix.lower().split(".") for word in _NOT_LANGUAGE)
 
 
 def _checked(role: TensorRole, shape: tuple[int, ...], hidden_size: int) -> TensorRole:

@@ -14,8 +14,6 @@ Safety and atomicity:
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -28,18 +26,19 @@ from pathlib import Path
 from tqdm import tqdm
 
 from abliterate.cli import UserError
-from abliterate.ablate.tensor_edits import bind_edits, keeps_layout, layout_bytes, plan_tensor_edits
+from abliterate.startup import bound_heap_growth, prepare_progress_bars
+from abliterate.ablate.preflight import check_free_space, check_output_location, pick_device, space_error
+from abliterate.ablate.resume import MARKER_DIR, clean_partial, seal_shard, shard_done, shard_key, sync_file
+from abliterate.ablate.tensor_edits import bind_edits, keeps_layout, plan_tensor_edits
 from abliterate.measure.measurement_file import load_measurements, measurement_shape
 from abliterate.ablate.model_folder import INDEX_NAME, ModelFolder, open_model_folder, resolve_model_path
 from abliterate.ablate.plan import Plan, check_plan_against, check_plan_shapes
 from abliterate.ablate.record import RECORD_NAME, build_record, file_sha256, model_card, record_bytes
 from abliterate.ablate.safetensors_io import POSITIONAL_IO, copy_range, layout_unchanged, write_safetensors
 
-# tqdm's first bar creates its multiprocessing lock (importing multiprocessing). Done at import, before the command
-# starts torch's import: any import during phases 1-2 waits behind torch's on the other thread.
-tqdm.get_lock()
+# Before the command starts torch's background import: any import during phases 1-2 would wait behind it.
+prepare_progress_bars()
 
-MARKER_DIR = ".abliterate-done"
 CRASH_ENV = "ABLITERATE_TEST_CRASH_AFTER"  # test-only: "N[:kill|:enospc]" crashes after N output tensors
 
 
@@ -55,62 +54,6 @@ class Summary:
     dry_run: bool = False
     rows: list = field(default_factory=list)  # dry-run: (key, role, group, axis, shard)
     mxfp4: dict | None = None
-
-
-def free_bytes(path: Path) -> int:
-    """Free bytes on the file system holding `path` (the nearest existing ancestor). Tests monkeypatch this."""
-    p = path
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
-def _bound_heap_growth() -> None:
-    """Serve large allocations with mmap so each freed tensor returns to the OS at once (glibc only).
-
-    glibc raises its mmap threshold after large frees, after which the per-expert float32 buffers come from the
-    heap and fragment it; RSS then creeps upward with every tensor. A fixed threshold keeps peak RSS at one
-    edited slice plus the interpreter.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
-    except (OSError, AttributeError):
-        pass
-
-
-def pick_device(device: str | None):
-    import torch
-
-    if device:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise UserError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def check_output_location(input_root: Path, output: Path, force: bool) -> None:
-    src = input_root.resolve()
-    out = output.resolve()
-    if out == src:
-        raise UserError(f"output {output} is the input model folder; choose a new folder (the input is never modified)")
-    if src in out.parents:
-        raise UserError(f"output {output} is inside the input model folder {input_root}; choose a folder outside it")
-    if out in src.parents:
-        raise UserError(f"output {output} contains the input model folder {input_root}; choose another folder")
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"output {output} exists and is a file; choose a new folder name")
-        if any(out.iterdir()) and not force:
-            raise UserError(f"output {output} already exists; pass --force to replace it or choose another folder")
 
 
 def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry_run: bool = False,
@@ -138,7 +81,7 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     if not dry_run:
         check_output_location(root, plan.output, force)
     if fresh:
-        _check_free_space(folder, work, output)
+        check_free_space(folder, work, output)
     crash = _CrashHook.from_env()
     early: dict[str, set[str]] = {}  # shard name -> the tensors phase 2 wrote
     # One background thread makes written data durable, in submission order: phase 2's shards (started early, so
@@ -157,7 +100,7 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
             # Bad input found after phase 2 wrote, or no space: nothing in a fresh partial folder is finished work
             # yet, so the failed run leaves nothing behind. (A crash or kill leaves it; the next run cleans it up.)
             _settle(syncing)
-            error = _space_error(exc, partial) if isinstance(exc, OSError) else exc
+            error = space_error(exc, partial) if isinstance(exc, OSError) else exc
             if fresh and error is not None and partial.exists():
                 shutil.rmtree(partial, ignore_errors=True)
             raise error or exc
@@ -171,24 +114,6 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
         disk.shutdown(wait=True)
     summary.seconds = time.monotonic() - start
     return summary
-
-
-def _space_error(exc: OSError, partial: Path) -> UserError | None:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"no space left on the device holding {partial} ({exc.strerror}); free space and rerun "
-                         f"(finished shards there are reused), or choose another --output")
-    return None
-
-
-def _check_free_space(folder: ModelFolder, work, output: Path, done=frozenset()) -> None:
-    """UserError unless the output's file system has room for every shard not yet done and the other files."""
-    needed = sum(folder.headers[name].data_start + layout_bytes(folder.headers[name], work.edits.get(name, {}))
-                 for name in folder.shards if name not in done)
-    needed += sum((folder.root / rel).stat().st_size for rel in folder.other_files)
-    free = free_bytes(output.parent)
-    if free < needed:
-        raise UserError(f"no space left: {output.parent} has {free:,} bytes free but the output needs about "
-                        f"{needed:,}; free space or choose another --output")
 
 
 def _copy_untouched(folder: ModelFolder, work, partial: Path, crash: "_CrashHook", progress: bool,
@@ -215,7 +140,7 @@ def _copy_untouched(folder: ModelFolder, work, partial: Path, crash: "_CrashHook
         written[name] = {t.name for t in untouched[name]}
         # Without this, nothing reaches the disk before each shard's final fsync (under the kernel's dirty-memory
         # limits), and the last one then waits for a whole shard: 0.1-0.2 s of a 2 GB run.
-        syncing.append(disk.submit(_sync_file, tmp, True))
+        syncing.append(disk.submit(sync_file, tmp, True))
     bar.close()
     return written
 
@@ -240,16 +165,16 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
 
     output = plan.output.resolve()
     meas_sha = file_sha256(plan.measurements)
-    keys = {name: _shard_key(folder, name, plan, meas_sha, dev.type) for name in folder.shards}
+    keys = {name: shard_key(folder, name, plan, meas_sha, dev.type) for name in folder.shards}
     done: set[str] = set()
     if not early:
-        done = {name for name in folder.shards if _shard_done(partial, name, keys[name])}
-        _check_free_space(folder, work, output, done)
+        done = {name for name in folder.shards if shard_done(partial, name, keys[name])}
+        check_free_space(folder, work, output, done)
         partial.mkdir(parents=True, exist_ok=True)
-        _clean_partial(partial, done)
+        clean_partial(partial, done)
 
     torch.backends.cuda.matmul.allow_tf32 = False  # edits in true float32
-    _bound_heap_growth()
+    bound_heap_growth()
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         # Up to three threads here move bytes (untouched copies, edited writes, fsync); the edit's own threads
@@ -285,7 +210,7 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
                     raise RuntimeError(f"internal error: {name} was copied early but its layout changes")
                 summary.bytes_written += write_safetensors(dst, tensors, header.metadata, verbatim, skip=already)
             tensor_bar.close()
-            syncing.append(disk.submit(_seal_shard, tmp, partial, name, keys[name]))
+            syncing.append(disk.submit(seal_shard, tmp, partial, name, keys[name]))
             summary.shards_written += 1
             crash.tick()
         for f in syncing:
@@ -297,84 +222,9 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
         _settle(syncing)
         for name in folder.shards:  # unfinished shards (the current one, others phase 2 started) free their space
             (partial / (name + ".tmp")).unlink(missing_ok=True)
-        raise _space_error(exc, partial) or exc
+        raise space_error(exc, partial) or exc
     finally:
         torch.set_num_threads(threads)
-
-
-def _shard_key(folder: ModelFolder, name: str, plan: Plan, meas_sha: str, device_type: str) -> str:
-    """Hash of everything that determines an output shard's bytes (the output path itself does not)."""
-    from abliterate import __version__
-
-    st = (folder.root / name).stat()
-    rec = plan.to_record()
-    rec.pop("output")
-    ident = {
-        "tool": __version__, "shard": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-        "header_sha256": hashlib.sha256(folder.headers[name].header_bytes).hexdigest(),
-        "plan": rec, "measurements_sha256": meas_sha, "device_type": device_type,
-    }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
-
-def _marker_path(partial: Path, name: str) -> Path:
-    return partial / MARKER_DIR / (name.replace("/", "__") + ".json")
-
-
-def _shard_done(partial: Path, name: str, key: str) -> bool:
-    marker = _marker_path(partial, name)
-    if not marker.is_file() or not (partial / name).is_file():
-        return False
-    try:
-        rec = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return rec.get("key") == key and rec.get("size") == (partial / name).stat().st_size
-
-
-def _clean_partial(partial: Path, keep: set[str]) -> None:
-    """Remove everything in a leftover partial folder except reusable shards and their markers."""
-    wanted = {partial / name for name in keep} | {_marker_path(partial, name) for name in keep}
-    for path in sorted(partial.rglob("*"), reverse=True):  # children before their folders
-        if path in wanted or (path.is_dir() and any(w.is_relative_to(path) for w in wanted)):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def _sync_file(path: Path, data_only: bool = False) -> None:
-    """fsync `path` (fdatasync with `data_only`: its data now, so that its final fsync has less to wait for)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        (os.fdatasync if data_only else os.fsync)(fd)
-    finally:
-        os.close(fd)
-
-
-def _seal_shard(tmp: Path, partial: Path, name: str, key: str) -> None:
-    """fsync a written shard, rename it into place, then write its completion marker (in this order, so a marker
-    never names bytes that could still be lost)."""
-    _sync_file(tmp)
-    os.replace(tmp, partial / name)
-    _write_marker(partial, name, key)
-
-
-def _settle(futures: list) -> None:
-    """Wait for background syncing and sealing after an error elsewhere; their errors matter less than that one."""
-    for f in futures:
-        try:
-            f.result()
-        except Exception:  # noqa: BLE001 - the error being handled is reported instead
-            pass
-
-
-def _write_marker(partial: Path, name: str, key: str) -> None:
-    marker = _marker_path(partial, name)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"shard": name, "key": key, "size": (partial / name).stat().st_size}))
-    os.replace(tmp, marker)
 
 
 def _finish_folder(folder: ModelFolder, plan: Plan, partial: Path, work, directions, meas_sha: str,
@@ -414,6 +264,15 @@ def _move_into_place(partial: Path, output: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(partial, output)
+
+
+def _settle(futures: list) -> None:
+    """Wait for background syncing and sealing after an error elsewhere; their errors matter less than that one."""
+    for f in futures:
+        try:
+            f.result()
+        except Exception:  # noqa: BLE001 - the error being handled is reported instead
+            pass
 
 
 class _CrashHook:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from abliterate.cli import UserError
+from abliterate.naming import resolve_model_location
 from abliterate.ablate.safetensors_io import SafetensorsHeader, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Weight files in any other format: never copied next to the edited shards (they would be unedited weights).
 OTHER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
 SKIP_DIRS = {".git", ".cache", ".huggingface"}
@@ -64,13 +64,9 @@ class ModelFolder:
 
 def resolve_model_path(model: str, source: str = "plan") -> Path:
     """A local folder, or a hub snapshot downloaded (weights as safetensors plus small files)."""
-    p = Path(model).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise UserError(f"{source}: model = {model} is a file; give the model folder (the one holding config.json)")
-        return p
-    if p.is_absolute() or model.startswith(".") or not _HUB_ID.match(model):
-        raise UserError(f"{source}: model = {model}: no such folder, and it is not a hub id (owner/name); fix the path")
+    location = resolve_model_location(model, f"{source}: model = {model}")
+    if Path(location).is_dir():
+        return Path(location)
     try:
         from huggingface_hub import snapshot_download
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from abliterate.ablate.architectures import MXFP4_GROUP as GROUP  # values per shared scale
-from abliterate.ablate.architectures import mxfp4_dense_shape as dense_shape  # noqa: F401 - [E, R, G, 16] -> [E, 32 G, R]
 
 SCALE_BIAS = 127
 # E2M1 code -> value; bit 3 is the sign.

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import yaml
 
 from abliterate.cli import UserError
+from abliterate.naming import is_hub_id
 
 METHODS = ("conventional", "norm_preserving")
 ROLE_DEFAULTS = {
@@ -42,7 +42,6 @@ TOP_KEYS = (
     "embeddings_measurement", "requantize_mxfp4", "ablate",
 )
 ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -298,7 +297,7 @@ def _model_location(value: str, base_dir: Path) -> str:
     if p.is_absolute():
         return str(p)
     local = (base_dir / p).resolve()
-    if local.exists() or value.startswith(".") or not _HUB_ID.match(value):
+    if local.exists() or value.startswith(".") or not is_hub_id(value):
         return str(local)
     return value
 

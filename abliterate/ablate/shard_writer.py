@@ -17,6 +17,7 @@ from typing import BinaryIO, Callable
 import torch
 
 from abliterate.ablate import mxfp4
+from abliterate.ablate.architectures import mxfp4_dense_shape
 from abliterate.ablate.tensor_edits import TensorEdit
 from abliterate.ablate.safetensors_io import OutTensor, SafetensorsHeader, TensorInfo, copy_range, read_bytes, read_into
 
@@ -187,7 +188,7 @@ def _mxfp4_outputs(info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> list[O
                 _write_tensor(fh, _mxfp4_expert(e, ctx, k).to(torch.bfloat16))
             ctx.on_tensor_done(e.key)
 
-        return [OutTensor(e.key, "BF16", mxfp4.dense_shape(b.shape), write_dense, heavy=True)]
+        return [OutTensor(e.key, "BF16", mxfp4_dense_shape(b.shape), write_dense, heavy=True)]
 
     if e.edit is None:  # requantize mode, tensor not edited: its bytes stay as they are
         return [OutTensor(info.name, info.dtype, info.shape, _raw_copier(info, ctx))]

@@ -102,6 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from abliterate.cli import exit_process
+    from abliterate.startup import exit_process
 
     exit_process(main())

@@ -83,7 +83,8 @@ def _main(argv=None) -> int:
     # Everything the user gave is checked before the (possibly long) model load.
     _validate_numbers(args)
     out = check_new_output_file(args.output, force=args.force)
-    from abliterate.measure.runner import CaptureOptions, format_prompts, measure_directions, tokenize_prompts
+    from abliterate.measure.runner import CaptureOptions, measure_directions
+    from abliterate.prompting import format_prompts, tokenize_prompts
     from abliterate.prompts.files import load_prompts, prompts_sha256
 
     harmful = load_prompts(args.data_harmful, "harmful", "train", args.column, args.limit)
@@ -157,6 +158,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from abliterate.cli import exit_process
+    from abliterate.startup import exit_process
 
     exit_process(main())

@@ -27,189 +27,18 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from abliterate.cli import UserError
-from abliterate.directions import difference_of_means, project_out, winsorize
+from abliterate.measure.hooks import LastTokenHooks
+from abliterate.measure.layers import find_decoder_layers, text_config
 from abliterate.measure.measurement_file import Measurements
+from abliterate.measure.statistics import ClassStats, finish_measurements
 
-_SKIP_MODULE_PARTS = ("vision", "visual", "audio", "image", "mtp", "encoder.")
 SPILL_BYTES = 2 * 2**30  # per-prompt buffers larger than this (both classes) go to a memory-mapped temp file
 
-
-# ----------------------------------------------------------------------------------------------- locating layers
-
-def text_config(model):
-    cfg = model.config
-    return getattr(cfg, "text_config", None) or cfg
-
-
-def find_decoder_layers(model):
-    """(text_model, layers): the decoder-layer ModuleList of a causal LM and the module that owns and runs it.
-
-    Found generically: the ModuleList whose length is the text config's num_hidden_layers, preferring the
-    usual names (model.layers, model.language_model.layers, transformer.h, ...) and skipping vision/audio towers.
-    """
-    n = getattr(text_config(model), "num_hidden_layers", None)
-    found = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.ModuleList) or not name:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf not in ("layers", "h", "blocks", "layer"):
-            continue
-        if any(part in name + "." for part in _SKIP_MODULE_PARTS):
-            continue
-        if n is not None and len(module) != n:
-            continue
-        found.append(name)
-    if not found:
-        raise UserError(
-            f"cannot find the decoder layers of this {type(model).__name__} (no ModuleList of {n} layers named "
-            "layers/h/blocks); this architecture is not supported yet"
-        )
-    name = min(found, key=lambda s: (s.count("."), s))  # the outermost text stack
-    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    return owner, model.get_submodule(name)
-
-
-# ----------------------------------------------------------------------------------------------------- hooks
-
-class LastTokenHooks:
-    """Context manager: while active, each forward pass fills `self.slices` (L+1 tensors [B, H], on device)."""
-
-    def __init__(self, layers):
-        self.layers = layers
-        self.slices: list[torch.Tensor | None] = [None] * (len(layers) + 1)
-        self.rows: torch.Tensor | None = None  # each row's last-token position (right padding); None: the last
-        self._handles = []
-
-    def _keep(self, index: int, hidden: torch.Tensor) -> None:
-        if self.rows is None:
-            # clone: a view would keep the whole [B, T, H] activation alive until the next batch
-            self.slices[index] = hidden[:, -1, :].detach().clone()
-        else:
-            rows = self.rows.to(hidden.device)  # layers may sit on different devices (device_map)
-            self.slices[index] = hidden[torch.arange(hidden.shape[0], device=hidden.device), rows].detach()
-
-    def __enter__(self):
-        def pre_hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs.get("hidden_states")
-            self._keep(0, hidden)
-
-        self._handles.append(self.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-        for k, layer in enumerate(self.layers):
-            def hook(module, args, output, index=k + 1):
-                hidden = output[0] if isinstance(output, (tuple, list)) else output
-                self._keep(index, hidden)
-
-            self._handles.append(layer.register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        return False
-
-    def collect(self) -> torch.Tensor:
-        """The last batch's activations as one CPU float64 tensor [L+1, B, H]; clears the slots."""
-        if any(s is None for s in self.slices):
-            missing = [i for i, s in enumerate(self.slices) if s is None]
-            raise RuntimeError(f"hooks did not fire for measurement indices {missing}")
-        out = torch.stack([s.to("cpu", torch.float64) for s in self.slices])
-        self.slices = [None] * len(self.slices)
-        return out
-
-
-# -------------------------------------------------------------------------------------------------- prompts
-
-def format_prompts(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[str]:
-    """Each prompt as a one-turn chat, rendered with the generation prompt (the assistant header) appended."""
-    out = []
-    for p in prompts:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": p}]
-        try:
-            out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        except Exception as exc:  # jinja2 TemplateError and template-raised exceptions
-            hint = "; drop --system-prompt (the template may not accept a system turn)" if system_prompt else ""
-            raise UserError(f"the chat template failed on a prompt ({str(exc).splitlines()[0]}){hint}; "
-                            "or pass --chat-template FILE.jinja") from None
-    return out
-
-
-def tokenize_prompts(tokenizer, texts: list[str], max_length: int | None = None) -> list[list[int]]:
-    """Token ids per rendered prompt. Over-long prompts keep their LAST max_length tokens (so the measured
-    position is still the assistant header), with one note saying how many were cut."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    if max_length:
-        cut = sum(len(x) > max_length for x in ids)
-        if cut:
-            print(f"note: {cut} prompt(s) longer than --max-length {max_length} tokens were cut from the left",
-                  file=sys.stderr)
-            ids = [x[-max_length:] for x in ids]
-    return [list(x) for x in ids]
-
-
-# ------------------------------------------------------------------------------------------------ statistics
-
-@dataclass
-class ClassStats:
-    """Running statistics for one class of prompts (see the module docstring)."""
-
-    num_indices: int
-    hidden: int
-    n_prompts: int
-    clip: float | None = None
-    spill_file: str | None = None  # back the buffer with this (new) file instead of RAM
-    total: torch.Tensor = field(init=False)
-    sq_norm_total: torch.Tensor = field(init=False)
-    buffer: torch.Tensor = field(init=False)
-    count: int = 0
-
-    def __post_init__(self):
-        self.total = torch.zeros(self.num_indices, self.hidden, dtype=torch.float64)
-        self.sq_norm_total = torch.zeros(self.num_indices, dtype=torch.float64)
-        shape = (self.num_indices, self.n_prompts, self.hidden)
-        if self.spill_file:
-            numel = shape[0] * shape[1] * shape[2]
-            self.buffer = torch.from_file(self.spill_file, shared=True, size=numel, dtype=torch.float32).view(shape)
-        else:
-            self.buffer = torch.empty(shape, dtype=torch.float32)
-
-    def add(self, acts: torch.Tensor, rows: list[int]) -> None:
-        """acts: [L+1, B, H] float64 for the prompts at positions `rows` of the caller's list."""
-        if self.clip is not None and self.clip < 1.0:
-            # one index at a time: torch.quantile refuses inputs past 16M elements
-            acts = torch.stack([winsorize(a, self.clip) for a in acts])
-        self.total += acts.sum(dim=1)
-        self.sq_norm_total += acts.pow(2).sum(dim=-1).sum(dim=1)
-        self.buffer[:, rows, :] = acts.to(torch.float32)
-        self.count += acts.shape[1]
-
-    def mean(self) -> torch.Tensor:
-        return self.total / self.count
-
-    def projections(self, unit_dirs: torch.Tensor) -> torch.Tensor:
-        """[L+1, N] float32: each prompt's activation dotted with its index's unit direction (in float64)."""
-        return torch.stack([self.buffer[k].to(torch.float64) @ unit_dirs[k] for k in range(self.num_indices)]).float()
-
-    @property
-    def buffer_bytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
-
-
-def safe_unit_rows(d: torch.Tensor) -> torch.Tensor:
-    """Row-wise unit vectors; a zero row (e.g. index 0 when every prompt ends in the same template token, so the
-    embedding outputs are identical) stays zero, so its projections are 0 rather than NaN."""
-    norms = torch.linalg.vector_norm(d, dim=-1, keepdim=True)
-    return torch.where(norms > 0, d / norms.clamp_min(1e-300), torch.zeros_like(d))
-
-
-# -------------------------------------------------------------------------------------------------- the pass
 
 @dataclass
 class CaptureOptions:
@@ -219,10 +48,6 @@ class CaptureOptions:
     verbose: bool = False
     progress: bool = True
     prefix_cache: bool = True  # run the prompts' shared chat-template prefix once (abliterate.measure.prefix_cache)
-
-
-class _OutOfMemory(Exception):
-    pass
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -418,7 +243,7 @@ def measure_directions(model, tokenizer, harmful_ids: list[list[int]], harmless_
         runner.run(harmful_ids, harmful, "harmful")
         runner.run(harmless_ids, harmless, "harmless")
         seconds = time.perf_counter() - t0
-        m = _finish(harmful, harmless, options)
+        m = finish_measurements(harmful, harmless, options.projected, options.clip)
         del harmful.buffer, harmless.buffer  # release the mapping before the folder goes
     m.metadata.update({"num_layers": len(runner.layers), "batch_size": options.batch_size})
     info = {
@@ -430,30 +255,3 @@ def measure_directions(model, tokenizer, harmful_ids: list[list[int]], harmless_
         "buffer_bytes": buffer_bytes,
     }
     return m, info
-
-
-def _finish(harmful: ClassStats, harmless: ClassStats, options: CaptureOptions) -> Measurements:
-    """Means, directions and per-prompt projections from both classes' statistics."""
-    harmful_mean, harmless_mean = harmful.mean(), harmless.mean()
-    directions = difference_of_means(harmful_mean, harmless_mean)
-    if options.projected:
-        directions = project_out(directions, harmless_mean)
-    unit_dirs = safe_unit_rows(directions)
-    m = Measurements(
-        harmful_mean=harmful_mean,
-        harmless_mean=harmless_mean,
-        directions=directions,
-        harmful_sq_norm=harmful.sq_norm_total / harmful.count,
-        harmless_sq_norm=harmless.sq_norm_total / harmless.count,
-        harmful_proj=harmful.projections(unit_dirs),
-        harmless_proj=harmless.projections(unit_dirs),
-        metadata={
-            "hidden_size": harmful.hidden,
-            "n_harmful": harmful.count,
-            "n_harmless": harmless.count,
-            "position": "last_prompt_token",
-            "projected": bool(options.projected),
-            "clip": options.clip,
-        },
-    )
-    return m

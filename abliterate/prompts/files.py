@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import sys
 from pathlib import Path
 
 from abliterate.cli import UserError
+from abliterate.naming import is_hub_id
 
 SUPPORTED_EXTENSIONS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
 DEFAULT_COLUMNS = ("text", "prompt", "instruction")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def load_prompts(source: str | None, kind: str, split: str = "train", column: str | None = None,
@@ -50,7 +49,7 @@ def _load_source(source: str, column: str | None, split: str) -> list[str]:
     if path.is_dir():
         raise UserError(f"prompt file {source} is a folder; give a file ({', '.join(SUPPORTED_EXTENSIONS)})")
     if not path.exists():
-        if ext in SUPPORTED_EXTENSIONS or not _HUB_ID.match(source):
+        if ext in SUPPORTED_EXTENSIONS or not is_hub_id(source):
             raise UserError(f"prompt file {source} does not exist; fix the path (or give a hub dataset id owner/name)")
         return _load_hub(source, column, split)
     if ext not in SUPPORTED_EXTENSIONS:

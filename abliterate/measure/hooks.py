@@ -1,0 +1,56 @@
+"""Forward hooks that keep the residual stream at each row's last prompt token, for every measurement index.
+
+A pre-hook on decoder layer 0 takes its input (the embedding output, index 0) and a forward hook on every decoder
+layer takes its output (index k+1 for layer k); each keeps only the last position of each row, so nothing of the
+[B, T, H] activations outlives the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+class LastTokenHooks:
+    """Context manager: while active, each forward pass fills `self.slices` (L+1 tensors [B, H], on device)."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.slices: list[torch.Tensor | None] = [None] * (len(layers) + 1)
+        self.rows: torch.Tensor | None = None  # each row's last-token position (right padding); None: the last
+        self._handles = []
+
+    def _keep(self, index: int, hidden: torch.Tensor) -> None:
+        if self.rows is None:
+            # clone: a view would keep the whole [B, T, H] activation alive until the next batch
+            self.slices[index] = hidden[:, -1, :].detach().clone()
+        else:
+            rows = self.rows.to(hidden.device)  # layers may sit on different devices (device_map)
+            self.slices[index] = hidden[torch.arange(hidden.shape[0], device=hidden.device), rows].detach()
+
+    def __enter__(self):
+        def pre_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            self._keep(0, hidden)
+
+        self._handles.append(self.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for k, layer in enumerate(self.layers):
+            def hook(module, args, output, index=k + 1):
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                self._keep(index, hidden)
+
+            self._handles.append(layer.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+    def collect(self) -> torch.Tensor:
+        """The last batch's activations as one CPU float64 tensor [L+1, B, H]; clears the slots."""
+        if any(s is None for s in self.slices):
+            missing = [i for i, s in enumerate(self.slices) if s is None]
+            raise RuntimeError(f"hooks did not fire for measurement indices {missing}")
+        out = torch.stack([s.to("cpu", torch.float64) for s in self.slices])
+        self.slices = [None] * len(self.slices)
+        return out
