@@ -7,7 +7,6 @@ Nothing here runs code from the model folder unless the user passes --trust-remo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -149,14 +148,6 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None, devic
     if verbose:
         print(f"loaded {model}: {model_type}, dtype {next(lm.parameters()).dtype}, device map {dmap}", file=sys.stderr)
     return lm
-
-
-def model_type_of(model: str) -> str:
-    """model_type from a local config.json without importing transformers (for quick checks)."""
-    cfg = Path(model) / "config.json"
-    if cfg.is_file():
-        return json.loads(cfg.read_text()).get("model_type", "")
-    return ""
 
 
 def load_from_args(name: str, args, flag: str = "--model"):

@@ -41,7 +41,7 @@ def start_torch_import() -> None:
         interval = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL)
         try:
-            import torch  # noqa: F401
+            import torch  # noqa: F401 - the import is the point
         except BaseException:  # noqa: BLE001 - the main thread's own import reports the failure
             pass
         finally:

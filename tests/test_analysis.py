@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from abliterate.analyze import metrics as analysis
-from abliterate.analyze.metrics import analyze, auroc, candidate_band, cohens_d, suggest
+from abliterate.analyze import suggestion as analysis
+from abliterate.analyze.metrics import analyze, auroc, cohens_d
+from abliterate.analyze.suggestion import candidate_band, suggest
 from abliterate.measure.measurement_file import Measurements
 
 from analysis_fixtures import measurements_from_activations, planted_activations, shifted_measurements

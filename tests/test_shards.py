@@ -15,7 +15,7 @@ import torch
 from abliterate.measure.measurement_file import load_measurements
 from abliterate.ablate.plan import load_plan, prepared_directions
 from abliterate.ablate.record import RECORD_NAME
-from abliterate.ablate.safetensors_io import read_header
+from abliterate.safetensors_header import read_header
 from abliterate.ablate.job import CRASH_ENV, run_ablation
 from tests.ablate_helpers import (tiny_gemma2_folder, folder_bytes, load_folder_tensors, read_json, reference_ablation,
                                   write_measurements, write_plan)
@@ -220,7 +220,7 @@ def test_worker_written_tensors_give_the_same_bytes_as_writing_in_order(tmp_path
         n_b = st.write_safetensors(fh, _out_tensors(12, heavy_every=3), {"format": "pt"})
     a, b = (tmp_path / "a.safetensors").read_bytes(), (tmp_path / "b.safetensors").read_bytes()
     assert n_a == n_b == len(a) and a == b
-    header = st.read_header(tmp_path / "a.safetensors")
+    header = read_header(tmp_path / "a.safetensors")
     for info in header.tensors:
         i = int(info.name[1:])
         assert a[info.begin:info.end] == bytes([i % 251]) * (1000 + 37 * i)

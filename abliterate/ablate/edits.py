@@ -34,9 +34,8 @@ import threading
 
 import torch
 
-from abliterate.ablate.architectures import TensorRole
+from abliterate.ablate.architectures import METHODS, TensorRole
 
-METHODS = ("conventional", "norm_preserving")
 EDITABLE_KINDS = ("writes", "bias", "reads")
 
 

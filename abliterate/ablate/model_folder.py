@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from abliterate.cli import UserError
 from abliterate.naming import resolve_model_location
-from abliterate.ablate.safetensors_io import SafetensorsHeader, read_header
+from abliterate.safetensors_header import SafetensorsHeader, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -51,10 +51,6 @@ class ModelFolder:
     @property
     def num_layers(self) -> int:
         return int(self.text_config["num_hidden_layers"])
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(h.file_size for h in self.headers.values())
 
     @property
     def quant_method(self) -> str | None:

@@ -78,9 +78,9 @@ def _nearest_code(x: torch.Tensor) -> torch.Tensor:
     return idx | sign
 
 
-def roundtrip_error(dense: torch.Tensor) -> tuple[float, float, float]:
-    """(max abs error, sum of squared errors, element count) that quantize -> dequantize adds to `dense` [C, R]."""
-    blocks, scales = quantize_expert(dense)
+def quantization_error(dense: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> tuple[float, float, int]:
+    """(max abs error, sum of squared errors, element count) of `blocks`/`scales` (quantize_expert(dense))
+    against `dense` [C, R]: what re-quantizing an edited expert adds."""
     back = dequantize_expert(blocks, scales, torch.float32)
     diff = (back - dense.to(torch.float32)).abs()
     return float(diff.max()) if diff.numel() else 0.0, float((diff.double() ** 2).sum()), diff.numel()

@@ -1,6 +1,6 @@
 """The YAML ablation plan: schema, defaults, validation with precise one-line messages.
 
-The format is documented in the user guide (and /work/briefs/plan_schema.md):
+The format, every key with its default and meaning, is documented in docs/plan.md:
 
     model: FOLDER-OR-HUB-ID
     measurements: meas.safetensors
@@ -26,10 +26,10 @@ from typing import Any
 
 import yaml
 
+from abliterate.ablate.architectures import METHODS
 from abliterate.cli import UserError
 from abliterate.naming import is_hub_id
 
-METHODS = ("conventional", "norm_preserving")
 ROLE_DEFAULTS = {
     "attention_output": True,
     "mlp_output": True,

@@ -19,7 +19,8 @@ import torch
 from abliterate.ablate import mxfp4
 from abliterate.ablate.architectures import mxfp4_dense_shape
 from abliterate.ablate.tensor_edits import TensorEdit
-from abliterate.ablate.safetensors_io import OutTensor, SafetensorsHeader, TensorInfo, copy_range, read_bytes, read_into
+from abliterate.safetensors_header import SafetensorsHeader, TensorInfo
+from abliterate.ablate.safetensors_io import OutTensor, copy_range, read_bytes, read_into
 
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -203,9 +204,7 @@ def _mxfp4_outputs(info: TensorInfo, e: TensorEdit, ctx: WriteContext) -> list[O
             new_b, new_s = mxfp4.quantize_expert(dense)
             _write_tensor(fh, new_b if is_blocks else new_s)
             if is_blocks:
-                back = mxfp4.dequantize_expert(new_b, new_s, torch.float32)
-                diff = (back - dense).abs()
-                e.errors.append((float(diff.max()), float((diff.double() ** 2).sum()), diff.numel()))
+                e.errors.append(mxfp4.quantization_error(dense, new_b, new_s))
         ctx.on_tensor_done(info.name)
 
     return [OutTensor(info.name, info.dtype, info.shape, write_requantized, heavy=True)]

@@ -22,7 +22,7 @@ from typing import Callable
 from abliterate.ablate import architectures
 from abliterate.ablate.architectures import mxfp4_dense_shape
 from abliterate.cli import UserError
-from abliterate.ablate.safetensors_io import DTYPE_SIZES, SafetensorsHeader, TensorInfo
+from abliterate.safetensors_header import DTYPE_SIZES, SafetensorsHeader, TensorInfo
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from abliterate.analyze.metrics import METRICS, Analysis, Suggestion
+from abliterate.analyze.metrics import METRICS, Analysis
+from abliterate.analyze.suggestion import Suggestion
 from abliterate.measure.measurement_file import LAYER_CONVENTION
 
 TABLE_WIDTH = 100

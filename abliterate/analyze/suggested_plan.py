@@ -10,7 +10,8 @@ import json
 import textwrap
 from pathlib import Path
 
-from abliterate.analyze.metrics import Analysis, Suggestion
+from abliterate.analyze.metrics import Analysis
+from abliterate.analyze.suggestion import Suggestion
 from abliterate.cli import UserError
 
 

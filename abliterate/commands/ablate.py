@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sharded_ablate.py", description=__doc__.split("\n\n")[0],
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("plan", help="the YAML ablation plan (see configs/ and the user guide)")
+    p.add_argument("plan", help="the YAML ablation plan (every key: docs/plan.md; examples: configs/)")
     p.add_argument("-o", "--output", help="output folder (overrides the plan's `output`)")
     p.add_argument("--invert", action="store_true", help="add the direction instead of removing it (negates scale)")
     p.add_argument("--normpreserve", action="store_true",

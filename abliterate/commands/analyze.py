@@ -8,7 +8,8 @@ import textwrap
 from pathlib import Path
 
 from abliterate import __version__
-from abliterate.analyze.metrics import analyze, suggest
+from abliterate.analyze.metrics import analyze
+from abliterate.analyze.suggestion import suggest
 from abliterate.analyze.report import analysis_document, format_table
 from abliterate.cli import UserError, atomic_output_file, check_new_output_file, run_command
 from abliterate.measure.measurement_file import LAYER_CONVENTION, load_measurements

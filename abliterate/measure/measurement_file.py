@@ -146,7 +146,7 @@ def measurement_shape(path: str | Path) -> tuple[int, int] | None:
 
     None when the header cannot tell (a legacy .pt file, a missing or odd file): `load_measurements` then gives
     the answer, or the one-line error."""
-    from abliterate.ablate.safetensors_io import read_header
+    from abliterate.safetensors_header import read_header
 
     p = Path(path)
     try:
