@@ -14,7 +14,7 @@ from abliterate.cli import UserError, atomic_output_file, check_new_output_file,
 from abliterate.prompts.files import load_prompts
 from abliterate.evaluate.model_eval import compare_results, evaluate_model, format_result, kl_where_base_answered
 from abliterate.loading import add_model_arguments, load_from_args
-from abliterate.evaluate.labels import DEFAULT_WINDOW, detector_from_file
+from abliterate.evaluate.labels import DEFAULT_WINDOW, labeller_from_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +80,7 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
     json_path = check_new_output_file(args.json, args.force, "--json") if args.json else None
-    detector = detector_from_file(args.refusal_markers, window=args.refusal_window)
+    labeller = labeller_from_file(args.refusal_markers, window=args.refusal_window)
     harmful = _read_prompts(args.harmful, "harmful", args.limit, args.column)
     harmless = _read_prompts(args.harmless, "harmless", args.limit, args.column)
 
@@ -91,7 +91,7 @@ def _main(argv=None) -> int:
         if base_tok.get_vocab() != tok.get_vocab():
             raise UserError(f"--base {args.base}: its tokenizer differs from --model {args.model}'s; "
                             "KL needs the same vocabulary (compare a model with the one it was edited from)")
-    settings = dict(detector=detector, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+    settings = dict(labeller=labeller, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     system=args.system)
     result = evaluate_model(model, tok, harmful, harmless, base=base, **settings)
     report = {"model": args.model, "base": args.base, "result": result, "base_result": None}

@@ -25,7 +25,7 @@ from typing import Sequence
 from abliterate import prompting
 from abliterate.cli import UserError
 from abliterate.harmony import FINAL_HEADER, is_harmony, opens_body
-from abliterate.evaluate.labels import RefusalDetector
+from abliterate.evaluate.labels import AnswerLabeller
 
 SAMPLES_PER_SET = 3
 
@@ -78,10 +78,12 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     return out
 
 
-def judge(answers: list[dict], detector: RefusalDetector) -> list[dict]:
-    """Add `refused` to each answer (reasoning-only answers are judged over their whole length)."""
+def judge(answers: list[dict], labeller: AnswerLabeller) -> list[dict]:
+    """Add `label` (refusal / answer / degenerate) and `refused` to each answer (reasoning-only answers are
+    judged over their whole length)."""
     for a in answers:
-        a["refused"] = detector.is_refusal(a["answer"], window=None if a["judged_reasoning"] else -1)
+        a["label"] = labeller.label(a["answer"], a["prompt"], whole_text=a["judged_reasoning"])
+        a["refused"] = a["label"] == "refusal"
     return answers
 
 
@@ -139,19 +141,19 @@ def kl_divergence(base_logprobs, model_logprobs):
 
 
 def evaluate_model(model, tokenizer, harmful: Sequence[str], harmless: Sequence[str], base=None,
-                   detector: RefusalDetector | None = None, max_new_tokens: int = 64, batch_size: int = 8,
+                   labeller: AnswerLabeller | None = None, max_new_tokens: int = 64, batch_size: int = 8,
                    samples: int = SAMPLES_PER_SET, system: str | None = None, progress: bool = True) -> dict:
     """Refusal rates (harmful, harmless) and, with `base`, KL(base || model) on the harmless prompts.
 
     `model` and `base` are loaded causal LMs that share `tokenizer`. Returns a JSON-ready dict.
     """
-    detector = detector or RefusalDetector()
+    labeller = labeller or AnswerLabeller()
     result: dict = {"harmony": is_harmony(tokenizer), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                    "detector": detector.describe()}
+                    "labeller": labeller.describe()}
     for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
         answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, system,
                                    desc=f"{kind} prompts", progress=progress)
-        result[kind] = refusal_summary(judge(answers, detector), samples)
+        result[kind] = refusal_summary(judge(answers, labeller), samples)
     result["kl"] = None
     if base is not None:
         mine = next_token_logprobs(model, tokenizer, harmless, batch_size, system, "KL: model", progress)
