@@ -33,8 +33,8 @@ class EditTarget:
     """The edit a tensor gets, before any direction is loaded: its role, which prepared direction, the scale."""
 
     role: architectures.TensorRole
-    direction_key: tuple[int, float]  # (measurement index, sparsity): a key of plan.prepared_directions
-    scale: float
+    direction_key: tuple[int | float, float]  # (measurement index, sparsity): a key of plan.prepared_directions
+    scale: float  # the effective scale for this tensor's scale group (Plan.effective_scale)
 
 
 @dataclass
@@ -151,7 +151,7 @@ def plan_tensor_edits(folder, plan) -> EditWork:
                                           plan.scale * (-1.0 if plan.invert else 1.0))
                 elif layer in entry_by_layer:
                     e = entry_by_layer[layer]
-                    edit = EditTarget(role, (e.measurement, e.sparsity), plan.effective_scale(e))
+                    edit = EditTarget(role, (e.measurement, e.sparsity), plan.effective_scale(e, role.scale_group))
             if edit is not None and mx is None and info.dtype not in FLOAT_DTYPES:
                 raise UserError(f"{folder.root / shard}: tensor {key} has dtype {info.dtype}; only float tensors can "
                                 "be edited (dequantize the checkpoint first)")
