@@ -172,7 +172,11 @@ class UrlJudge:
                             "OpenAI-compatible /v1/chat/completions endpoint?") from None
 
     def ask(self, messages: Sequence[str], progress: bool = True) -> list[str]:
-        return [self._one(m) for m in progress_bar(messages, "judge", len(messages), progress)]
+        bar = progress_bar(messages, "judge", len(messages), progress)
+        try:
+            return [self._one(m) for m in bar]
+        finally:  # an unreachable server: clear the bar so the error starts its own line
+            getattr(bar, "close", lambda: None)()
 
 
 class Judge:
