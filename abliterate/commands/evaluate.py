@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="abliterate-evaluate",
         description="Answer held-out harmful and harmless prompts greedily and label each answer. " + LABEL_RULE
-        + " Each rate is printed with its count and 95%% Wilson interval; a before/after change whose intervals "
+        + " Each rate is printed with its count and 95% Wilson interval; a before/after change whose intervals "
         "overlap is marked as not a clear change. GPT-OSS: the final channel is judged; an answer that never "
         "reached it within --max-new-tokens is judged on its analysis channel and counted as such. With --base: "
         "KL(base || model) at the first answer token, and answer KL (the mean per-token KL over the base's own "
@@ -105,7 +105,8 @@ def _read_prompts(path: str | None, kind: str, limit: int | None, column: str | 
 def _check_args(args) -> None:
     for flag, value, low in (("--limit", args.limit, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                              ("--batch-size", args.batch_size, 1), ("--refusal-window", args.refusal_window, 1),
-                             ("--kl-tokens", args.kl_tokens, 1), ("--judge-max-new-tokens", args.judge_max_new_tokens, 1),
+                             ("--kl-tokens", args.kl_tokens, 1),
+                             ("--judge-max-new-tokens", args.judge_max_new_tokens, 1),
                              ("--judge-timeout", args.judge_timeout, 0.001)):
         if value is not None and value < low:
             raise UserError(f"{flag} {value}: must be at least {low}")

@@ -75,7 +75,8 @@ def generate_ids(model, tokenizer, rendered: Sequence[str], max_new_tokens: int,
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                     batch_size: int = 8, system: str | None = None, desc: str = "answering", progress: bool = True) -> list[dict]:
+                     batch_size: int = 8, system: str | None = None, desc: str = "answering",
+                     progress: bool = True) -> list[dict]:
     """Greedy answers, batched with left padding, in prompt order: [{prompt, text, answer, final_reached,
     judged_on, judged_reasoning, tokens}].
 
@@ -84,8 +85,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     harmony = is_harmony(tokenizer)
     rendered = render_prompts(tokenizer, prompts, system)
     out: list[dict] = []
-    for prompt, shown, kept in zip(prompts, rendered,
-                                   generate_ids(model, tokenizer, rendered, max_new_tokens, batch_size, desc, progress)):
+    generated = generate_ids(model, tokenizer, rendered, max_new_tokens, batch_size, desc, progress)
+    for prompt, shown, kept in zip(prompts, rendered, generated):
         text = prompting.decode(tokenizer, kept, harmony)
         parts = prompting.split_answer(text, harmony, shown)
         judged_on = "final" if parts.final_reached else ("outside channels" if parts.loose.strip() else "analysis")

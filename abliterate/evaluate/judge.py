@@ -144,7 +144,8 @@ class UrlJudge:
     def __init__(self, url: str, model_name: str | None = None, timeout: float = 60.0, max_tokens: int = 256):
         if not re.match(r"https?://", url):
             raise UserError(f"--judge-url {url}: not an http(s) URL; give e.g. http://127.0.0.1:8000/v1")
-        self.url, self.model_name, self.timeout, self.max_tokens = chat_completions_url(url), model_name, timeout, max_tokens
+        self.url, self.model_name = chat_completions_url(url), model_name
+        self.timeout, self.max_tokens = timeout, max_tokens
         self.id = f"url:{self.url}|{model_name or ''}"
 
     def _one(self, message: str) -> str:
@@ -161,7 +162,8 @@ class UrlJudge:
                             "URL and --judge-url-model") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise UserError(f"--judge-url {self.url}: unreachable ({reason}); start the server or fix the URL") from None
+            raise UserError(f"--judge-url {self.url}: unreachable ({reason}); start the server or fix the "
+                            "URL") from None
         except ValueError:
             raise UserError(f"--judge-url {self.url}: the reply is not JSON; is it an OpenAI-compatible "
                             "/v1/chat/completions endpoint?") from None
