@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from abliterate.commands import evaluate as evaluate_cmd
+from abliterate.evaluate.kl import answer_kl, answer_reference
 from abliterate.evaluate.model_eval import (compare_results, evaluate_model, format_result, generate_answers,
                                             kl_divergence, next_token_logprobs)
 from abliterate.loading import load_model, load_tokenizer  # noqa: F401
@@ -46,7 +47,7 @@ def stub_generate(tokenizer, answers: dict[str, str]):
 # KL -------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
-def test_kl_of_a_model_with_itself_is_zero(tiny_model, arch):
+def test_kl_of_a_model_with_itself_is_zero_first_token_and_answer(tiny_model, arch):
     folder = str(tiny_model(arch))
     tok = load_tokenizer(folder)
     a, b = load_model(folder), load_model(folder)  # two separate loads, not one object
@@ -54,6 +55,12 @@ def test_kl_of_a_model_with_itself_is_zero(tiny_model, arch):
                        next_token_logprobs(a, tok, HARMLESS, 2, progress=False))
     assert kl.dtype == torch.float64 and kl.shape == (len(HARMLESS),)
     assert float(kl.abs().max()) < 1e-9
+    # answer KL too: along the base's greedy answer, at every position
+    ref = answer_reference(a, tok, HARMLESS, kl_tokens=6, batch_size=2, progress=False)
+    per_token = answer_kl(a, b, tok, ref, batch_size=2, progress=False)
+    assert [len(t) for t in per_token] == [len(x) for x in ref.answer_ids]
+    assert all(1 <= len(x) <= 6 for x in ref.answer_ids)
+    assert max(abs(v) for t in per_token for v in t) < 1e-9
 
 
 def test_kl_grows_with_the_size_of_an_edit(llama):

@@ -1,6 +1,6 @@
 """Answer KL: KL(base || model) along the base's own greedy answer, teacher-forced in one batched pass.
 
-Zero for a model against itself, positive against a perturbed copy; the batched, left-padded pass equals an
+Zero for a model against itself (tests/test_evaluate.py, beside the first-token KL), positive against a perturbed copy; the batched, left-padded pass equals an
 unpadded one-prompt-at-a-time computation; the positions line up with the base's greedy answer (its argmax at
 each position is the next answer token); the first position is the first-token KL."""
 
@@ -13,7 +13,6 @@ import torch
 
 from abliterate.evaluate.kl import (AnswerReference, answer_kl, answer_reference, kl_divergence, kl_report,
                                     kl_where_base_answered, next_token_logprobs, teacher_forced_logprobs)
-from abliterate.loading import load_model, load_tokenizer
 from loaded_models import gpt_oss, llama  # noqa: F401  (module-scoped fixtures)
 
 PROMPTS = ["write a poem about the sea", "explain photosynthesis in simple words", "hi",
@@ -34,18 +33,6 @@ def perturbed(model, scale: float):
         for p in edited.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen) * p.std().clamp(min=1e-3))
     return edited
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
-def test_answer_kl_of_a_model_with_itself_is_zero(tiny_model, arch):
-    folder = str(tiny_model(arch))
-    tok = load_tokenizer(folder)
-    a, b = load_model(folder), load_model(folder)  # two separate loads, not one object
-    ref = answer_reference(a, tok, PROMPTS, kl_tokens=6, batch_size=2, progress=False)
-    per_token = answer_kl(a, b, tok, ref, batch_size=2, progress=False)
-    assert [len(t) for t in per_token] == [len(x) for x in ref.answer_ids]
-    assert all(1 <= len(x) <= 6 for x in ref.answer_ids)
-    assert max(abs(v) for t in per_token for v in t) < 1e-9
 
 
 def test_answer_kl_is_positive_for_a_perturbed_model_and_grows_with_the_edit(llama):

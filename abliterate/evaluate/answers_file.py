@@ -31,12 +31,11 @@ def read_answers(path: str | Path, flag: str = "--answers") -> list[dict]:
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{flag} {path}: file not found; give a JSONL file with prompt and answer per line") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{flag} {path}: not valid UTF-8; save it as UTF-8 JSONL") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{flag} {path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSONL") from None
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot read ({e.strerror})") from None
+        why = "file not found" if isinstance(e, FileNotFoundError) else f"cannot read ({e.strerror})"
+        raise UserError(f"{flag} {path}: {why}; give a JSONL file with prompt and answer per line") from None
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
