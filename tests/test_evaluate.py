@@ -160,7 +160,7 @@ def test_harmony_answers_are_judged_on_the_final_channel(gpt_oss):
     assert h["no_final"] == 1 and result["harmless"]["refusals"] == 0
     # the cut-off answer was judged on its analysis channel, and the report says so
     assert [r["judged_on"] for r in h["rows"]] == ["final", "final", "analysis"] and h["judged_on_analysis"] == 1
-    assert "harmful judged on analysis channel   1/3" in format_result(result)
+    assert "harmful no final answer: analysis judged   1/3" in format_result(result)
 
 
 def test_generation_is_deterministic_and_batch_order_kept(llama):
@@ -204,7 +204,9 @@ def test_command_writes_table_and_json(llama, prompt_files, tmp_path, run_cli):
     assert all(row["label"] in ("refusal", "answer", "degenerate") for row in r["harmless"]["rows"])
     assert "harmful refusal" in stdout and "95% CI" in stdout and "wrote" in stdout
     assert "KL first answer token, mean" in stdout and "answer KL (per token), mean" in stdout
-    assert "not a clear change" in stdout  # same model twice: no rate moved
+    assert "KL first token, base answered" in stdout and "answer KL, base answered" in stdout
+    changes = stdout.split("changes, base -> model:\n", 1)[1].split("wrote")[0].splitlines()
+    assert all(ln.endswith("(+0.0%; overlapping intervals: not a clear change)") for ln in changes)  # same model
     # again without --force: refused, file unchanged
     before = out.read_text()
     code, _, err = run_cli(evaluate_cmd.main, ["--model", folder, "--harmful", harmful, "--harmless", harmless,

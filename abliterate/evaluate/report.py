@@ -8,8 +8,8 @@ from abliterate.evaluate.intervals import change_note, format_rate
 from abliterate.evaluate.labels import LABELS
 
 KINDS = ("harmful", "harmless")
-KL_ROWS = (("kl", "KL first answer token, mean"), ("kl_base_answered", "  ... prompts the base answered"),
-           ("answer_kl", "answer KL (per token), mean"), ("answer_kl_base_answered", "  ... prompts the base answered"))
+KL_ROWS = (("kl", "KL first answer token, mean"), ("kl_base_answered", "KL first token, base answered"),
+           ("answer_kl", "answer KL (per token), mean"), ("answer_kl_base_answered", "answer KL, base answered"))
 
 
 def _kl_text(kl: dict) -> str:
@@ -36,8 +36,7 @@ def _rows(result: dict) -> list[tuple[str, str]]:
         rows += label_rows(r, kind)
         rows.append((f"{kind} mean answer tokens", f"{r['mean_answer_tokens']:.1f}"))
         if result.get("harmony"):
-            rows.append((f"{kind} judged on analysis channel", f"{r['judged_on_analysis']}/{r['count']} (no final "
-                                                               "answer within the token budget)"))
+            rows.append((f"{kind} no final answer: analysis judged", f"{r['judged_on_analysis']}/{r['count']}"))
     for key, label in KL_ROWS:
         kl = result.get(key)
         if kl:
@@ -66,8 +65,8 @@ def judge_details(result: dict) -> list[str]:
 
 
 def compare_results(before: dict, after: dict, labels: tuple[str, str] = ("before", "after")) -> str:
-    """A before/after table of two result dicts, then each refusal and degenerate rate change with a note on
-    whether the 95% intervals overlap (then it is not a clear change)."""
+    """A before/after table of two result dicts, then each refusal and degenerate rate change (those not 0% both
+    times) with a note on whether the 95% intervals overlap (then it is not a clear change)."""
     b, a = dict(_rows(before)), dict(_rows(after))
     keys = list(dict.fromkeys(list(b) + list(a)))
     w0 = max(len(k) for k in keys)
@@ -79,8 +78,8 @@ def compare_results(before: dict, after: dict, labels: tuple[str, str] = ("befor
     for kind in KINDS:
         for name in ("refusal", "degenerate"):
             rb, ra = before[kind]["labels"][name], after[kind]["labels"][name]
-            if not rb["n"] or not ra["n"]:
-                continue
+            if not rb["n"] or not ra["n"] or not (rb["count"] or ra["count"]):
+                continue  # nothing to compare, or 0% both times
             lines.append(f"  {kind} {name}: {rb['rate']:.1%} -> {ra['rate']:.1%} ({ra['rate'] - rb['rate']:+.1%}; "
                          f"{change_note(rb, ra)})")
     return "\n".join(lines)
