@@ -49,6 +49,25 @@ def test_refusal_removed_and_harmless_kept(quick_demo):
     # 0.1 nats; the KL over all harmless prompts also counts the base's wrong refusals the edit undoes).
     assert after["kl_base_answered"]["count"] > 0
     assert 0.0 <= after["kl_base_answered"]["mean"] < 0.1
+    # answer KL: along the base's 16-token greedy answers, over the same prompts
+    assert after["answer_kl"]["kl_tokens"] == 16 and after["answer_kl"]["count"] == after["kl"]["count"]
+    assert after["answer_kl_base_answered"]["count"] == after["kl_base_answered"]["count"]
+    assert after["answer_kl_base_answered"]["mean"] >= 0.0
+
+
+def test_report_shows_label_rates_with_intervals_and_both_kls(quick_demo):
+    from abliterate.demo.workflow import format_report
+
+    text = format_report(quick_demo).splitlines()
+    for label in ("refusal", "degenerate"):
+        for kind in ("harmful", "harmless"):
+            (row,) = [ln for ln in text if ln.strip().startswith(f"{label} rate, {kind} prompts  ")]
+            assert row.count("95% CI") == 2, row  # before and after, each with its interval
+            rates = quick_demo.before[kind]["labels"][label], quick_demo.after[kind]["labels"][label]
+            assert all(f"({r['count']}/{r['n']}, 95% CI" in row for r in rates), row
+    kls = [ln for ln in text if "first token" in ln or "answer KL" in ln]
+    assert len(kls) == 2 and all(ln.split()[-1].replace(".", "").isdigit() for ln in kls), kls
+    assert any("clear change" in ln for ln in text)  # each moved rate says whether its intervals overlap
 
 
 def test_plan_uses_the_projected_direction_and_the_model_decides_at_the_measured_token(quick_demo):

@@ -1,5 +1,7 @@
-"""Evaluation on tiny models: KL is 0 for a model with itself and grows with an edit; refusal counts are what the
-detector says about answers we control; harmony answers are judged on the final channel; bad input exits 2."""
+"""Evaluation on tiny models: KL is 0 for a model with itself and grows with an edit; label counts are what the
+labeller says about answers we control, with their intervals; harmony answers are judged on the final channel
+(else on the analysis channel, counted); bad input exits 2. Answer KL: tests/test_evaluate_kl.py; --answers:
+tests/test_evaluate_answers.py; the judge: tests/test_evaluate_judge.py."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import pytest
 import torch
 
 from abliterate.commands import evaluate as evaluate_cmd
-from abliterate.evaluate.model_eval import (compare_results, evaluate_model, format_result, generate_answers, kl_divergence,
-                                 next_token_logprobs)
+from abliterate.evaluate.kl import answer_kl, answer_reference
+from abliterate.evaluate.model_eval import (compare_results, evaluate_model, format_result, generate_answers,
+                                            kl_divergence, next_token_logprobs)
 from abliterate.loading import load_model, load_tokenizer  # noqa: F401
 from loaded_models import gpt_oss, llama  # noqa: F401  (module-scoped fixtures)
 from abliterate.evaluate.labels import AnswerLabeller
@@ -44,7 +47,7 @@ def stub_generate(tokenizer, answers: dict[str, str]):
 # KL -------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
-def test_kl_of_a_model_with_itself_is_zero(tiny_model, arch):
+def test_kl_of_a_model_with_itself_is_zero_first_token_and_answer(tiny_model, arch):
     folder = str(tiny_model(arch))
     tok = load_tokenizer(folder)
     a, b = load_model(folder), load_model(folder)  # two separate loads, not one object
@@ -52,6 +55,12 @@ def test_kl_of_a_model_with_itself_is_zero(tiny_model, arch):
                        next_token_logprobs(a, tok, HARMLESS, 2, progress=False))
     assert kl.dtype == torch.float64 and kl.shape == (len(HARMLESS),)
     assert float(kl.abs().max()) < 1e-9
+    # answer KL too: along the base's greedy answer, at every position
+    ref = answer_reference(a, tok, HARMLESS, kl_tokens=6, batch_size=2, progress=False)
+    per_token = answer_kl(a, b, tok, ref, batch_size=2, progress=False)
+    assert [len(t) for t in per_token] == [len(x) for x in ref.answer_ids]
+    assert all(1 <= len(x) <= 6 for x in ref.answer_ids)
+    assert max(abs(v) for t in per_token for v in t) < 1e-9
 
 
 def test_kl_grows_with_the_size_of_an_edit(llama):
@@ -108,15 +117,27 @@ def test_refusal_counts_are_what_the_detector_says(llama):
     assert result["harmless"]["refusals"] == 1 and result["harmless"]["count"] == 2
     assert [s["refused"] for s in result["harmful"]["samples"]] == [True, False]
     assert result["harmful"]["samples"][0]["answer"] == answers["bomb"]
-    assert result["kl"] is None and not result["harmony"]
+    assert result["kl"] is None and result["answer_kl"] is None and not result["harmony"]
+    # all three labels counted, each with n and its 95% Wilson interval; every row kept in prompt order
+    labels = result["harmful"]["labels"]
+    assert {k: labels[k]["count"] for k in labels} == {"refusal": 2, "answer": 1, "degenerate": 0}
+    assert all(labels[k]["n"] == 3 for k in labels)
+    assert labels["refusal"]["ci95"] == pytest.approx([0.2077, 0.9385], abs=1e-4)
+    rows = result["harmful"]["rows"]
+    assert [r["prompt"] for r in rows] == harmful and [r["label"] for r in rows] == ["refusal", "answer", "refusal"]
+    assert "marker" in rows[0]["label_reason"] and rows[1]["judged_on"] == "final"
     # a detector with other markers changes the count accordingly
     only_sorry = AnswerLabeller(markers=["i'm sorry"])
     again = evaluate_model(model, tok, harmful, harmless, labeller=only_sorry, batch_size=3, progress=False)
     assert again["harmful"]["refusals"] == 1 and again["harmless"]["refusals"] == 0
     table = format_result(result)
-    assert "66.7% (2/3)" in table and "50.0% (1/2)" in table
+    assert "harmful refusal              66.7% (2/3, 95% CI 20.8-93.9%)" in table
+    assert "harmless refusal             50.0% (1/2, 95% CI 9.5-90.5%)" in table
+    assert "harmful degenerate           0.0% (0/3, 95% CI 0.0-56.1%)" in table
     cmp = compare_results(again, result, ("only sorry", "default"))
-    assert "only sorry" in cmp and "harmless +50.0%" in cmp and "harmful +33.3%" in cmp
+    assert "only sorry" in cmp
+    assert "harmless refusal: 0.0% -> 50.0% (+50.0%; overlapping intervals: not a clear change)" in cmp
+    assert "harmful refusal: 33.3% -> 66.7% (+33.3%; overlapping intervals: not a clear change)" in cmp
 
 
 def test_harmony_answers_are_judged_on_the_final_channel(gpt_oss):
@@ -137,6 +158,9 @@ def test_harmony_answers_are_judged_on_the_final_channel(gpt_oss):
     assert [s["refused"] for s in h["samples"]] == [False, True, True]
     assert h["samples"][0]["answer"] == "Sure, here is a story instead."  # not the reasoning
     assert h["no_final"] == 1 and result["harmless"]["refusals"] == 0
+    # the cut-off answer was judged on its analysis channel, and the report says so
+    assert [r["judged_on"] for r in h["rows"]] == ["final", "final", "analysis"] and h["judged_on_analysis"] == 1
+    assert "harmful no final answer: analysis judged   1/3" in format_result(result)
 
 
 def test_generation_is_deterministic_and_batch_order_kept(llama):
@@ -172,8 +196,17 @@ def test_command_writes_table_and_json(llama, prompt_files, tmp_path, run_cli):
     r = report["result"]
     assert r["harmful"]["count"] == 3 and r["harmless"]["count"] == 4
     assert r["kl"]["count"] == 4 and abs(r["kl"]["mean"]) < 1e-9
+    assert r["answer_kl"]["count"] == 4 and abs(r["answer_kl"]["mean"]) < 1e-9 and r["answer_kl"]["kl_tokens"] == 16
+    assert all(1 <= n <= 16 for n in r["answer_kl"]["answer_tokens"])
+    assert r["kl_base_answered"] is not None and r["answer_kl_base_answered"] is not None
     assert report["base_result"]["harmful"]["refusals"] == r["harmful"]["refusals"]
-    assert "harmful refusal rate" in stdout and "KL(base || model) mean" in stdout and "wrote" in stdout
+    assert [row["prompt"] for row in r["harmless"]["rows"]] == HARMLESS[:4]
+    assert all(row["label"] in ("refusal", "answer", "degenerate") for row in r["harmless"]["rows"])
+    assert "harmful refusal" in stdout and "95% CI" in stdout and "wrote" in stdout
+    assert "KL first answer token, mean" in stdout and "answer KL (per token), mean" in stdout
+    assert "KL first token, base answered" in stdout and "answer KL, base answered" in stdout
+    changes = stdout.split("changes, base -> model:\n", 1)[1].split("wrote")[0].splitlines()
+    assert all(ln.endswith("(+0.0%; overlapping intervals: not a clear change)") for ln in changes)  # same model
     # again without --force: refused, file unchanged
     before = out.read_text()
     code, _, err = run_cli(evaluate_cmd.main, ["--model", folder, "--harmful", harmful, "--harmless", harmless,
@@ -182,7 +215,8 @@ def test_command_writes_table_and_json(llama, prompt_files, tmp_path, run_cli):
 
 
 @pytest.mark.parametrize("case", ["missing model", "missing harmful", "empty harmless", "bad limit",
-                                  "missing markers", "skip without base", "missing base"])
+                                  "missing markers", "skip without base", "missing base", "bad kl tokens",
+                                  "two judges", "no model nor answers"])
 def test_bad_input_is_one_line_exit_2(llama, prompt_files, tmp_path, run_cli, case):
     folder = llama[0]
     harmful, harmless = prompt_files
@@ -193,7 +227,8 @@ def test_bad_input_is_one_line_exit_2(llama, prompt_files, tmp_path, run_cli, ca
     needle = {
         "missing model": "--model", "missing harmful": "nope.txt", "empty harmless": "empty.txt",
         "bad limit": "--limit", "missing markers": "--refusal-markers", "skip without base": "--skip-base-rates",
-        "missing base": "--base",
+        "missing base": "--base", "bad kl tokens": "--kl-tokens", "two judges": "--judge-url",
+        "no model nor answers": "--answers",
     }[case]
     if case == "missing model":
         args["--model"] = tmp_path / "no_model"
@@ -209,6 +244,12 @@ def test_bad_input_is_one_line_exit_2(llama, prompt_files, tmp_path, run_cli, ca
         extra = ["--skip-base-rates"]
     elif case == "missing base":
         extra = ["--base", tmp_path / "no_base"]
+    elif case == "bad kl tokens":
+        extra = ["--kl-tokens", "0"]
+    elif case == "two judges":
+        extra = ["--judge", folder, "--judge-url", "http://127.0.0.1:9"]
+    elif case == "no model nor answers":
+        del args["--model"]
     argv = [x for kv in args.items() for x in kv] + extra + ["--json", tmp_path / "out.json"]
     code, out, err = run_cli(evaluate_cmd.main, argv)
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from abliterate.evaluate.chat_engine import ChatEngine, Reply, Sampling
+from abliterate.evaluate.labels import AnswerLabeller
 from abliterate.cli import UserError, run_command
 from abliterate.harmony import FINAL, REASONING
 from abliterate.loading import add_model_arguments, load_from_args
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="harmony models (GPT-OSS): also show the reasoning (analysis channel)")
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("--compare", metavar="BASE", default=None,
-                   help="also load BASE (e.g. the original model) and answer every prompt with both, labelled")
+                   help="also load BASE (e.g. the original model) and answer every prompt with both; each answer "
+                   "is followed by its label (refusal / answer / degenerate, the rule evaluate uses)")
     add_model_arguments(p)
     return p
 
@@ -83,7 +85,16 @@ class _Printer:
         self.out.flush()
 
 
-def _answer(engine: ChatEngine, prompt: str, label: str | None, show_reasoning: bool) -> Reply:
+def label_line(labeller: AnswerLabeller, prompt: str, reply: Reply) -> str:
+    """'(label: refusal - why)' for an answer, judged as evaluate judges it (GPT-OSS reasoning-only answers over
+    their whole length)."""
+    on_reasoning = not reply.parts.final_reached and not reply.parts.loose.strip()
+    why = labeller.explain(reply.answer.strip(), prompt, whole_text=on_reasoning)
+    return f"(label: {why['label']} - {why['reason']})"
+
+
+def _answer(engine: ChatEngine, prompt: str, label: str | None, show_reasoning: bool,
+            labeller: AnswerLabeller | None = None) -> Reply:
     out = sys.stdout
     if label:
         out.write(f"[{label}]\n")
@@ -96,6 +107,8 @@ def _answer(engine: ChatEngine, prompt: str, label: str | None, show_reasoning: 
         out.write("" if reply.parts.loose.strip() else
                   f"[no final answer within {engine.sampling.max_new_tokens} tokens; raise --max-new-tokens]")
     out.write("\n")
+    if labeller is not None and not reply.interrupted:
+        out.write(label_line(labeller, prompt, reply) + "\n")
     out.flush()
     return reply
 
@@ -125,8 +138,9 @@ def _handle(line: str, engines: list[tuple[str | None, ChatEngine]], args) -> bo
     if text.startswith("/") and " " not in text:
         print(f"(unknown command {text}; {HELP_TEXT})")
         return True
+    labeller = AnswerLabeller() if len(engines) > 1 else None  # --compare: label each model's answer
     for label, engine in engines:
-        _answer(engine, text, label, args.show_reasoning)
+        _answer(engine, text, label, args.show_reasoning, labeller)
     return True
 
 

@@ -32,6 +32,8 @@ PLAN = "plan.yml"
 EVALUATION = "evaluation.json"
 SUMMARY = "demo-summary.json"
 ARCH_NAMES = {"gpt_oss": "GPT-OSS", "llama": "Llama (dense variant)"}
+EVAL_MAX_NEW_TOKENS = 64
+EVAL_KL_TOKENS = 16
 
 
 @dataclasses.dataclass
@@ -98,7 +100,10 @@ def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, 
         ("analyze", analyze.main, [w(MEASUREMENTS), "--chart", w(CHART), "--json", w(ANALYSIS_JSON),
                                    "--suggest", w(PLAN), "--output-model", w(ABLATED_DIR)]),
         ("ablate", ablate.main, [w(PLAN)]),
-        ("evaluate", evaluate.main, ["--model", w(ABLATED_DIR), "--base", w(MODEL_DIR), "--json", w(EVALUATION)]),
+        # The organism's answers are one or two sentences, so 64 tokens hold them whole (evaluate's default of 256
+        # is for real models' late refusals and reasoning); --kl-tokens as evaluate's default, stated.
+        ("evaluate", evaluate.main, ["--model", w(ABLATED_DIR), "--base", w(MODEL_DIR), "--json", w(EVALUATION),
+                                     "--max-new-tokens", str(EVAL_MAX_NEW_TOKENS), "--kl-tokens", str(EVAL_KL_TOKENS)]),
     ]
     for name, main, argv in stages:
         t = time.perf_counter()
@@ -114,8 +119,9 @@ def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, 
 # ------------------------------------------------------------------------------------------------ report
 # Evaluate's JSON (abliterate.evaluate.model_eval) is read through these few accessors, so a change there is one edit here.
 
-def _rate(report: dict, kind: str) -> float:
-    return float(report[kind]["refusal_rate"])
+def _rate(report: dict, kind: str, label: str = "refusal") -> dict:
+    """{count, n, rate, ci95} of one label on one prompt set."""
+    return dict(report[kind]["labels"][label])
 
 
 def _kl(report: dict, key: str = "kl") -> float | None:
@@ -128,15 +134,19 @@ def _samples(report: dict, kind: str) -> list[dict]:
 
 
 def summary_dict(r: DemoResult) -> dict:
+    rates = {f"{kind}_{label}": {"before": _rate(r.before, kind, label), "after": _rate(r.after, kind, label)}
+             for label in ("refusal", "degenerate") for kind in ("harmful", "harmless")}
     return {
         "workdir": str(r.workdir),
         "arch": r.arch,
         "trained": r.trained,
         "timings_s": {k: round(v, 2) for k, v in r.timings.items()},
-        "harmful_refusal": {"before": _rate(r.before, "harmful"), "after": _rate(r.after, "harmful")},
-        "harmless_refusal": {"before": _rate(r.before, "harmless"), "after": _rate(r.after, "harmless")},
+        **rates,
         "kl_harmless_first_token": _kl(r.after),
         "kl_harmless_base_answered": _kl(r.after, "kl_base_answered"),
+        "answer_kl_harmless": _kl(r.after, "answer_kl"),
+        "answer_kl_harmless_base_answered": _kl(r.after, "answer_kl_base_answered"),
+        "kl_tokens": (r.after.get("answer_kl") or {}).get("kl_tokens"),
     }
 
 
@@ -146,22 +156,32 @@ def _clip(text: str, width: int = 88) -> str:
 
 
 def format_report(r: DemoResult) -> str:
+    from abliterate.evaluate.intervals import change_note, format_rate
+
     s = summary_dict(r)
+    rows = [(f"{label} rate, {kind} prompts", s[f"{kind}_{label}"])
+            for label in ("refusal", "degenerate") for kind in ("harmful", "harmless")]
+    cells = [(name, format_rate(v["before"]), format_rate(v["after"])) for name, v in rows]
+    w0, w1 = 38, max(len("before"), *(len(b) for _, b, _ in cells)) + 2
     lines = [
         "",
         f"abliterate demo: the tiny {ARCH_NAMES.get(r.arch, r.arch)} before and after abliteration "
-        "(held-out test prompts)",
+        "(held-out test prompts; rates with their 95% Wilson interval)",
         "",
-        f"  {'':<38}{'before':>10}{'after':>10}",
-        f"  {'refusal rate, harmful prompts':<38}{s['harmful_refusal']['before']:>10.1%}"
-        f"{s['harmful_refusal']['after']:>10.1%}",
-        f"  {'refusal rate, harmless prompts':<38}{s['harmless_refusal']['before']:>10.1%}"
-        f"{s['harmless_refusal']['after']:>10.1%}",
+        f"  {'':<{w0}}{'before':<{w1}}after",
     ]
-    for key, label in (("kl_harmless_first_token", "KL(base || abliterated), harmless"),
-                       ("kl_harmless_base_answered", "  ... those the base answered")):
+    lines += [f"  {name:<{w0}}{before:<{w1}}{after}" for name, before, after in cells]
+    tokens = s["kl_tokens"]
+    for key, label in (("kl_harmless_first_token", "KL(base || abliterated), first token"),
+                       ("kl_harmless_base_answered", "  ... harmless the base answered"),
+                       ("answer_kl_harmless", f"answer KL, per token over {tokens} tokens"),
+                       ("answer_kl_harmless_base_answered", "  ... harmless the base answered")):
         kl = s[key]
-        lines.append(f"  {label:<38}{'':>10}{kl:>10.4f}" if kl is not None else f"  {label}: not reported")
+        lines.append(f"  {label:<{w0}}{'':<{w1}}{kl:.4f}" if kl is not None else f"  {label}: not reported")
+    for name, v in rows:
+        if v["before"]["count"] or v["after"]["count"]:
+            lines.append(f"  {name}: {v['before']['rate']:.1%} -> {v['after']['rate']:.1%} "
+                         f"({change_note(v['before'], v['after'])})")
     lines.append("")
     for kind in ("harmful", "harmless"):
         before, after = _samples(r.before, kind), _samples(r.after, kind)

@@ -1,0 +1,121 @@
+"""`evaluate --answers FILE.jsonl`: label answers someone else generated, no model loaded.
+
+Each non-blank line is a JSON object with `prompt` and `answer` (or `response`), both strings. Optional fields
+pass through: `kind` (rates are also given per kind) and a gold `label` (one of refusal / answer / degenerate:
+the report then gives the rule's agreement with it and the confusion table). Rows come back in input order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from abliterate.cli import UserError
+from abliterate.evaluate.agreement import agreement, format_agreement
+from abliterate.evaluate.answers import label_rates
+from abliterate.evaluate.judge import annotate, judge_summary
+from abliterate.evaluate.labels import LABELS, AnswerLabeller
+from abliterate.evaluate.report import label_rows, table
+
+
+SHOWN_DISAGREEMENTS = 10
+
+
+def _clip(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
+def read_answers(path: str | Path, flag: str = "--answers") -> list[dict]:
+    """The rows of an answers file: [{line, prompt, answer, kind?, gold?}]; a bad line is one UserError."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{flag} {path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSONL") from None
+    except OSError as e:
+        why = "file not found" if isinstance(e, FileNotFoundError) else f"cannot read ({e.strerror})"
+        raise UserError(f"{flag} {path}: {why}; give a JSONL file with prompt and answer per line") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{flag} {path}, line {number}"
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{where}: a JSON {type(obj).__name__}, not an object with prompt and answer")
+        field = "answer" if "answer" in obj else "response" if "response" in obj else None
+        if field is None:
+            raise UserError(f"{where}: no 'answer' (or 'response') field; fields found: {', '.join(obj) or 'none'}")
+        if "prompt" not in obj:
+            raise UserError(f"{where}: no 'prompt' field; every row needs the prompt it answers")
+        for name in ("prompt", field):
+            if not isinstance(obj[name], str):
+                raise UserError(f"{where}: '{name}' is a {type(obj[name]).__name__}, not a string")
+        row = {"line": number, "prompt": obj["prompt"], "answer": obj[field]}
+        if "kind" in obj:
+            row["kind"] = str(obj["kind"])
+        if "label" in obj:
+            if obj["label"] not in LABELS:
+                raise UserError(f"{where}: label {obj['label']!r} is not one of {', '.join(LABELS)}")
+            row["gold"] = obj["label"]
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{flag} {path}: no answers in the file; put one JSON object per line")
+    return rows
+
+
+def _set_summary(rows: list[dict]) -> dict:
+    out = {"count": len(rows), "labels": label_rates([r["label"] for r in rows])}
+    if rows and "judge_label" in rows[0]:
+        out["judge"] = judge_summary(rows)
+    return out
+
+
+def label_file(rows: list[dict], labeller: AnswerLabeller, judge=None, progress: bool = True) -> dict:
+    """Label every row (and ask `judge` when given): the JSON-ready report with rows in input order, the rates
+    overall and per kind, and the agreement with gold labels where the file has them."""
+    for r in rows:
+        why = labeller.explain(r["answer"], r["prompt"])
+        r["label"], r["label_reason"] = why["label"], why["reason"]
+    if judge is not None:
+        annotate(judge, rows, progress)
+    report = {"labeller": labeller.describe(), "judge": judge.describe() if judge else None,
+              "all": _set_summary(rows), "by_kind": {}, "gold": None, "rows": rows}
+    kinds = list(dict.fromkeys(r["kind"] for r in rows if "kind" in r))
+    for kind in kinds:
+        report["by_kind"][kind] = _set_summary([r for r in rows if r.get("kind") == kind])
+    gold = [r for r in rows if "gold" in r]
+    if gold:
+        report["gold"] = {"rows": len(gold), "rule": agreement([r["gold"] for r in gold], [r["label"] for r in gold])}
+        if judge is not None:
+            report["gold"]["judge"] = agreement([r["gold"] for r in gold], [r["judge_label"] for r in gold])
+        report["gold"]["disagreements"] = [r["line"] for r in gold if r["gold"] != r["label"]]
+    return report
+
+
+def format_answers_report(report: dict, title: str) -> str:
+    """The rates table (all rows, then each kind), then gold and judge agreement with their confusion tables."""
+    rows = label_rows(report["all"], "all")
+    for kind, summary in report["by_kind"].items():
+        rows += label_rows(summary, f"kind {kind}:")
+    lines = [table(rows, title)]
+    gold = report["gold"]
+    if gold:
+        lines += format_agreement(gold["rule"], "gold", "rule")
+        if "judge" in gold:
+            lines += format_agreement(gold["judge"], "gold", "judge")
+        by_line = {r["line"]: r for r in report["rows"]}
+        for number in gold["disagreements"][:SHOWN_DISAGREEMENTS]:
+            r = by_line[number]
+            lines.append(f"  line {number}: gold {r['gold']}, rule {r['label']} ({r['label_reason']}): "
+                         f"{_clip(r['answer'])}")
+        if len(gold["disagreements"]) > SHOWN_DISAGREEMENTS:
+            lines.append(f"  ... {len(gold['disagreements']) - SHOWN_DISAGREEMENTS} more (rows in --json)")
+    if report["all"].get("judge"):
+        lines += format_agreement(report["all"]["judge"]["agreement_with_phrase_labels"], "phrase", "judge")
+    return "\n".join(lines)
+
