@@ -86,6 +86,23 @@ def test_an_entry_with_scale_zero_warns(run_cli, tiny_model, meas, tmp_path, cap
     assert "ablate[1]" not in line and (tmp_path / "out").is_dir()
 
 
+def test_an_entry_whose_role_scales_are_all_zero_warns(run_cli, tiny_model, meas, tmp_path, capsys):
+    """The effective scale counts the per-role scales too: a dense entry with attention and MLP scaled by 0 edits
+    nothing; zeroing only one of them is a choice and says nothing."""
+    model = tiny_model("llama")
+    capsys.readouterr()
+    plan = write_plan(tmp_path / "p.yml", model, meas, tmp_path / "out")
+    text = plan.read_text()
+    plan.write_text(text.replace("measurement: 1\n", "measurement: 1\n  scales: {attention_output: 0, mlp_output: 0}\n", 1))
+    code, _, err = run(run_cli, plan, "--dry-run")
+    assert code == 0, err
+    (line,) = warnings_of(err)
+    assert "ablate[0] (layer 0)" in line and "edits nothing" in line
+    plan.write_text(text.replace("measurement: 1\n", "measurement: 1\n  scales: {attention_output: 0}\n", 1))
+    code, _, err = run(run_cli, plan, "--dry-run")
+    assert code == 0 and warnings_of(err) == [], err
+
+
 @pytest.mark.parametrize("how", ["entries", "plan"])
 def test_a_plan_whose_scales_are_all_zero_is_refused(run_cli, tiny_model, meas, tmp_path, capsys, how):
     model = tiny_model("llama")

@@ -18,7 +18,7 @@ from abliterate.cli import UserError
 def plan_warnings(plan, folder, work, measurement_metadata: dict | None) -> list[str]:
     """Warnings for `plan` on `folder` with the planned edits `work`; `measurement_metadata` is None when the
     measurement file's header cannot tell (a .pt file: `measurement_warnings` then runs once it is loaded)."""
-    out = _scale_warnings(plan)
+    out = _scale_warnings(plan, work)
     out += _tied_embeddings(plan, folder)
     out += _generic_rules(folder, work)
     out += architectures.post_norm_warnings(_tensor_names(folder), folder.model_type)
@@ -48,20 +48,23 @@ def emit(lines: list[str]) -> None:
         print(f"warning: {line}", file=sys.stderr)
 
 
-def _scale_warnings(plan) -> list[str]:
-    """Entries whose effective scale (entry scale x plan scale) is 0 edit nothing; all of them: an error."""
-    zero = [(i, e) for i, e in enumerate(plan.ablate) if plan.effective_scale(e) == 0.0]
-    embeddings_edit = bool(plan.roles.get("embeddings")) and plan.scale != 0.0
-    if len(zero) == len(plan.ablate) and not embeddings_edit:
+def _scale_warnings(plan, work) -> list[str]:
+    """Entries whose tensors all get effective scale 0 (entry scale x its role scales x plan scale) edit nothing;
+    when every planned tensor does: an error."""
+    targets = [te.target for table in work.edits.values() for te in table.values() if te.target is not None]
+    if all(t.scale == 0.0 for t in targets):
         why = "the plan's scale is 0" if plan.scale == 0.0 else "every ablate entry has scale 0"
         raise UserError(f"{plan.source}: {why}, so nothing would be edited and the output would be a copy of the "
                         "input; give the entries a scale (1.0 removes the whole component along the direction)")
+    edits_something = {t.role.layer for t in targets if t.scale != 0.0 and t.role.group != "embeddings"}
+    zero = [(i, e) for i, e in enumerate(plan.ablate) if e.layer not in edits_something]
     if not zero:
         return []
+    one = len(zero) == 1
     listed = ", ".join(f"ablate[{i}] (layer {e.layer})" for i, e in zero[:8]) + (" ..." if len(zero) > 8 else "")
-    return [f"{plan.source}: {listed} {'has' if len(zero) == 1 else 'have'} effective scale 0 (entry scale x plan "
-            f"scale {plan.scale:g}), so {'it edits' if len(zero) == 1 else 'they edit'} nothing; remove "
-            f"{'it' if len(zero) == 1 else 'them'} or give a scale"]
+    return [f"{plan.source}: {listed} {'has' if one else 'have'} effective scale 0 (entry scale x role scales x plan "
+            f"scale {plan.scale:g}), so {'it edits' if one else 'they edit'} nothing; remove "
+            f"{'it' if one else 'them'} or give a scale"]
 
 
 def _tied_embeddings(plan, folder) -> list[str]:
