@@ -14,6 +14,9 @@ from abliterate.cli import UserError
 from abliterate.naming import resolve_model_location
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The kernel transformers names for flash attention with GPT-OSS's attention sinks (FA3 with sinks, kernels hub).
+SINKS_KERNEL = "kernels-community/vllm-flash-attn3"
+SINKS_MODEL_TYPES = ("gpt_oss",)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, quant_flag: str = "--quant") -> None:
@@ -28,7 +31,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, quant_flag: str = "--qu
     g.add_argument(quant_flag, dest="quant", choices=("4bit", "8bit"), default=None,
                    help="load with bitsandbytes 4-bit or 8-bit quantization (needs CUDA; ignored with a message otherwise)")
     g.add_argument("--flash-attn", action="store_true",
-                   help="use flash_attention_2 (needs the flash-attn package and a GPU)")
+                   help="use a flash-attention kernel when one can run: on a CUDA GPU, flash_attention_2 (flash-attn "
+                        "or kernels package); for GPT-OSS, whose attention sinks need it, "
+                        f"{SINKS_KERNEL} (kernels package, Ampere or newer). Elsewhere one note names the "
+                        "attention used instead (eager for GPT-OSS and on CPU) and the run goes on")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model folder's own Python code to run (off by default: nothing we read executes)")
     g.add_argument("--chat-template", default=None,
@@ -112,11 +118,11 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None, devic
         kwargs["dtype"] = getattr(torch, dtype)
 
     model_type = getattr(config, "model_type", "")
-    if flash_attn:
-        kwargs["attn_implementation"] = "flash_attention_2"
-    elif model_type == "gpt_oss" or on_cpu:
-        # GPT-OSS attention sinks need eager attention (sdpa is refused for it); on CPU eager is also exact.
-        kwargs["attn_implementation"] = "eager"
+    attn, note = attention_implementation(model_type, on_cpu, flash_attn)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
 
     qcfg = getattr(config, "quantization_config", None)
     qmethod = (qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None))
@@ -140,14 +146,69 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None, devic
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
 
     try:
-        lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        except (OSError, ValueError, ImportError, RuntimeError) as exc:
+            if attn is None or attn in _PLAIN:
+                raise
+            # The flash kernel was chosen but would not load (no hub access for a kernel, a build for another
+            # GPU...): the flag must never stop the run.
+            fallback = _plain_attention(model_type, on_cpu)
+            print(f"note: --flash-attn: {attn} did not load ({_first_line(exc)[:160]}); using "
+                  f"{fallback or 'the default (sdpa)'} attention instead", file=sys.stderr)
+            kwargs.pop("attn_implementation")
+            if fallback:
+                kwargs["attn_implementation"] = fallback
+            lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--model {model}: cannot load the model ({first})") from None
+        raise UserError(f"--model {model}: cannot load the model ({_first_line(exc)})") from None
     lm.eval()
     if verbose:
         print(f"loaded {model}: {model_type}, dtype {next(lm.parameters()).dtype}, device map {dmap}", file=sys.stderr)
     return lm
+
+
+_PLAIN = ("eager", "sdpa")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _plain_attention(model_type: str, on_cpu: bool) -> str | None:
+    """The attention used without flash kernels: eager for GPT-OSS (sdpa cannot add its sinks) and on CPU (exact),
+    else None (transformers' default, sdpa)."""
+    return "eager" if model_type in SINKS_MODEL_TYPES or on_cpu else None
+
+
+def attention_implementation(model_type: str, on_cpu: bool, flash_attn: bool) -> tuple[str | None, str | None]:
+    """(attn_implementation for from_pretrained or None for the default, a note for the user or None).
+
+    With --flash-attn a flash kernel is chosen only where one can run; otherwise the note says which attention is
+    used instead, and why, and the run goes on (a flag copied from a GPU guide must not stop a CPU run)."""
+    import importlib.util
+
+    plain = _plain_attention(model_type, on_cpu)
+    if not flash_attn:
+        return plain, None
+    instead = f"using {plain or 'the default (sdpa)'} attention instead"
+    import torch
+
+    if on_cpu or not torch.cuda.is_available():
+        return plain, f"--flash-attn: no CUDA GPU in use, so no flash-attention kernel can run; {instead}"
+    has_kernels = importlib.util.find_spec("kernels") is not None
+    if model_type in SINKS_MODEL_TYPES:
+        major, minor = torch.cuda.get_device_capability()
+        if not has_kernels:
+            return plain, (f"--flash-attn: {model_type}'s attention sinks need the {SINKS_KERNEL} kernel, which "
+                           f"needs the kernels package (pip install kernels); {instead}")
+        if major < 8:
+            return plain, (f"--flash-attn: {SINKS_KERNEL} needs an Ampere or newer GPU (this one is "
+                           f"sm_{major}{minor}); {instead}")
+        return SINKS_KERNEL, None
+    if importlib.util.find_spec("flash_attn") is None and not has_kernels:
+        return plain, f"--flash-attn: neither the flash-attn nor the kernels package is installed; {instead}"
+    return "flash_attention_2", None
 
 
 def load_from_args(name: str, args, flag: str = "--model"):

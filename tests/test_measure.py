@@ -337,8 +337,8 @@ def test_bad_numbers(llama_folder, tmp_path, prompt_files, run_cli, flags, needl
 def test_bad_output_paths(llama_folder, tmp_path, prompt_files, run_cli, monkeypatch):
     missing = tmp_path / "no_dir" / "m.safetensors"
     assert_refused(run_cli(main, base_args(llama_folder, missing, prompt_files)), missing, "does not exist")
-    wrong = tmp_path / "m.pt"
-    assert_refused(run_cli(main, base_args(llama_folder, wrong, prompt_files)), wrong, ".safetensors")
+    wrong = tmp_path / "m.npz"
+    assert_refused(run_cli(main, base_args(llama_folder, wrong, prompt_files)), wrong, ".safetensors", ".pt")
     # Tests may run as root, for whom every folder is writable: make os.access say no for this folder.
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -457,3 +457,119 @@ def test_max_length_keeps_the_end_of_long_prompts(llama_loaded, capsys):
     assert [c == f[-6:] for c, f in zip(cut, full)] == [True, True]  # the assistant header stays last
     with_system = format_prompts(tok, ["hi"], system_prompt="be brief")[0]
     assert "be brief" in with_system and with_system.endswith("<|assistant|>")
+
+
+# ------------------------------------------------------------------------------- the peer tool's .pt layout
+
+def test_pt_output_round_trips_and_keeps_the_peer_layout(measured, prompt_files, tmp_path, run_cli):
+    """`--output NAME.pt`: the peer's keys at the peer's indices (their harmful_N = hidden_states[N] = our index
+    N), read by torch.load(weights_only=True) as their analyze.py does; our loader gets the whole measurement back."""
+    from abliterate.measure.peer_pt import OWN_PREFIX, load_legacy_measurements
+
+    ref = load_measurements(measured["gpt_oss"]["out"])
+    out = tmp_path / "m.pt"
+    code, stdout, err = run_cli(main, base_args(measured["gpt_oss"]["folder"], out, prompt_files, "--batch-size", "4"))
+    assert code == 0, err
+    assert f"wrote      {out}" in stdout and ".pt layout" in stdout
+    got = load_measurements(out)
+    for name in ("harmful_mean", "harmless_mean", "directions", "harmful_sq_norm", "harmless_proj"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert got.metadata["model_type"] == "gpt_oss" and got.metadata["n_harmful"] == len(HARMFUL)
+
+    data = torch.load(out, map_location="cpu", weights_only=True)
+    layers = ref.num_layers
+    assert data["layers"] == layers
+    for n in range(layers):  # every key the peer's analyze.py reads, for each of its layers
+        harmful, harmless = data[f"harmful_{n}"], data[f"harmless_{n}"]
+        refuse, unit = data[f"refuse_{n}"], data[f"refusenorm_{n}"]
+        assert all(t.dtype == torch.float32 and t.shape == (ref.hidden_size,) for t in (harmful, harmless, refuse, unit))
+        assert torch.equal(harmful, ref.harmful_mean[n].float()) and torch.equal(harmless, ref.harmless_mean[n].float())
+        torch.testing.assert_close(refuse.double(), ref.harmful_mean[n] - ref.harmless_mean[n], rtol=1e-6, atol=1e-6)
+        if ref.directions[n].norm() == 0:  # index 0 here: every prompt ends in the same token, so no direction
+            assert not unit.any()
+        else:
+            torch.testing.assert_close(unit.double(), ref.directions[n] / ref.directions[n].norm(), rtol=1e-6,
+                                       atol=1e-6)
+    assert f"harmful_{layers}" not in data  # the peer file stops at layers-1; our last index is in our own keys
+
+    # What the peer keys alone give our loader (the peer tool's own reading): the measurement at 0..layers-1.
+    peer_only = tmp_path / "peer-only.pt"
+    torch.save({k: v for k, v in data.items() if not k.startswith(OWN_PREFIX)}, peer_only)
+    legacy = load_legacy_measurements(peer_only)
+    assert legacy.num_indices == layers and legacy.metadata["projected"] is False
+    for name in ("harmful_mean", "harmless_mean", "directions"):
+        torch.testing.assert_close(getattr(legacy, name), getattr(ref, name)[:layers], rtol=1e-5, atol=1e-5)
+
+
+def test_projected_pt_output_stores_the_projected_unit_direction(measured, prompt_files, tmp_path, run_cli):
+    from abliterate.directions import project_out
+    from abliterate.measure.peer_pt import OWN_PREFIX, load_legacy_measurements
+
+    out = tmp_path / "p.pt"
+    code, _, err = run_cli(main, base_args(measured["llama"]["folder"], out, prompt_files, "--projected"))
+    assert code == 0, err
+    got = load_measurements(out)
+    assert got.metadata["projected"] is True
+    data = torch.load(out, map_location="cpu", weights_only=True)
+    torch.save({k: v for k, v in data.items() if not k.startswith(OWN_PREFIX)}, tmp_path / "peer-only.pt")
+    legacy = load_legacy_measurements(tmp_path / "peer-only.pt")
+    assert legacy.metadata["projected"] is True  # told apart by the unit direction, as for the peer's own files
+    expected = project_out(got.harmful_mean - got.harmless_mean, got.harmless_mean)[:got.num_layers]
+    torch.testing.assert_close(legacy.directions, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_help_names_both_layouts(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "NAME.safetensors (default, recommended)" in text and "NAME.pt" in text
+    assert "harmful_N / harmless_N / refuse_N / refusenorm_N for N in 0..L-1" in text and "our index N" in text
+
+
+# ------------------------------------------------------------------------------------------- --flash-attn
+
+def test_flash_attn_on_cpu_says_what_is_used_instead(measured, prompt_files, tmp_path, run_cli):
+    out = tmp_path / "m.safetensors"
+    code, _, err = run_cli(main, base_args(measured["gpt_oss"]["folder"], out, prompt_files, "--flash-attn"))
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "--flash-attn" in line]
+    assert notes == ["note: --flash-attn: no CUDA GPU in use, so no flash-attention kernel can run; using eager "
+                     "attention instead"], err
+    torch.testing.assert_close(load_measurements(out).harmful_mean,
+                               load_measurements(measured["gpt_oss"]["out"]).harmful_mean, **TOL)
+
+
+@pytest.mark.parametrize("model_type,packages,capability,expected,note", [
+    ("gpt_oss", {"kernels"}, (9, 0), "kernels-community/vllm-flash-attn3", None),
+    ("gpt_oss", {"flash_attn"}, (9, 0), "eager", "need the kernels-community/vllm-flash-attn3 kernel"),
+    ("gpt_oss", {"kernels"}, (7, 5), "eager", "needs an Ampere or newer GPU (this one is sm_75)"),
+    ("llama", {"flash_attn"}, (8, 0), "flash_attention_2", None),
+    ("llama", {"kernels"}, (8, 0), "flash_attention_2", None),
+    ("llama", set(), (8, 0), None, "neither the flash-attn nor the kernels package"),
+])
+def test_flash_attn_choice_on_a_gpu(monkeypatch, model_type, packages, capability, expected, note):
+    import importlib.util
+
+    from abliterate.loading import attention_implementation
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if name in packages else None)
+                        if name in ("kernels", "flash_attn") else real_find_spec(name, *a))
+    attn, said = attention_implementation(model_type, on_cpu=False, flash_attn=True)
+    assert attn == expected
+    assert (said is None) if note is None else (note in said and "instead" in said)
+
+
+def test_flash_kernel_that_fails_to_load_falls_back(measured, monkeypatch, capsys):
+    """A chosen kernel that does not load (here flash_attention_2 without the package) costs one note, not the run."""
+    from abliterate import loading
+
+    monkeypatch.setattr(loading, "attention_implementation", lambda *a: ("flash_attention_2", None))
+    model = loading.load_model(str(measured["llama"]["folder"]), device="cpu", flash_attn=True)
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "flash_attention_2 did not load" in notes[0] and "using eager attention" in notes[0]
+    assert model.config._attn_implementation == "eager"

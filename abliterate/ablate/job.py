@@ -27,10 +27,12 @@ from tqdm import tqdm
 
 from abliterate.cli import UserError
 from abliterate.startup import bound_heap_growth, prepare_progress_bars
-from abliterate.ablate.preflight import check_free_space, check_output_location, pick_device, space_error
+from abliterate.ablate.preflight import (check_device_name, check_free_space, check_output_location, pick_device,
+                                        space_error)
 from abliterate.ablate.resume import MARKER_DIR, clean_partial, seal_shard, shard_done, shard_key, sync_file
 from abliterate.ablate.tensor_edits import bind_edits, keeps_layout, plan_tensor_edits
-from abliterate.measure.measurement_file import load_measurements, measurement_shape
+from abliterate.ablate.warnings import directions_projected, emit, measurement_warnings, plan_warnings
+from abliterate.measure.measurement_file import load_measurements, measurement_metadata, measurement_shape
 from abliterate.ablate.model_folder import INDEX_NAME, ModelFolder, open_model_folder, resolve_model_path
 from abliterate.ablate.plan import Plan, check_plan_against, check_plan_shapes
 from abliterate.ablate.record import RECORD_NAME, build_record, file_sha256, model_card, record_bytes
@@ -74,7 +76,10 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     shape = measurement_shape(plan.measurements)
     if shape is not None:
         check_plan_shapes(plan, *shape, folder.num_layers, folder.hidden_size)
+    check_device_name(device)
     work = plan_tensor_edits(folder, plan)
+    header_meta = measurement_metadata(plan.measurements)
+    emit(plan_warnings(plan, folder, work, header_meta))
     output = plan.output.resolve()
     partial = output.with_name(output.name + ".partial")
     fresh = not dry_run and not partial.exists()
@@ -82,6 +87,9 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
         check_output_location(root, plan.output, force)
     if fresh:
         check_free_space(folder, work, output)
+    # A device other than the CPU needs torch to check, and a run that cannot use it must stop before the first
+    # byte is copied: that check waits for torch here (with no --device or --device cpu nothing waits).
+    dev = pick_device(device) if device is not None and device != "cpu" else None
     crash = _CrashHook.from_env()
     early: dict[str, set[str]] = {}  # shard name -> the tensors phase 2 wrote
     # One background thread makes written data durable, in submission order: phase 2's shards (started early, so
@@ -95,7 +103,7 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
                 early = _copy_untouched(folder, work, partial, crash, progress,
                                         [n for n in folder.shards if keeps_layout(work.edits.get(n, {}))],
                                         disk, syncing)
-            directions, dev = _bind(plan, folder, work, device)
+            directions, dev, projected = _bind(plan, folder, work, device, dev, header_meta is None)
         except (UserError, OSError) as exc:
             # Bad input found after phase 2 wrote, or no space: nothing in a fresh partial folder is finished work
             # yet, so the failed run leaves nothing behind. (A crash or kill leaves it; the next run cleans it up.)
@@ -108,7 +116,7 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
                           mxfp4=({"mode": work.mxfp4_mode} if work.mxfp4_mode else None))
         if not dry_run:
             _write_shards(plan, folder, work, directions, dev, partial, early, force, crash, progress, summary,
-                          disk, syncing)
+                          disk, syncing, projected)
             summary.mxfp4 = work.mxfp4_report() if work.mxfp4_mode else None
     finally:
         disk.shutdown(wait=True)
@@ -145,18 +153,23 @@ def _copy_untouched(folder: ModelFolder, work, partial: Path, crash: "_CrashHook
     return written
 
 
-def _bind(plan: Plan, folder: ModelFolder, work, device: str | None):
-    """Phase 3's checks: load the measured values, check them (finite, usable directions), bind the edits."""
+def _bind(plan: Plan, folder: ModelFolder, work, device: str | None, dev, warn_metadata: bool):
+    """Phase 3's checks: load the measured values, check them (finite, usable directions), bind the edits.
+    Returns the prepared directions, the device (`dev` when already checked, else picked from `device`) and
+    whether those directions are projected. `warn_metadata`: the file's metadata was not in a header (a .pt
+    file), so its warnings are given now."""
     measurements = load_measurements(plan.measurements)
+    if warn_metadata:
+        emit(measurement_warnings(plan, measurements.metadata))
     directions = check_plan_against(plan, measurements, folder.num_layers, folder.hidden_size)
-    dev = pick_device(device)
+    dev = dev if dev is not None else pick_device(device)
     bind_edits(work, folder, plan, directions, dev)
-    return directions, dev
+    return directions, dev, directions_projected(plan, measurements.metadata)
 
 
 def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partial: Path,
                   early: dict[str, set[str]], force: bool, crash: "_CrashHook", progress: bool,
-                  summary: Summary, disk: ThreadPoolExecutor, syncing: list) -> None:
+                  summary: Summary, disk: ThreadPoolExecutor, syncing: list, projected: bool) -> None:
     """Phase 3's writing: every shard's edited tensors (and, for shards phase 2 did not start, everything else),
     then the other files, then the rename into place."""
     import torch
@@ -215,7 +228,7 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
             crash.tick()
         for f in syncing:
             f.result()
-        _finish_folder(folder, plan, partial, work, directions, meas_sha, dev.type)
+        _finish_folder(folder, plan, partial, work, directions, meas_sha, dev.type, projected)
         crash.tick()
         _move_into_place(partial, output, force)
     except OSError as exc:
@@ -228,7 +241,7 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
 
 
 def _finish_folder(folder: ModelFolder, plan: Plan, partial: Path, work, directions, meas_sha: str,
-                   device_type: str) -> None:
+                   device_type: str, projected: bool) -> None:
     """Copy the other files, write the index, config changes, abliteration.json and README into `partial`."""
     for rel in folder.other_files:
         dst = partial / rel
@@ -247,7 +260,7 @@ def _finish_folder(folder: ModelFolder, plan: Plan, partial: Path, work, directi
         else:
             shutil.copyfile(folder.root / INDEX_NAME, partial / INDEX_NAME)
     rec = build_record(plan, folder.model_type, meas_sha, directions, work.counts_by_role, sorted(work.layers),
-                       device_type, work.mxfp4_report() if work.mxfp4_mode else None)
+                       device_type, work.mxfp4_report() if work.mxfp4_mode else None, directions_projected=projected)
     (partial / RECORD_NAME).write_bytes(record_bytes(rec))
     (partial / "README.md").write_bytes(model_card(plan, rec))
     shutil.rmtree(partial / MARKER_DIR)

@@ -8,6 +8,7 @@ one line instead of a half-written folder.
 from __future__ import annotations
 
 import errno
+import re
 import shutil
 from pathlib import Path
 
@@ -24,18 +25,38 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(p).free
 
 
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu|mtia)(:\d+)?")
+
+
+def check_device_name(device: str | None) -> None:
+    """A --device that is not a device name at all, found without torch (whether it can run needs torch:
+    `pick_device`)."""
+    if device is not None and not _DEVICE.fullmatch(device):
+        raise UserError(f"--device {device}: not a device name; use cpu, cuda or cuda:N")
+
+
 def pick_device(device: str | None):
+    """The torch device the edits run on: `device` once checked to work here, else cuda when available, else cpu."""
     import torch
 
-    if device:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise UserError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device_name(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0..cuda:{torch.cuda.device_count() - 1}; pick one of them")
+    try:
+        torch.empty(1, device=dev)  # any other reason the device cannot run (no MPS, driver errors)
+    except (RuntimeError, AssertionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--device {device}: cannot use it here ({first[:160]}); use --device cpu") from None
+    return dev
 
 
 def check_output_location(input_root: Path, output: Path, force: bool) -> None:

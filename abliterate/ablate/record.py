@@ -36,8 +36,12 @@ def versions() -> dict:
 
 
 def build_record(plan, model_type: str, measurement_sha: str, directions: dict, counts_by_role: dict,
-                 edited_layers: list[int], device_type: str, mxfp4: dict | None) -> dict:
-    """The JSON record: plan, measurement hash, per-entry directions, what was edited, versions."""
+                 edited_layers: list[int], device_type: str, mxfp4: dict | None,
+                 directions_projected: bool | None = None) -> dict:
+    """The JSON record: plan, measurement hash, per-entry directions, what was edited, versions.
+
+    `directions_projected`: whether the removed directions were projected against the harmless mean, by the plan
+    or already in the measurement file (measure.py --projected); the plan's own `projected` may say false."""
     entries = []
     for i, e in enumerate(plan.ablate):
         d = directions[(e.measurement, e.sparsity)]
@@ -54,6 +58,7 @@ def build_record(plan, model_type: str, measurement_sha: str, directions: dict, 
         "model_type": model_type,
         "measurements": {"path": str(plan.measurements), "sha256": measurement_sha},
         "directions": entries,
+        "directions_projected": bool(plan.projected if directions_projected is None else directions_projected),
         "edited_tensors_by_role": dict(sorted(counts_by_role.items())),
         "edited_layers": sorted(edited_layers),
         "edit_device": device_type,
@@ -70,6 +75,13 @@ def build_record(plan, model_type: str, measurement_sha: str, directions: dict, 
 
 def record_bytes(rec: dict) -> bytes:
     return (json.dumps(rec, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
+def _projected(plan, rec: dict) -> str:
+    truth = rec.get("directions_projected", plan.projected)
+    if truth and not plan.projected:
+        return "True (already in the measurement file, written by measure.py --projected)"
+    return str(truth)
 
 
 def model_card(plan, rec: dict) -> bytes:
@@ -95,7 +107,8 @@ def model_card(plan, rec: dict) -> bytes:
         "",
         "## What was done",
         "",
-        f"- method: {plan.method}, global scale {plan.scale}, projected: {plan.projected}, invert: {plan.invert}",
+        f"- method: {plan.method}, global scale {plan.scale}, projected: {_projected(plan, rec)}, "
+        f"invert: {plan.invert}",
         f"- edited decoder layers: {layers}",
         f"- edited tensors by role: {roles}",
         f"- measurement file sha256: `{rec['measurements']['sha256']}`",

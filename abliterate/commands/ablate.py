@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("plan", help="the YAML ablation plan (every key: docs/plan.md; examples: configs/)")
     p.add_argument("-o", "--output", help="output folder (overrides the plan's `output`)")
-    p.add_argument("--invert", action="store_true", help="add the direction instead of removing it (negates scale)")
+    p.add_argument("--invert", action="store_true",
+                   help="negate every scale: each edited vector's component along r is multiplied by 1 + |s| "
+                        "instead of removed (v <- v + |s| (v . r) r), so the writers write more of what they "
+                        "already wrote along r and, with roles.router on, the router reads r more strongly; it "
+                        "adds no direction where there was none (a negative scale in the plan does the same)")
     p.add_argument("--normpreserve", action="store_true",
                    help="norm-preserving method: restore each edited hidden-space vector's norm")
     p.add_argument("--projected", action="store_true",

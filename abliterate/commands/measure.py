@@ -2,7 +2,7 @@
 
 Reads harmful and harmless prompts, renders each as a one-turn chat (generation prompt appended), records the
 residual stream at the last prompt token after every decoder layer, and writes a measurement file
-(safetensors + JSON metadata) for analyze.py and sharded_ablate.py.
+(safetensors + JSON metadata, or the peer tool's .pt layout) for analyze.py and sharded_ablate.py.
 """
 
 from __future__ import annotations
@@ -17,12 +17,20 @@ from abliterate.cli import UserError, atomic_output_file, check_new_output_file,
 from abliterate.loading import add_model_arguments, load_model, load_tokenizer, read_config, resolve_model
 from abliterate.measure.measurement_file import LAYER_CONVENTION
 
+OUTPUT_SUFFIXES = (".safetensors", ".pt")
+
 EPILOG = f"""\
-layer convention of the output file: {LAYER_CONVENTION}.
-For a model with L decoder layers the file holds L+1 indices (0..L).
+output formats (chosen by the --output name):
+  NAME.safetensors  (default, recommended) our format: {LAYER_CONVENTION}.
+                    For a model with L decoder layers the file holds L+1 indices (0..L).
+  NAME.pt           the llm-abliteration tool's torch dict, read by its analyze.py and sharded_ablate.py as well as
+                    ours: harmful_N / harmless_N / refuse_N / refusenorm_N for N in 0..L-1, where N = hidden_states[N]
+                    = the input of decoder layer N = our index N (the same numbers); our index L and every
+                    statistic are kept under abliterate_* keys, which that tool ignores.
 
 examples:
   measure.py -m openai/gpt-oss-20b -o gpt-oss-20b.safetensors
+  measure.py --model gpt-oss-20b-BF16/ --output gpt-oss-20b-measurements.pt --batch-size 16 --flash-attn
   measure.py -m ./my-model -o meas.safetensors --data-harmful mine.jsonl --data-harmless theirs.csv --column prompt
 """
 
@@ -32,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="measure.py", description=__doc__.split("\n\n")[0] + ".", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", required=True, help="local model folder (with config.json) or hub id owner/name")
-    p.add_argument("-o", "--output", required=True, help="measurement file to write (.safetensors)")
+    p.add_argument("-o", "--output", required=True, help="measurement file to write: .safetensors (default format, recommended) or .pt "
+                        "(the llm-abliteration tool's layout; see below)")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     d = p.add_argument_group("prompts")
     d.add_argument("--data-harmful", default=None,
@@ -72,8 +81,9 @@ def _validate_numbers(args) -> None:
         raise UserError(f"--limit {args.limit}: must be at least 1")
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length {args.max_length}: must be at least 2 tokens")
-    if Path(args.output).suffix.lower() != ".safetensors":
-        raise UserError(f"--output {args.output}: the measurement file must end in .safetensors")
+    if Path(args.output).suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UserError(f"--output {args.output}: the measurement file must end in .safetensors (our format, "
+                        "recommended) or .pt (the llm-abliteration tool's layout)")
 
 
 def _main(argv=None) -> int:
@@ -122,10 +132,13 @@ def _main(argv=None) -> int:
         "torch_version": torch.__version__,
     })
     m.validate("the measurement")
-    from abliterate.measure.measurement_file import save_measurements
+    if out.suffix.lower() == ".pt":
+        from abliterate.measure.peer_pt import save_peer_pt as save
+    else:
+        from abliterate.measure.measurement_file import save_measurements as save
 
     with atomic_output_file(out) as tmp:
-        save_measurements(m, tmp)
+        save(m, tmp)
     _summary(m, info, out, time.perf_counter() - started)
     return 0
 
@@ -151,6 +164,9 @@ def _summary(m, info, out: Path, total_seconds: float) -> None:
     print(f"best       index {k} (output of decoder layer {k - 1}): Cohen's d {score:.2f} along its direction")
     print(f"wrote      {out} ({m.num_indices} indices: {LAYER_CONVENTION.split(';')[0]}; index "
           f"{m.num_indices - 1} = last layer before the final norm)")
+    if out.suffix.lower() == ".pt":
+        print(f"           .pt layout: harmful_N/harmless_N/refuse_N for N in 0..{m.num_indices - 2} are our "
+              f"indices N (input of decoder layer N); index {m.num_indices - 1} only under abliterate_* keys")
 
 
 def main(argv=None) -> int:

@@ -119,7 +119,8 @@ def save_measurements(m: Measurements, path: str | Path) -> None:
 
 
 def load_measurements(path: str | Path) -> Measurements:
-    """Load a measurement file: ours (.safetensors) or the peer tool's legacy torch dict (.pt/.refuse/.bin).
+    """Load a measurement file: ours (.safetensors, or the .pt our measure.py writes in the peer layout) or the
+    peer tool's legacy torch dict (.pt/.refuse/.bin).
 
     Raises UserError with one line for a missing, corrupt or foreign file.
     """
@@ -146,6 +147,24 @@ def measurement_shape(path: str | Path) -> tuple[int, int] | None:
 
     None when the header cannot tell (a legacy .pt file, a missing or odd file): `load_measurements` then gives
     the answer, or the one-line error."""
+    header = _our_header(path)
+    shape = header.by_name().get("harmful_mean") if header is not None else None
+    return (shape.shape[0], shape.shape[1]) if shape is not None and len(shape.shape) == 2 else None
+
+
+def measurement_metadata(path: str | Path) -> dict | None:
+    """The metadata of a measurement file, from its safetensors header alone (no tensor library); None when the
+    header cannot tell (a .pt file, a missing or odd file)."""
+    header = _our_header(path)
+    try:
+        meta = json.loads(header.metadata["abliterate"]) if header is not None else None
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _our_header(path: str | Path):
+    """The safetensors header of one of our measurement files, or None (see `measurement_shape`)."""
     from abliterate.safetensors_header import read_header
 
     p = Path(path)
@@ -155,10 +174,7 @@ def measurement_shape(path: str | Path) -> tuple[int, int] | None:
         header = read_header(p)
     except (OSError, UserError):
         return None
-    if "abliterate" not in (header.metadata or {}):
-        return None
-    shape = header.by_name().get("harmful_mean")
-    return (shape.shape[0], shape.shape[1]) if shape is not None and len(shape.shape) == 2 else None
+    return header if "abliterate" in (header.metadata or {}) else None
 
 
 def _looks_like_safetensors(p: Path) -> bool:

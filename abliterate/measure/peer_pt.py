@@ -1,4 +1,5 @@
-"""Import the peer tool's measurement files (jim-plus/llm-abliteration `measure.py`, a torch.save'd dict).
+"""The peer tool's measurement files (jim-plus/llm-abliteration `measure.py`, a torch.save'd dict): import, and
+export (`measure.py --output NAME.pt`).
 
 Their dict holds, for L in 0..layers-1: `harmful_{L}`, `harmless_{L}` (class means), `refuse_{L}` (harmful minus
 harmless mean; in older versions already projected against the harmless mean when --projected was given),
@@ -16,19 +17,71 @@ metadata records that. A peer plan entry `layer: N` edits decoder layer N, whose
 Position: the default peer run measures the last prompt token (prefill step); files made with their --token2
 option measure the first generated token instead, which the file does not record. Loading never runs code:
 torch.load(weights_only=True).
+
+EXPORT (`save_peer_pt`). Our `.pt` file holds the peer keys above (float32, as theirs are: `refuse_L` the raw
+difference of means, `refusenorm_L` the unit direction we measured, projected when measured with --projected),
+so the peer's analyze.py and sharded_ablate.py read it, plus everything our safetensors file holds under keys of
+our own (`abliterate_<tensor>` for all L+1 indices, `abliterate_metadata` as a JSON string), which their scripts
+never look at. Our loader reads those keys back, so a `.pt` file from our measure.py loses nothing here.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
 
 from abliterate.cli import UserError
-from abliterate.measure.measurement_file import LAYER_CONVENTION, Measurements
+from abliterate.measure.measurement_file import FORMAT, LAYER_CONVENTION, TENSOR_NAMES, Measurements
 
 _KEY = re.compile(r"^(harmful|harmless|refuse|refusenorm)_(\d+)$")
+OWN_PREFIX = "abliterate_"  # our keys in an exported .pt; the peer's scripts read only harmful_L etc. and layers
+OWN_METADATA = OWN_PREFIX + "metadata"
+PEER_CONVENTION = ("peer keys harmful_L/harmless_L/refuse_L/refusenorm_L for L in 0..layers-1 = hidden_states[L] "
+                   "= input of decoder layer L = our index L; our last index (layers) only in abliterate_* keys")
+
+
+def save_peer_pt(m: Measurements, path) -> None:
+    """Write `m` as a peer-layout .pt dict (see EXPORT in the module docstring). Callers wanting atomicity pass a
+    temporary path."""
+    n = m.num_layers  # the peer file holds indices 0..L-1: hidden_states[L] for each decoder layer L
+    data: dict = {"layers": n}
+    raw = (m.harmful_mean.double() - m.harmless_mean.double())
+    for i in range(n):
+        d = m.directions[i].double()
+        data[f"harmful_{i}"] = m.harmful_mean[i].float().contiguous()
+        data[f"harmless_{i}"] = m.harmless_mean[i].float().contiguous()
+        data[f"refuse_{i}"] = raw[i].float().contiguous()
+        data[f"refusenorm_{i}"] = (d / torch.linalg.vector_norm(d).clamp_min(1e-300)).float().contiguous()
+    for name in TENSOR_NAMES:
+        t = getattr(m, name)
+        if t is not None:
+            data[OWN_PREFIX + name] = t.detach().cpu().contiguous()
+    meta = dict(m.metadata)
+    meta.setdefault("format", FORMAT)
+    meta.setdefault("layer_convention", LAYER_CONVENTION)
+    meta["peer_convention"] = PEER_CONVENTION
+    data[OWN_METADATA] = json.dumps(meta, sort_keys=True)
+    torch.save(data, str(path))
+
+
+def _own_measurements(data: dict, p: Path) -> Measurements:
+    """The full measurement our measure.py stored under its own keys of a .pt file."""
+    try:
+        meta = json.loads(data[OWN_METADATA])
+    except (TypeError, json.JSONDecodeError):
+        raise UserError(f"{p}: its {OWN_METADATA} entry is not valid JSON; the file is corrupt, re-measure") from None
+    tensors = {name: data[OWN_PREFIX + name] for name in TENSOR_NAMES
+               if isinstance(data.get(OWN_PREFIX + name), torch.Tensor)}
+    for name in ("harmful_mean", "harmless_mean", "directions"):
+        if name not in tensors:
+            raise UserError(f"{p}: {OWN_PREFIX + name} is missing beside {OWN_METADATA}; the file is corrupt, "
+                            "re-measure")
+    m = Measurements(metadata=meta, **tensors)
+    m.validate(str(p))
+    return m
 
 
 def load_legacy_measurements(path) -> Measurements:
@@ -42,6 +95,8 @@ def load_legacy_measurements(path) -> Measurements:
                         "measure.py (ours or the llm-abliteration tool's)") from None
     if not isinstance(data, dict):
         raise UserError(f"{p}: holds a {type(data).__name__}, not a measurement dict; give a measure.py output")
+    if OWN_METADATA in data:
+        return _own_measurements(data, p)
 
     by_kind: dict[str, dict[int, torch.Tensor]] = {"harmful": {}, "harmless": {}, "refuse": {}, "refusenorm": {}}
     for key, value in data.items():
@@ -77,7 +132,9 @@ def load_legacy_measurements(path) -> Measurements:
         u = u / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(1e-300)
         directions = u * (raw * u).sum(-1, keepdim=True)
         cos = torch.nn.functional.cosine_similarity(raw, u, dim=-1)
-        projected = bool((cos < 0.9999).any())
+        # A row without a direction (index 0 when every prompt ends in the same token) tells nothing.
+        some = (torch.linalg.vector_norm(raw, dim=-1) > 0) & (torch.linalg.vector_norm(u, dim=-1) > 0)
+        projected = bool((cos[some] < 0.9999).any())
 
     m = Measurements(
         harmful_mean=harmful,
