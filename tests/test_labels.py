@@ -1,6 +1,5 @@
 import json
 import os
-import sys
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
