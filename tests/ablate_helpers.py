@@ -100,6 +100,30 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def mxfp4_folder(src: Path, folder: Path) -> Path:
+    """A copy of the tiny gpt_oss folder `src` saved the way openai/gpt-oss-* ships: experts as MXFP4 blocks + scales."""
+    from safetensors.torch import load_file, save_file
+
+    from abliterate.ablate import mxfp4
+
+    shutil.copytree(src, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    out = {}
+    for key, t in state.items():
+        if key.endswith(("experts.down_proj", "experts.gate_up_proj")):
+            pairs = [mxfp4.quantize_expert(t[e]) for e in range(t.shape[0])]
+            out[key + "_blocks"] = torch.stack([b for b, _ in pairs])
+            out[key + "_scales"] = torch.stack([s for _, s in pairs])
+        else:
+            out[key] = t
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
 def tiny_gemma2_folder(folder: Path) -> Path:
     """A tiny Gemma2 folder (no tokenizer) whose post-sublayer norms have real per-channel gains."""
     from transformers import AutoModelForCausalLM, Gemma2Config

@@ -71,35 +71,17 @@ def test_zero_group_and_error_report():
 # --- MXFP4 checkpoints (original GPT-OSS layout) -------------------------------------------------------------------
 
 import json  # noqa: E402
-import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.ablate_helpers import load_folder_tensors, reference_ablation, write_measurements, write_plan  # noqa: E402
+from tests.ablate_helpers import (load_folder_tensors, mxfp4_folder, reference_ablation, write_measurements,  # noqa: E402
+                                  write_plan)
 
 
 @pytest.fixture(scope="module")
 def mxfp4_model(tiny_model, tmp_path_factory):
     """A tiny gpt_oss saved the way openai/gpt-oss-* ships: expert weights as MXFP4 blocks + scales."""
-    from safetensors.torch import load_file, save_file
-
-    src = tiny_model("gpt_oss")
-    folder = tmp_path_factory.mktemp("mxfp4") / "model"
-    shutil.copytree(src, folder)
-    state = load_file(str(folder / "model.safetensors"))
-    out = {}
-    for key, t in state.items():
-        if key.endswith(("experts.down_proj", "experts.gate_up_proj")):
-            b, s = _quantize_all(t)
-            out[key + "_blocks"], out[key + "_scales"] = b, s
-        else:
-            out[key] = t
-    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    return folder
+    return mxfp4_folder(tiny_model("gpt_oss"), tmp_path_factory.mktemp("mxfp4") / "model")
 
 
 def _dense_input(folder):

@@ -13,7 +13,7 @@ from abliterate.cli import UserError
 from abliterate.loading import load_model
 from abliterate.measure.measurement_file import load_measurements
 from abliterate.search.trial_edits import TrialEditor
-from tests.ablate_helpers import tiny_gemma2_folder, write_measurements
+from tests.ablate_helpers import mxfp4_folder, tiny_gemma2_folder, write_measurements
 
 # Logits of the trial model vs the model loaded from the folder run_ablation writes, float32 throughout. Both run
 # the same edit code on the same values; what can differ is float32 rounding where the two compute in another
@@ -175,6 +175,20 @@ def test_bf16_checkpoint_loaded_in_float32_gets_the_stored_rounding(tiny_model, 
             assert torch.equal(p, dict(edited.named_parameters())[name]), name
     _assert_same_state(model, before)
     assert editor.backup_bytes == 0
+
+
+def test_mxfp4_checkpoint_loaded_dequantized_restores_from_its_blocks(tiny_model, meas, tmp_path):
+    folder = mxfp4_folder(tiny_model("gpt_oss"), tmp_path / "mxfp4")
+    model = load_model(str(folder))  # on the CPU: experts dequantized on load
+    before = _state(model)
+    editor = TrialEditor(model, load_measurements(meas))
+    plan = _plan(folder, meas, tmp_path / "out", "fractional_scales")
+    run_ablation(plan, device="cpu", progress=False)  # experts written as bf16
+    want = _logits(load_model(str(plan.output)))
+    with editor.applied(plan):
+        torch.testing.assert_close(_logits(model), want, rtol=0, atol=LOGITS_ATOL)
+    _assert_same_state(model, before)
+    assert editor.backup_bytes == 0  # the experts came back from their MXFP4 blocks, no copies kept
 
 
 def test_errors(tiny_model, meas, tmp_path):
