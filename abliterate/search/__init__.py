@@ -1,0 +1,1 @@
+"""Automatic plan search: trials of candidate plans applied in memory, scored on refusals and KL, an Optuna study."""
