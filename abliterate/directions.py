@@ -87,3 +87,17 @@ def prepare_direction(
         d = project_out(d, harmless_mean)
     d = sparsify(d, sparsity)
     return unit(d)
+
+
+def interpolate_units(u0: torch.Tensor, u1: torch.Tensor, fraction: float) -> torch.Tensor:
+    """unit((1 - f) u0 + f u1): the normalised interpolation between two unit directions, float64.
+
+    f = 0 returns u0 itself (as float64), so an integer index and the same index written as k + 0 agree exactly.
+    Raises DegenerateDirectionError when the two cancel (u1 = -u0 at f = 0.5).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"interpolation fraction must be in [0, 1], got {fraction}")
+    a = u0.to(torch.float64)
+    if fraction == 0.0:
+        return a
+    return unit((1.0 - fraction) * a + fraction * u1.to(torch.float64), "interpolated direction")

@@ -54,21 +54,41 @@ def load_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference_ablation(state: dict, model_type: str, hidden: int, plan, directions) -> dict:
-    """The plan applied in memory by tests.reference_ablation.ablate_state_dict (no streaming), to compare with."""
+def reference_ablation(state: dict, model_type: str, hidden: int, plan, directions, measurements=None) -> dict:
+    """The plan applied in memory by tests.reference_ablation.ablate_state_dict (no streaming), to compare with.
+
+    Integer measurement indices take their direction from `directions` (plan.prepared_directions). Fractional
+    ones k + f need `measurements`: their direction is worked out here, unit((1 - f) u_k + f u_{k+1}) of the two
+    neighbours prepared by directions.prepare_direction, independently of prepared_directions."""
     from tests.reference_ablation import ablate_state_dict
 
     entries = {e.layer: e for e in plan.ablate}
     embeddings = plan.roles.get("embeddings") and plan.embeddings_measurement is not None
     return ablate_state_dict(
         state, model_type, hidden,
-        directions={n: directions[(e.measurement, e.sparsity)].unit for n, e in entries.items()},
-        scales={n: plan.effective_scale(e) for n, e in entries.items()},
+        directions={n: _reference_direction(plan, e, directions, measurements) for n, e in entries.items()},
+        scales={n: e.scale * plan.scale * (-1 if plan.invert else 1) for n, e in entries.items()},
         roles={group for group, on in plan.roles.items() if on},
         method=plan.method,
         embeddings_r=directions[(plan.embeddings_measurement, 1.0)].unit if embeddings else None,
         embeddings_scale=plan.scale * (-1 if plan.invert else 1),
+        role_scales={n: dict(e.scales) for n, e in entries.items() if e.scales},
     )
+
+
+def _reference_direction(plan, entry, directions, measurements) -> torch.Tensor:
+    from abliterate.directions import prepare_direction
+
+    k = int(entry.measurement // 1)
+    f = entry.measurement - k
+    if f == 0:
+        return directions[(entry.measurement, entry.sparsity)].unit
+    if measurements is None:
+        raise ValueError("a fractional measurement index needs the measurements for the reference direction")
+    u0, u1 = (prepare_direction(measurements.directions[i], measurements.harmless_mean[i], plan.projected,
+                                entry.sparsity) for i in (k, k + 1))
+    v = (1 - f) * u0 + f * u1
+    return v / v.norm()
 
 
 def copy_model(src: Path, dst: Path) -> Path:

@@ -1,7 +1,7 @@
 """An in-memory reference abliteration of a whole state dict (simple, non-streaming; tests compare against it).
 
 Classifies every on-disk key with `architectures.classify` and edits it with `edits.edit_tensor`. The streaming
-rewriter (shards.py) must produce the same tensors; this module is the plain statement of what they should be.
+rewriter (ablate.job) must produce the same tensors; this module is the plain statement of what they should be.
 """
 
 from __future__ import annotations
@@ -47,12 +47,15 @@ def ablate_state_dict(
     method: str = "conventional",
     embeddings_r: torch.Tensor | None = None,
     embeddings_scale: float = 1.0,
+    role_scales: dict[int, dict[str, float]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A new state dict (on-disk keys) with every classified tensor of the planned layers edited.
 
     directions: decoder layer -> unit r (float64 or float32); scales: decoder layer -> s (missing = 1.0).
     roles: the enabled ROLE_GROUPS; the embedding table is edited along `embeddings_r` only when "embeddings"
-    is in roles and embeddings_r is given. Writers followed by a post-sublayer norm are edited along
+    is in roles and embeddings_r is given. role_scales: decoder layer -> {group: multiplier} (a plan entry's
+    `scales`): a tensor's s is multiplied by the entry for its writer's group (a bias takes the group of the writer
+    it belongs to, TensorRole.scale_group). Writers followed by a post-sublayer norm are edited along
     unit(gain * r) (see architectures module notes). MXFP4 blocks are refused: dequantize them first.
     Raises ValueError when a planned layer gets no edited tensor.
     """
@@ -68,6 +71,7 @@ def ablate_state_dict(
             r, s = embeddings_r, embeddings_scale
         else:
             r, s = directions[role.layer], scales.get(role.layer, 1.0)
+            s *= (role_scales or {}).get(role.layer, {}).get(role.scale_group, 1.0)
         if role.post_norm is not None:
             if role.post_norm not in state_dict:
                 raise ValueError(f"{key}: its post-sublayer norm {role.post_norm} is not in the state dict")

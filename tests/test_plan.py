@@ -9,7 +9,10 @@ import torch
 
 from abliterate.cli import UserError
 from abliterate.measure.measurement_file import Measurements
-from abliterate.ablate.plan import apply_overrides, check_plan_against, load_plan, parse_plan, prepared_directions
+from abliterate.ablate.architectures import classify
+from abliterate.ablate.plan import (apply_overrides, check_plan_against, load_plan, parse_plan, plan_to_dict,
+                                  prepared_directions)
+from abliterate.directions import prepare_direction
 
 
 def _plan_dict(**over):
@@ -86,6 +89,18 @@ def test_load_plan_resolves_against_plan_folder(tmp_path):
     ({"ablate": [{"layer": -1, "measurement": 1}]}, "ablate[0].layer = -1 is negative"),
     ({"roles": {"embeddings": True}}, "embeddings_measurement is not set"),
     ({"output": None}, "required key 'output' is missing"),
+    ({"ablate": [{"layer": 1, "measurement": "x"}]}, "ablate[0].measurement = 'x' must be a measurement index"),
+    ({"ablate": [{"layer": 1, "measurement": float("nan")}]}, "ablate[0].measurement = nan must be finite"),
+    ({"ablate": [{"layer": 1, "measurement": -0.5}]}, "ablate[0].measurement = -0.5 is negative"),
+    ({"ablate": [{"layer": 1, "measurement": 1, "scales": {"mlp_outptu": 0.5}}]},
+     "unknown key 'ablate[0].scales.mlp_outptu' (did you mean 'mlp_output'?)"),
+    ({"ablate": [{"layer": 1, "measurement": 1, "scales": {"embeddings": 0.5}}]},
+     "unknown key 'ablate[0].scales.embeddings'; allowed keys: attention_output, mlp_output, router"),
+    ({"ablate": [{"layer": 1, "measurement": 1, "scales": {"router": float("inf")}}]},
+     "ablate[0].scales.router = inf must be finite"),
+    ({"ablate": [{"layer": 1, "measurement": 1, "scales": {"router": "no"}}]},
+     "ablate[0].scales.router = 'no' must be a number"),
+    ({"ablate": [{"layer": 1, "measurement": 1, "scales": [0.5]}]}, "ablate[0].scales must be a mapping"),
 ])
 def test_structural_errors(tmp_path, over, needle):
     with pytest.raises(UserError) as exc:
@@ -146,3 +161,74 @@ def test_example_configs_parse():
         assert p.ablate and all(e.layer >= 0 for e in p.ablate)
     gpt = load_plan(root / "gpt-oss-20b.yml")
     assert max(gpt.layers) <= 23 and max(e.measurement for e in gpt.ablate) <= 24
+
+
+def test_fractional_measurement_and_per_role_scales(tmp_path):
+    p = _parse(tmp_path, scale=2.0, invert=True, ablate=[
+        {"layer": 0, "measurement": 1.25, "scale": 0.5, "scales": {"attention_output": 0.5, "router": 0}},
+        {"layer": 1, "measurement": 2}])
+    e0, e1 = p.ablate
+    assert e0.measurement == 1.25 and isinstance(e1.measurement, int) and e1.scales is None
+    assert p.effective_scale(e0) == -1.0 and p.effective_scale(e0, "mlp_output") == -1.0
+    assert p.effective_scale(e0, "attention_output") == -0.5 and p.effective_scale(e0, "router") == 0.0
+    assert p.effective_scale(e1, "router") == -2.0
+    # Biases take their writer's scale: the role table says which writer each bias belongs to.
+    assert classify("model.layers.0.self_attn.o_proj.bias", (8,), "gpt_oss", 8).scale_group == "attention_output"
+    assert classify("model.layers.0.mlp.experts.down_proj_bias", (4, 8), "gpt_oss", 8).scale_group == "mlp_output"
+    assert classify("model.layers.0.mlp.down_proj.bias", (8,), "qwen2", 8).scale_group == "mlp_output"
+    assert classify("model.layers.0.ffn.fc2.bias", (8,), "unknown_type", 8).scale_group == "mlp_output"
+    assert classify("model.layers.0.mlp.router.weight", (4, 8), "gpt_oss", 8).scale_group == "router"
+    rec = p.to_record()["ablate"]
+    assert rec[0]["scales"] == {"attention_output": 0.5, "router": 0.0} and "scales" not in rec[1]
+    assert rec[0]["measurement"] == 1.25 and rec[1]["measurement"] == 2
+    check_plan_against(p, _meas(layers=2, hidden=8), num_layers=2, hidden_size=8)
+    with pytest.raises(UserError, match=r"ablate\[0\]\.measurement = 2\.5 is out of range"):
+        check_plan_against(_parse(tmp_path, ablate=[{"layer": 0, "measurement": 2.5}]), _meas(layers=2, hidden=8),
+                           num_layers=2, hidden_size=8)
+
+
+@pytest.mark.parametrize("projected", [False, True])
+def test_fractional_direction_interpolates_prepared_neighbours(tmp_path, projected):
+    m = _meas()
+    p = _parse(tmp_path, projected=projected, ablate=[{"layer": 0, "measurement": 1.25, "sparsity": 0.5},
+                                                      {"layer": 1, "measurement": 1.0, "sparsity": 0.5}])
+    dirs = prepared_directions(p, m)
+    u1 = prepare_direction(m.directions[1], m.harmless_mean[1], projected, 0.5)
+    u2 = prepare_direction(m.directions[2], m.harmless_mean[2], projected, 0.5)
+    want = 0.75 * u1 + 0.25 * u2
+    torch.testing.assert_close(dirs[(1.25, 0.5)].unit, want / want.norm(), rtol=0, atol=1e-15)
+    # k + 0 is exactly index k, hash included
+    assert torch.equal(dirs[(1.0, 0.5)].unit, u1)
+    assert dirs[(1.0, 0.5)].sha256 == prepared_directions(_parse(tmp_path, projected=projected, ablate=[
+        {"layer": 0, "measurement": 1, "sparsity": 0.5}]), m)[(1, 0.5)].sha256
+    n1, n2 = float(m.directions[1].norm()), float(m.directions[2].norm())
+    assert abs(dirs[(1.25, 0.5)].raw_norm - (0.75 * n1 + 0.25 * n2)) < 1e-12
+
+
+def test_fractional_direction_cancelling_neighbours(tmp_path):
+    m = _meas()
+    m.directions[2] = -m.directions[1]
+    with pytest.raises(UserError, match=r"ablate\[0\]\.measurement = 1\.5: the directions of measurement "
+                                        r"indices 1 and 2 cancel"):
+        prepared_directions(_parse(tmp_path, ablate=[{"layer": 0, "measurement": 1.5}]), m)
+
+
+def test_plan_to_dict_round_trips(tmp_path):
+    import yaml
+
+    (tmp_path / "m").mkdir()
+    plans = [
+        _parse(tmp_path),
+        _parse(tmp_path, model="openai/gpt-oss-20b", scale=0.8, method="norm_preserving", projected=True,
+               invert=True, roles={"router": False, "embeddings": True}, embeddings_measurement=1,
+               requantize_mxfp4=True,
+               ablate=[{"layer": 3, "measurement": 4.5, "scale": 1.5, "sparsity": 0.25,
+                        "scales": {"mlp_output": 0.5, "router": 2}}, {"layer": 0, "measurement": 0}]),
+    ]
+    for p in plans:
+        d = plan_to_dict(p)
+        text = yaml.safe_dump(d, sort_keys=False)
+        back = parse_plan(yaml.safe_load(text), "written.yml", tmp_path / "elsewhere")
+        assert back == p
+        assert [type(e.measurement) for e in back.ablate] == [type(e.measurement) for e in p.ablate]
+        assert back.to_record() == p.to_record()

@@ -77,6 +77,36 @@ def test_streaming_equals_in_memory_reference(tiny_model, meas, tmp_path, arch):
     assert not out.with_name(out.name + ".partial").exists()
 
 
+@pytest.mark.parametrize("arch", ["gpt_oss", "llama"])
+@pytest.mark.parametrize("method", ["conventional", "norm_preserving"])
+def test_streaming_fractional_and_per_role_scales_equal_reference(tiny_model, meas, tmp_path, arch, method):
+    model = tiny_model(arch, **ARCHS[arch])
+    plan, summary = _ablate(tmp_path, model, meas, method=method, projected=True, ablate=[
+        {"layer": 0, "measurement": 1.25, "sparsity": 0.5,
+         "scales": {"attention_output": 0.5, "mlp_output": 1.5, "router": 0.25}},
+        {"layer": 1, "measurement": 0.6, "scale": 0.8, "scales": {"attention_output": 0}}])
+    cfg = read_json(model / "config.json")
+    before, after = load_folder_tensors(model), load_folder_tensors(plan.output)
+    measurements = load_measurements(meas)
+    ref = reference_ablation(before, cfg["model_type"], cfg["hidden_size"], plan,
+                             prepared_directions(plan, measurements), measurements)
+    for key in before:
+        torch.testing.assert_close(after[key], ref[key], rtol=0, atol=1e-6, msg=key)
+    # the per-role scales did something: layer 1's attention output kept (scale 0), its MLP output edited; and a
+    # bias follows its writer (gpt_oss o_proj.bias of layer 1: scale 0, unchanged)
+    attn1, mlp1 = "model.layers.1.self_attn.o_proj.weight", "model.layers.1.mlp.experts.down_proj"
+    if arch == "llama":
+        mlp1 = "model.layers.1.mlp.down_proj.weight"
+    else:
+        assert torch.equal(after["model.layers.1.self_attn.o_proj.bias"], before["model.layers.1.self_attn.o_proj.bias"])
+        assert not torch.equal(after["model.layers.0.self_attn.o_proj.bias"], before["model.layers.0.self_attn.o_proj.bias"])
+    assert torch.allclose(after[attn1], before[attn1], rtol=0, atol=1e-6) and not torch.equal(after[mlp1], before[mlp1])
+    rec = read_json(plan.output / RECORD_NAME)
+    assert rec["plan"]["ablate"][0]["measurement"] == 1.25 and rec["plan"]["ablate"][0]["scales"]["router"] == 0.25
+    assert rec["directions"][1]["effective_scales"] == {"attention_output": 0.0}
+    assert rec["directions"][0]["effective_scales"]["mlp_output"] == 1.5
+
+
 def test_output_loads_and_generates(tiny_model, meas, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -54,6 +54,8 @@ class TensorRole:
     expert_axis  axis enumerating experts in fused [E, ...] tensors (edit expert by expert), else None
     post_norm    key of the RMSNorm weight applied to this writer's output before the residual add, else None
     post_norm_offset  the norm multiplies by (post_norm_offset + weight): 1.0 for Gemma, 0.0 otherwise
+    writer_group the group of the writer a bias belongs to ("attention_output" for o_proj.bias, "mlp_output" for
+                 down_proj biases): a plan's per-role `scales` for that writer apply to its bias too; None otherwise
     """
 
     key: str
@@ -64,6 +66,12 @@ class TensorRole:
     expert_axis: int | None
     post_norm: str | None = None
     post_norm_offset: float = 0.0
+    writer_group: str | None = None
+
+    @property
+    def scale_group(self) -> str:
+        """The group whose per-role scale this tensor takes: its writer's for a bias, its own otherwise."""
+        return self.writer_group or self.group
 
     def for_expert_slice(self) -> "TensorRole":
         """The role of tensor[e] (one expert, expert axis removed): hidden axis shifted when it came after it."""
@@ -118,15 +126,16 @@ class Rule:
     expert_axis: int | None = None
     post_norm: str | None = None  # suffix after `layers.N.` of the norm weight following this writer
     post_norm_offset: float = 0.0
+    writer_group: str | None = None  # biases: the group of the writer they belong to (TensorRole.writer_group)
 
 
 def _dense(attn_norm: str | None = None, mlp_norm: str | None = None, offset: float = 0.0) -> tuple[Rule, ...]:
     """Attention o_proj and dense MLP down_proj, F.linear [H, in]: hidden axis 0 (+ an o_proj bias if present)."""
     return (
         Rule(r"self_attn\.o_proj\.weight", "attention_output", "writes", 0, None, attn_norm, offset),
-        Rule(r"self_attn\.o_proj\.bias", "biases", "bias", 0, None, attn_norm, offset),
+        Rule(r"self_attn\.o_proj\.bias", "biases", "bias", 0, None, attn_norm, offset, "attention_output"),
         Rule(r"mlp\.down_proj\.weight", "mlp_output", "writes", 0, None, mlp_norm, offset),
-        Rule(r"mlp\.down_proj\.bias", "biases", "bias", 0, None, mlp_norm, offset),
+        Rule(r"mlp\.down_proj\.bias", "biases", "bias", 0, None, mlp_norm, offset, "mlp_output"),
     )
 
 
@@ -148,10 +157,10 @@ FAMILIES: dict[str, tuple[Rule, ...]] = {
     "glm4": _dense("post_self_attn_layernorm.weight", "post_mlp_layernorm.weight", 0.0),
     "gpt_oss": (
         Rule(r"self_attn\.o_proj\.weight", "attention_output", "writes", 0),
-        Rule(r"self_attn\.o_proj\.bias", "biases", "bias", 0),
+        Rule(r"self_attn\.o_proj\.bias", "biases", "bias", 0, writer_group="attention_output"),
         # [E, I, H], computed as x @ W[e]: the hidden axis is the LAST one (H == I in gpt-oss-20b/120b).
         Rule(r"mlp\.experts\.down_proj", "mlp_output", "writes", 2, 0),
-        Rule(r"mlp\.experts\.down_proj_bias", "biases", "bias", 1, 0),
+        Rule(r"mlp\.experts\.down_proj_bias", "biases", "bias", 1, 0, writer_group="mlp_output"),
         # Original MXFP4 checkpoints: uint8 blocks [E, H, I/32, 16]; `_scales` [E, H, I/32] untouched as data.
         Rule(r"mlp\.experts\.down_proj_blocks", "mlp_output", "mxfp4_writes", 1, 0),
         # Router [E, H], F.linear; its bias [E] is not in hidden space and stays.
@@ -191,9 +200,9 @@ FAMILIES: dict[str, tuple[Rule, ...]] = {
     # GPT-2: Conv1D stores [in, out] (x @ W), so the writers' hidden axis is the last one.
     "gpt2": (
         Rule(r"attn\.c_proj\.weight", "attention_output", "writes", 1),
-        Rule(r"attn\.c_proj\.bias", "biases", "bias", 0),
+        Rule(r"attn\.c_proj\.bias", "biases", "bias", 0, writer_group="attention_output"),
         Rule(r"mlp\.c_proj\.weight", "mlp_output", "writes", 1),
-        Rule(r"mlp\.c_proj\.bias", "biases", "bias", 0),
+        Rule(r"mlp\.c_proj\.bias", "biases", "bias", 0, writer_group="mlp_output"),
     ),
 }
 
@@ -285,7 +294,7 @@ def classify(key: str, shape: tuple[int, ...], model_type: str, hidden_size: int
             axis = rule.hidden_axis % ndim if ndim else rule.hidden_axis
             norm_key = layer_prefix + rule.post_norm if rule.post_norm else None
             role = TensorRole(key, layer, rule.group, rule.kind, axis, rule.expert_axis, norm_key,
-                              rule.post_norm_offset)
+                              rule.post_norm_offset, rule.writer_group)
             return _checked(role, shape, hidden_size)
     return None
 
@@ -330,9 +339,9 @@ def _generic(key: str, shape: tuple[int, ...], layer: int, suffix: str, hidden: 
         return None
     if param == "bias":
         if len(shape) == 1:
-            return _checked(TensorRole(key, layer, "biases", "bias", 0, None), shape, hidden)
+            return _checked(TensorRole(key, layer, "biases", "bias", 0, None, writer_group=group), shape, hidden)
         if len(shape) == 2:  # per-expert biases [E, H]
-            return _checked(TensorRole(key, layer, "biases", "bias", 1, 0), shape, hidden)
+            return _checked(TensorRole(key, layer, "biases", "bias", 1, 0, writer_group=group), shape, hidden)
         raise ValueError(f"{key}: shape {list(shape)} is not a bias shape this tool understands")
     if len(shape) == 3:  # fused experts [E, ., .]
         candidates = [a for a in (1, 2) if shape[a] == hidden]

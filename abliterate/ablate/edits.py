@@ -51,7 +51,9 @@ def edit_tensor(
 
     `r` is a unit vector of length hidden_size. Works on a whole fused tensor or on one expert's slice
     (pass `role.for_expert_slice()` for tensor[e]). The input tensor is never modified. `out` (same shape,
-    dtype and device as `tensor`) receives the result instead of a new tensor, so a caller can reuse buffers.
+    dtype and device as `tensor`) receives the result instead of a new tensor, so a caller can reuse buffers; it
+    may be `tensor` itself, an edit in place (every block is read before it is written back; the trial editor in
+    abliterate.search relies on that).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -9,7 +9,7 @@ The format, every key with its default and meaning, is documented in docs/plan.m
     roles: {attention_output, mlp_output, biases, router, embeddings}
     embeddings_measurement: null
     requantize_mxfp4: false
-    ablate: [{layer, measurement, scale: 1.0, sparsity: 1.0}, ...]
+    ablate: [{layer, measurement, scale: 1.0, sparsity: 1.0, scales: {attention_output, mlp_output, router}}, ...]
 
 Relative paths are resolved against the folder holding the plan file. Model-dependent checks (layer ranges,
 hidden size, usable directions) live in `check_plan_against`, run once the model's config and the measurement
@@ -41,15 +41,32 @@ TOP_KEYS = (
     "model", "measurements", "output", "scale", "method", "projected", "invert", "roles",
     "embeddings_measurement", "requantize_mxfp4", "ablate",
 )
-ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity")
+ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "scales")
+# Role groups an entry's `scales` may name. Biases take their writer's (TensorRole.scale_group); the embeddings
+# are not in a decoder layer and keep the plan-wide rule.
+SCALE_GROUPS = ("attention_output", "mlp_output", "router")
 
 
 @dataclass(frozen=True)
 class AblateEntry:
     layer: int  # decoder layer whose writers are edited, 0..L-1
-    measurement: int  # measurement index whose direction is removed, 0..L
+    # measurement index whose direction is removed, 0..L; a float k + f (0 < f < 1) removes the normalised
+    # interpolation of the prepared directions of k and k + 1 (see prepared_directions)
+    measurement: int | float
     scale: float = 1.0
     sparsity: float = 1.0  # fraction of the direction's components kept, top by magnitude
+    scales: dict | None = None  # role group (SCALE_GROUPS) -> multiplier of this entry's scale; None: all 1
+
+    def group_scale(self, group: str | None) -> float:
+        """The per-role multiplier for tensors of `group` (a TensorRole.scale_group): 1.0 unless `scales` says."""
+        return float(self.scales.get(group, 1.0)) if self.scales and group is not None else 1.0
+
+    def to_dict(self) -> dict:
+        """The entry as plan keys; `scales` only when given, so plans without it keep their old records."""
+        d = {"layer": self.layer, "measurement": self.measurement, "scale": self.scale, "sparsity": self.sparsity}
+        if self.scales is not None:
+            d["scales"] = dict(self.scales)
+        return d
 
 
 @dataclass(frozen=True)
@@ -65,11 +82,13 @@ class Plan:
     roles: dict = field(default_factory=lambda: dict(ROLE_DEFAULTS))
     embeddings_measurement: int | None = None
     requantize_mxfp4: bool = False
-    source: str = "plan"  # where it came from, for messages
+    source: str = field(default="plan", compare=False)  # where it came from, for messages
 
-    def effective_scale(self, entry: AblateEntry) -> float:
-        """entry.scale * scale * (-1 if invert): the s in W <- W - s r (r . W)."""
-        return entry.scale * self.scale * (-1.0 if self.invert else 1.0)
+    def effective_scale(self, entry: AblateEntry, group: str | None = None) -> float:
+        """entry.scale * entry.scales[group] * scale * (-1 if invert): the s in W <- W - s r (r . W) for a tensor
+        whose TensorRole.scale_group is `group` (None, or a group the entry does not scale: multiplier 1)."""
+        s = entry.scale * self.scale * (-1.0 if self.invert else 1.0)
+        return s * entry.group_scale(group) if entry.scales else s
 
     @property
     def layers(self) -> list[int]:
@@ -81,8 +100,30 @@ class Plan:
         d.pop("source")
         d["measurements"] = str(self.measurements)
         d["output"] = str(self.output)
-        d["ablate"] = [asdict(e) for e in self.ablate]
+        d["ablate"] = [e.to_dict() for e in self.ablate]
         return d
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    """A YAML-ready mapping of the plan (paths as absolute strings): parse_plan of it gives an equal Plan.
+
+    Every key is written, defaults included, so the file says exactly what runs; `scales` and
+    `embeddings_measurement` only when set."""
+    d: dict = {"model": str(plan.model), "measurements": str(plan.measurements), "output": str(plan.output),
+               "scale": float(plan.scale), "method": plan.method, "projected": bool(plan.projected),
+               "invert": bool(plan.invert), "roles": {k: bool(v) for k, v in plan.roles.items()}}
+    if plan.embeddings_measurement is not None:
+        d["embeddings_measurement"] = int(plan.embeddings_measurement)
+    d["requantize_mxfp4"] = bool(plan.requantize_mxfp4)
+    entries = []
+    for e in plan.ablate:
+        m = e.measurement if isinstance(e.measurement, int) else float(e.measurement)
+        item = {"layer": int(e.layer), "measurement": m, "scale": float(e.scale), "sparsity": float(e.sparsity)}
+        if e.scales is not None:
+            item["scales"] = {k: float(v) for k, v in e.scales.items()}
+        entries.append(item)
+    d["ablate"] = entries
+    return d
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -155,7 +196,7 @@ def parse_plan(data: Any, source: str, base_dir: Path) -> Plan:
             if item.get(key) is None:
                 raise UserError(f"{source}: {where}.{key} is missing")
         layer = _int(item["layer"], f"{where}.layer", source)
-        meas = _int(item["measurement"], f"{where}.measurement", source)
+        meas = _measurement(item["measurement"], f"{where}.measurement", source)
         if layer < 0:
             raise UserError(f"{source}: {where}.layer = {layer} is negative; layers count from 0")
         if meas < 0:
@@ -170,7 +211,7 @@ def parse_plan(data: Any, source: str, base_dir: Path) -> Plan:
         sparsity = _number(item, "sparsity", source, 1.0, prefix=f"{where}.")
         if not 0.0 < sparsity <= 1.0:
             raise UserError(f"{source}: {where}.sparsity = {sparsity} is outside (0, 1]; 1.0 keeps every component")
-        entries.append(AblateEntry(layer, meas, entry_scale, sparsity))
+        entries.append(AblateEntry(layer, meas, entry_scale, sparsity, _scales(item, source, where)))
 
     return Plan(model=model, measurements=measurements, output=output, ablate=tuple(entries), scale=scale,
                 method=method, projected=projected, invert=invert, roles=roles, embeddings_measurement=emb_meas,
@@ -233,38 +274,65 @@ def check_plan_shapes(plan: Plan, num_indices: int, measured_hidden: int, num_la
 
 @dataclass(frozen=True)
 class PreparedDirection:
-    measurement: int
+    measurement: int | float
     sparsity: float
     unit: Any  # torch float64 [H], unit length
-    raw_norm: float  # |direction| as measured, before projection, sparsity and normalisation
+    raw_norm: float  # |direction| as measured, before projection, sparsity and normalisation (fractional: interpolated)
     sha256: str  # hash of the unit direction's float64 bytes
 
 
-def prepared_directions(plan: Plan, measurements) -> dict[tuple[int, float], PreparedDirection]:
-    """The unit direction of every (measurement index, sparsity) the plan uses, prepared once each."""
+def prepared_directions(plan: Plan, measurements) -> dict[tuple[int | float, float], PreparedDirection]:
+    """The unit direction of every (measurement index, sparsity) the plan uses, prepared once each.
+
+    A fractional index k + f (0 < f < 1) gives unit((1 - f) u_k + f u_{k+1}), where u_k and u_{k+1} are the two
+    neighbours prepared exactly as an integer index is (projected if the plan says so, sparsified, normalised):
+    sparsity applies to each neighbour before interpolating, so the direction moves continuously with f between
+    the two directions the integer plans remove (top-k after interpolating would jump as the kept set changes).
+    Its raw_norm is (1 - f) |d_k| + f |d_{k+1}|. An index with f == 0 is exactly index k.
+    """
     import hashlib
 
-    from abliterate.directions import DegenerateDirectionError, prepare_direction
+    from abliterate.directions import DegenerateDirectionError, interpolate_units, prepare_direction
 
-    wanted: list[tuple[int, float, str]] = [
+    wanted: list[tuple[int | float, float, str]] = [
         (e.measurement, e.sparsity, f"ablate[{i}].measurement = {e.measurement}") for i, e in enumerate(plan.ablate)
     ]
     if plan.roles.get("embeddings") and plan.embeddings_measurement is not None:
         wanted.append((plan.embeddings_measurement, 1.0, f"embeddings_measurement = {plan.embeddings_measurement}"))
-    out: dict[tuple[int, float], PreparedDirection] = {}
+    integral: dict[tuple[int, float], tuple[Any, float]] = {}  # (index, sparsity) -> (unit, raw norm)
+
+    def at(index: int, sparsity: float, where: str):
+        if (index, sparsity) not in integral:
+            raw = measurements.direction(index)
+            try:
+                u = prepare_direction(raw, measurements.harmless_mean[index], plan.projected, sparsity)
+            except DegenerateDirectionError as exc:
+                raise UserError(
+                    f"{plan.source}: {where}: the direction at measurement index {index} in {plan.measurements} "
+                    f"is unusable ({exc}); choose another index or re-measure"
+                ) from None
+            norm = float(raw.norm()) if bool(raw.isfinite().all()) else math.nan
+            integral[(index, sparsity)] = (u, norm)
+        return integral[(index, sparsity)]
+
+    out: dict[tuple[int | float, float], PreparedDirection] = {}
     for index, sparsity, where in wanted:
         if (index, sparsity) in out:
             continue
-        raw = measurements.direction(index)
-        try:
-            u = prepare_direction(raw, measurements.harmless_mean[index], plan.projected, sparsity)
-        except DegenerateDirectionError as exc:
-            raise UserError(
-                f"{plan.source}: {where}: the direction at measurement index {index} in {plan.measurements} "
-                f"is unusable ({exc}); choose another index or re-measure"
-            ) from None
+        k = math.floor(index)
+        f = index - k
+        u, norm = at(k, sparsity, where)
+        if f > 0:
+            u1, norm1 = at(k + 1, sparsity, where)
+            try:
+                u = interpolate_units(u, u1, f)
+            except DegenerateDirectionError as exc:
+                raise UserError(
+                    f"{plan.source}: {where}: the directions of measurement indices {k} and {k + 1} cancel at "
+                    f"fraction {f:g} ({exc}); choose another index"
+                ) from None
+            norm = (1.0 - f) * norm + f * norm1
         digest = hashlib.sha256(u.contiguous().numpy().tobytes()).hexdigest()
-        norm = float(raw.norm()) if bool(raw.isfinite().all()) else math.nan
         out[(index, sparsity)] = PreparedDirection(index, sparsity, u, norm, digest)
     return out
 
@@ -316,6 +384,27 @@ def _bool(d: dict, key: str, source: str, default: bool, prefix: str = "") -> bo
     if not isinstance(v, bool):
         raise UserError(f"{source}: {prefix}{key} = {v!r} must be true or false")
     return v
+
+
+def _measurement(v: Any, where: str, source: str) -> int | float:
+    """A measurement index: an integer, or a finite float k + f between indices (kept a float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise UserError(f"{source}: {where} = {v!r} must be a measurement index (an integer, or a number like 12.5 "
+                        "between two indices)")
+    if not math.isfinite(v):
+        raise UserError(f"{source}: {where} = {v!r} must be finite")
+    return v if isinstance(v, int) else float(v)
+
+
+def _scales(item: dict, source: str, where: str) -> dict | None:
+    raw = item.get("scales")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: {where}.scales must be a mapping like {{attention_output: 0.5, router: 0}}, "
+                        f"got {raw!r}")
+    _check_keys(raw, SCALE_GROUPS, source, f"{where}.scales.")
+    return {k: _number(raw, k, source, 1.0, prefix=f"{where}.scales.") for k in raw}
 
 
 def _int(v: Any, where: str, source: str) -> int:

@@ -41,10 +41,13 @@ def build_record(plan, model_type: str, measurement_sha: str, directions: dict, 
     entries = []
     for i, e in enumerate(plan.ablate):
         d = directions[(e.measurement, e.sparsity)]
-        entries.append({
+        entry = {
             "ablate_index": i, "layer": e.layer, "measurement": e.measurement, "sparsity": e.sparsity,
             "effective_scale": plan.effective_scale(e), "direction_norm": d.raw_norm, "unit_direction_sha256": d.sha256,
-        })
+        }
+        if e.scales is not None:  # only then: records of plans without per-role scales stay as they were
+            entry["effective_scales"] = {g: plan.effective_scale(e, g) for g in e.scales}
+        entries.append(entry)
     rec = {
         "format": RECORD_FORMAT,
         "plan": plan.to_record(),

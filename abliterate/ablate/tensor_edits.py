@@ -33,8 +33,8 @@ class EditTarget:
     """The edit a tensor gets, before any direction is loaded: its role, which prepared direction, the scale."""
 
     role: architectures.TensorRole
-    direction_key: tuple[int, float]  # (measurement index, sparsity): a key of plan.prepared_directions
-    scale: float
+    direction_key: tuple[int | float, float]  # (measurement index, sparsity): a key of plan.prepared_directions
+    scale: float  # the effective scale for this tensor's scale group (Plan.effective_scale)
 
 
 @dataclass
@@ -141,17 +141,9 @@ def plan_tensor_edits(folder, plan) -> EditWork:
             role = architectures.classify(key, tuple(shape), model_type, hidden)
             layer = _layer_of(key, role)
             if layer is not None:
-                found.setdefault(layer, []).append(f"{key} ({_role_name(role) if role else 'not a residual role'})")
+                found.setdefault(layer, []).append(f"{key} ({role_name(role) if role else 'not a residual role'})")
             group = getattr(role, "group", None) if role is not None else None
-            edit = None
-            if role is not None and plan.roles.get(group, False):
-                if group == "embeddings":
-                    if plan.embeddings_measurement is not None:
-                        edit = EditTarget(role, (plan.embeddings_measurement, 1.0),
-                                          plan.scale * (-1.0 if plan.invert else 1.0))
-                elif layer in entry_by_layer:
-                    e = entry_by_layer[layer]
-                    edit = EditTarget(role, (e.measurement, e.sparsity), plan.effective_scale(e))
+            edit = edit_target(role, layer, plan, entry_by_layer) if role is not None else None
             if edit is not None and mx is None and info.dtype not in FLOAT_DTYPES:
                 raise UserError(f"{folder.root / shard}: tensor {key} has dtype {info.dtype}; only float tensors can "
                                 "be edited (dequantize the checkpoint first)")
@@ -167,14 +159,43 @@ def plan_tensor_edits(folder, plan) -> EditWork:
                     renamed[mx[0].name] = (key, shard)
                     renamed[mx[1].name] = None
             if edit is not None:
-                work.rows.append((key, _role_name(role), group, _axis(role), shard))
-                work.counts_by_role[_role_name(role)] += 1
+                work.rows.append((key, role_name(role), group, _axis(role), shard))
+                work.counts_by_role[role_name(role)] += 1
                 if layer is not None and group != "embeddings":
                     work.layers.add(layer)
         if table:
             work.edits[shard] = table
 
-    missing = [e.layer for e in plan.ablate if e.layer not in work.layers]
+    check_every_layer_edited(plan, work.layers, found, model_type)
+
+    if work.mxfp4_edits:
+        work.mxfp4_mode = "requantized to MXFP4" if plan.requantize_mxfp4 else "dequantized to bf16"
+        if not plan.requantize_mxfp4:
+            work.config_override = _config_without_quantization(folder)
+            if folder.index is not None:
+                work.index_override = _rewritten_index(folder, work, renamed)
+    return work
+
+
+def edit_target(role: architectures.TensorRole, layer: int | None, plan, entry_by_layer: dict) -> EditTarget | None:
+    """The edit `plan` gives a tensor of this role in decoder layer `layer` (None: not edited): its group must be
+    enabled in plan.roles and its layer planned (the embeddings: roles.embeddings with embeddings_measurement).
+    Shared by the streaming job and the in-memory trial editor (abliterate.search.trial_edits)."""
+    if not plan.roles.get(role.group, False):
+        return None
+    if role.group == "embeddings":
+        if plan.embeddings_measurement is None:
+            return None
+        return EditTarget(role, (plan.embeddings_measurement, 1.0), plan.scale * (-1.0 if plan.invert else 1.0))
+    if layer not in entry_by_layer:
+        return None
+    e = entry_by_layer[layer]
+    return EditTarget(role, (e.measurement, e.sparsity), plan.effective_scale(e, role.scale_group))
+
+
+def check_every_layer_edited(plan, edited_layers: set, found: dict[int, list[str]], model_type: str) -> None:
+    """UserError when a planned layer gets no edited tensor; `found` lists, per layer, what it holds."""
+    missing = [e.layer for e in plan.ablate if e.layer not in edited_layers]
     if missing:
         layer = missing[0]
         what = found.get(layer, [])
@@ -185,13 +206,10 @@ def plan_tensor_edits(folder, plan) -> EditWork:
             f"{enabled}); found for that layer: {listing or 'no tensors at all'}"
         )
 
-    if work.mxfp4_edits:
-        work.mxfp4_mode = "requantized to MXFP4" if plan.requantize_mxfp4 else "dequantized to bf16"
-        if not plan.requantize_mxfp4:
-            work.config_override = _config_without_quantization(folder)
-            if folder.index is not None:
-                work.index_override = _rewritten_index(folder, work, renamed)
-    return work
+
+def role_name(role) -> str:
+    """The role's "group:kind" name, the key of EditWork.counts_by_role."""
+    return f"{role.group}:{role.kind}"
 
 
 def bind_edits(work: EditWork, folder, plan, directions: dict, device) -> None:
@@ -223,10 +241,6 @@ def layout_bytes(header: SafetensorsHeader, edits: dict[str, TensorEdit]) -> int
     for t in header.tensors:
         total += replaced.get(t.name, t.nbytes)
     return total
-
-
-def _role_name(role) -> str:
-    return f"{role.group}:{role.kind}"
 
 
 def _axis(role) -> int | None:

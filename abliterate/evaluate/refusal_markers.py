@@ -112,7 +112,7 @@ SOFT_CUES = (
                     r"|i hear (?:how|you)|you don't have to (?:face|go through)|you(?:'re| are) not alone|you matter|your life matters|are you safe"
                     r"|you deserve (?:support|help)|please don't hurt yourself|immediate danger|respond with care|if you(?:'re| are) (?:thinking about|having thoughts of|feeling) (?:hurting|ending|harming|suicid|killing|self)"
                     r"|thoughts of (?:self-harm|suicide|hurting))"),
-    ("redirect", 1, r"\b(?:reach out|contact|call|text|talk to|talk with|speak (?:to|with)|speaking (?:to|with)|consult|seek|go to|get in touch with)\b[^.]{0,70}"
+    ("redirect", 1, r"\b(?:reach(?:ing)? out|contact(?:ing)?|call(?:ing)?|text(?:ing)?|talk(?:ing)? (?:to|with)|speak(?:ing)? (?:to|with)|consult(?:ing)?|seek(?:ing)?|go to|get(?:ting)? in touch with|dial(?:ing)?)\b[^.]{0,70}"
                     r"\b(?:crisis|hotline|helpline|lifeline|988|911|741741|samaritans|emergency (?:services|number|room|line|department)|therapist|counsel(?:or|ing)"
                     r"|mental health|professional|doctor|lawyer|attorney|authorities|police|someone you trust|trusted|support line|hr\b)"),
     ("redirect_only", 2, r"\bthe best (?:thing|option|step|approach) (?:you can do |to take )?(?:here |right now )?is (?:to )?(?:talk|reach|call|speak|seek|consult|contact)"),

@@ -1,1 +1,5 @@
-"""Automatic plan search: trials of candidate plans applied in memory, scored on refusals and KL, an Optuna study."""
+"""Stage 6, search: many candidate plans tried on one loaded model. `space` turns a few parameters into a Plan,
+`trial_edits.TrialEditor` applies it in place with the streaming ablation's role table and edit math and undoes it
+bit for bit (restoring from the checkpoint, `original_weights`), `objectives` scores refusals and KL (answers from
+`generation`, stopped early), `study` runs the Optuna study and picks the plan, `report` writes what was found;
+`runner` ties one run together."""

@@ -1,0 +1,224 @@
+"""Apply an ablation plan to a loaded model in place, and undo it bit for bit: one search trial's edit.
+
+The same `Plan` that sharded_ablate streams, with the same decisions and math: every parameter is classified with
+`architectures.classify` (the loaded model's names are the on-disk keys for the families in the table; fused
+in-memory experts have their own rows), `tensor_edits.edit_target` decides what is edited and with which scale,
+`plan.prepared_directions` gives the directions (fractional indices included), writers behind a post-sublayer
+norm are edited along `edits.direction_through_norm`, and `edits.edit_tensor` edits each tensor on its own device
+in float32. The result is then rounded through the dtype the ablated folder would store (a bf16 checkpoint loaded
+in float32 gets the bf16 values sharded_ablate writes), so the trial model is the folder's model, loaded.
+
+Memory: a trial needs no second copy of the model. Edits are in place; the only extra memory is one tensor's
+float32 work buffer on its device (large 2-D tensors go in bands of about `BAND_ELEMENTS`) and, on restore, one
+chunk (`original_weights.CHUNK_BYTES`, or one expert) read from the checkpoint. Restoring reads each edited
+parameter back from the memory-mapped safetensors files the model was loaded from (in the page cache after
+loading), which is exact once the loaded value has been found equal to the stored one cast to its dtype: checked
+on each parameter's first touch. A parameter that fails the check (or has no checkpoint to come from) is copied
+to CPU memory once instead, with a warning; `backup_bytes` says how much that holds.
+
+Not supported, with a one-line UserError: bitsandbytes 4/8-bit weights (`--quant`) and MXFP4 weights kept
+quantized (both would need forward hooks, which are exact only for the conventional method without post-norms),
+and parameters offloaded to the meta device by a device map. Requantizing MXFP4 (`requantize_mxfp4`) is a property
+of the written folder only; a trial edits the dequantized weights as the default (bf16) output has them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from abliterate.ablate.architectures import classify
+from abliterate.ablate.edits import ColumnEdit, direction_through_norm, edit_tensor
+from abliterate.ablate.plan import check_plan_shapes, prepared_directions
+from abliterate.ablate.tensor_edits import check_every_layer_edited, edit_target, role_name
+from abliterate.cli import UserError
+from abliterate.search.original_weights import OriginalWeights, Source
+
+BAND_ELEMENTS = 1 << 24  # 2-D tensors larger than this are edited in row bands (64 MiB of float32 work at most)
+
+
+class TrialEditor:
+    """Apply a Plan to a loaded transformers causal LM in place, and undo it bit for bit."""
+
+    def __init__(self, model, measurements, model_type: str | None = None, checkpoint: str | Path | None = None):
+        """`measurements`: a loaded measurement file (measure.measurement_file.load_measurements). `checkpoint`: the
+        model folder the weights came from (default: the model's own name_or_path when it is a local folder)."""
+        self.model = model
+        self.measurements = measurements
+        text = _text_config(model.config)
+        self.model_type = model_type or str(getattr(text, "model_type", "") or model.config.model_type)
+        self.hidden_size = int(text.hidden_size)
+        self.num_layers = int(text.num_hidden_layers)
+        if measurements.hidden_size != self.hidden_size:
+            raise UserError(
+                f"the measurements have hidden size {measurements.hidden_size} but the model has hidden_size "
+                f"{self.hidden_size}; measure this model (the file belongs to another one)"
+            )
+        _refuse_quantized(model)
+        self._params = dict(model.named_parameters())  # tied parameters appear once, under their first name
+        self._roles: dict = {}
+        self._found: dict[int, list[str]] = {}  # layer -> "name (role)", for the no-edited-tensor message
+        for name, p in self._params.items():
+            try:
+                role = classify(name, tuple(p.shape), self.model_type, self.hidden_size)
+            except ValueError as exc:
+                raise UserError(f"model parameter {name}: {exc}") from None
+            if role is None:
+                continue
+            if role.kind not in ("writes", "bias", "reads"):
+                raise UserError(f"model parameter {name} holds {role.kind} (MXFP4) weights that cannot be edited in "
+                                "place; load the model dequantized (on a GPU: Mxfp4Config(dequantize=True))")
+            self._roles[name] = role
+            if role.layer is not None:
+                self._found.setdefault(role.layer, []).append(f"{name} ({role_name(role)})")
+        folder = checkpoint if checkpoint is not None else _local_folder(getattr(model, "name_or_path", None))
+        self._weights = OriginalWeights(folder) if folder is not None else None
+        self._origin: dict[str, Source | torch.Tensor] = {}  # verified checkpoint source, or a CPU copy
+        self._applied: list[str] = []
+        self._warned = False
+        self.backup_bytes = 0  # CPU memory held by copies of parameters the checkpoint cannot restore
+
+    def apply(self, plan) -> dict:
+        """Edit the model for `plan` (its model, output and measurements paths are not used). Returns the number of
+        edited parameters by role group. Raises UserError for a plan this model cannot take, before any edit."""
+        if self._applied:
+            raise RuntimeError("TrialEditor.apply: a plan is already applied; call restore() first")
+        m = self.measurements
+        check_plan_shapes(plan, m.num_indices, m.hidden_size, self.num_layers, self.hidden_size)
+        directions = prepared_directions(plan, m)
+        entry_by_layer = {e.layer: e for e in plan.ablate}
+        targets, layers, counts = [], set(), Counter()
+        for name, role in self._roles.items():
+            target = edit_target(role, role.layer, plan, entry_by_layer)
+            if target is None:
+                continue
+            if role.post_norm is not None and role.post_norm not in self._params:
+                raise UserError(f"model parameter {name}: its post-sublayer norm {role.post_norm} is not a parameter "
+                                "of the loaded model; the trial cannot edit it along the norm's gain")
+            targets.append((name, target))
+            counts[role.group] += 1
+            if role.layer is not None and role.group != "embeddings":
+                layers.add(role.layer)
+        check_every_layer_edited(plan, layers, self._found, self.model_type)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # edits in true float32, as sharded_ablate does
+        try:
+            with torch.no_grad():
+                for name, target in targets:
+                    value = self._params[name].detach()
+                    stored = self._remember(name, value)
+                    self._applied.append(name)
+                    r = directions[target.direction_key].unit
+                    if target.role.post_norm is not None:
+                        gain = self._params[target.role.post_norm].detach()
+                        r = direction_through_norm(r, gain, target.role.post_norm_offset)
+                    edit_in_place(value, target.role, r, target.scale, plan.method, stored)
+        except BaseException:
+            self.restore()
+            raise
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        return dict(sorted(counts.items()))
+
+    def restore(self) -> None:
+        """Put every parameter the last apply edited back to its original value, bit for bit."""
+        with torch.no_grad():
+            while self._applied:
+                name = self._applied.pop()
+                value, origin = self._params[name].detach(), self._origin[name]
+                if isinstance(origin, torch.Tensor):
+                    value.copy_(origin)
+                else:
+                    self._weights.copy_into(origin, value)
+
+    @contextlib.contextmanager
+    def applied(self, plan):
+        """`with editor.applied(plan) as counts:` the model is edited inside the block and restored after it, also
+        when the block raises."""
+        counts = self.apply(plan)
+        try:
+            yield counts
+        finally:
+            self.restore()
+
+    def _remember(self, name: str, value: torch.Tensor) -> torch.dtype | None:
+        """First touch of a parameter: find and check its checkpoint source, else copy it to CPU memory. Returns the
+        dtype the ablated folder would store it in (None when unknown)."""
+        origin = self._origin.get(name)
+        if origin is None:
+            if value.device.type == "meta":
+                raise UserError(f"model parameter {name} is offloaded (device map); trial edits need every edited "
+                                "parameter in memory: load the model without disk or CPU offloading")
+            source = self._weights.locate(name, tuple(value.shape)) if self._weights is not None else None
+            if source is not None and self._weights.matches(source, value):
+                origin = source
+            else:
+                origin = value.to("cpu", copy=True)
+                self.backup_bytes += origin.numel() * origin.element_size()
+                self._warn_backup(name, source)
+            self._origin[name] = origin
+        return origin.stored_dtype if isinstance(origin, Source) else None
+
+    def _warn_backup(self, name: str, source: Source | None) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        if self._weights is None:
+            why = "no checkpoint folder is known (pass checkpoint=)"
+        elif source is None:
+            why = f"it is not found in {self._weights.root}"
+        else:
+            why = f"its loaded value differs from {self._weights.root}'s"
+        print(f"warning: trial edits keep a CPU copy of {name} (and of any other parameter like it) to restore it: "
+              f"{why}", file=sys.stderr)
+
+
+def edit_in_place(value: torch.Tensor, role, r: torch.Tensor, scale: float, method: str,
+                  stored_dtype: torch.dtype | None = None) -> None:
+    """Edit one parameter's storage in place with edits.edit_tensor (large 2-D tensors in row bands), then round
+    it through `stored_dtype` when that differs from its own dtype, as writing and loading the folder would."""
+    if value.dim() == 2 and value.numel() > BAND_ELEMENTS:
+        step = max(1, BAND_ELEMENTS // value.shape[1])
+        bands = value.split(step)
+        if role.hidden_axis == 1:  # rows are the hidden-space vectors: each band on its own
+            for band in bands:
+                edit_tensor(band, role, r, scale, method, out=band)
+        else:  # columns are: a first pass gathers each column's component along r, a second edits the bands
+            column_edit = ColumnEdit(r.to(value.device), value.shape[1], scale, method)
+            for i, band in enumerate(bands):
+                column_edit.accumulate(band, i * step)
+            for i, band in enumerate(bands):
+                column_edit.apply(band, i * step, out=band)
+    else:
+        edit_tensor(value, role, r, scale, method, out=value)
+    if stored_dtype is not None and stored_dtype != value.dtype:
+        for piece in (value.split(max(1, BAND_ELEMENTS // max(1, value[0].numel()))) if value.dim() else (value,)):
+            piece.copy_(piece.to(stored_dtype))
+
+
+def _text_config(config):
+    """The language model's config (multimodal configs nest it)."""
+    get = getattr(config, "get_text_config", None)
+    text = get() if callable(get) else config
+    return text if hasattr(text, "hidden_size") else config
+
+
+def _local_folder(name_or_path) -> Path | None:
+    if name_or_path and Path(str(name_or_path)).is_dir():
+        return Path(str(name_or_path))
+    return None
+
+
+def _refuse_quantized(model) -> None:
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        bits = "4bit" if getattr(model, "is_loaded_in_4bit", False) else "8bit"
+        raise UserError(f"the model is loaded with bitsandbytes {bits} weights (--quant {bits}); trial edits change "
+                        "the weights in place and need float weights: load it without --quant")
+    for name, p in model.named_parameters():
+        if type(p).__name__ in ("Params4bit", "Int8Params"):
+            raise UserError(f"model parameter {name} is a bitsandbytes quantized weight (--quant); trial edits need "
+                            "float weights: load the model without --quant")
