@@ -4,7 +4,6 @@ answers where refusals, answers and degenerate ones are known)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -228,3 +227,17 @@ def test_the_stop_callback_ends_the_generation_once_the_trial_is_dominated(llama
                          stop=lambda failures: seen.append(failures) or failures >= 2)
     assert got.stopped and got.failures >= 2 and len(got.answers) < len(PROMPTS)
     assert seen == sorted(seen)
+
+
+def test_scorer_counts_failures_and_stops_a_dominated_trial(llama):
+    from abliterate.search.objectives import Scorer
+
+    _, _, tok = llama
+    scorer = Scorer(ScriptedLM(tok, SCRIPTS), tok, PROMPTS, PROMPTS[:3], AnswerLabeller(), max_new_tokens=120)
+    full = scorer.score([], kl_max=0.1)
+    assert full.pruned is None and full.kl == pytest.approx(0.0, abs=1e-12)
+    assert full.failures == 3 and full.refusal_rate == pytest.approx(3 / 5) and full.labels["degenerate"] == 2
+    # A finished trial with the same KL and 2 failures: this one is dominated once it has 2, before the rest run.
+    stopped = scorer.score([(0.0, 2)], kl_max=0.1)
+    assert stopped.pruned == "dominated" and stopped.failures is None and stopped.failures_at_least >= 2
+    assert stopped.tokens < full.tokens

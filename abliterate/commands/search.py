@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", default=None, metavar="URL_OR_FILE",
                    help="an Optuna storage URL or journal file for the study (default: PLAN.study.journal)")
     s.add_argument("--no-early-stop", action="store_true",
-                   help="generate every answer to the end (no per-row stop at a refusal marker, no pruning)")
+                   help="generate every answer to the end: no per-row stop at a refusal marker, no stop for a "
+                        "dominated trial (the --kl-prune skip still applies)")
     d = p.add_argument_group("scoring prompts (train split: evaluate reports on the test split)")
     d.add_argument("--data-harmful", default=None,
                    help="harmful prompts (.txt/.json/.jsonl/.csv/.parquet or hub id; default: bundled, train split)")

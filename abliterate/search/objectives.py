@@ -7,8 +7,9 @@
   degenerate, as evaluate labels them: a broken model is not a compliant one).
 
 Order and pruning (a pruned trial is one whose remaining work could not change what the search reports):
-1. KL first (one batched forward pass). A trial with KL above `kl_prune` x --kl-max cannot be picked; its
-   answers are not generated (pruned "kl").
+1. KL first (one batched forward pass). A trial with KL above `kl_prune` x --kl-max, when a finished trial has
+   less KL, cannot be picked (not even by the fallback that takes the lowest KL when no trial is under --kl-max);
+   its answers are not generated (pruned "kl").
 2. Answers next, with the refusal count of finished rows kept as they finish. As soon as a finished trial with
    no more KL has no more refusals than this one already has, this trial is dominated whatever its other rows
    say: it can neither join the Pareto front nor be picked (pruned "dominated").
@@ -79,7 +80,7 @@ class Scorer:
         started = time.perf_counter()
         n = len(self.harmful)
         kl = self.kl()
-        if kl > kl_prune * kl_max:
+        if kl > kl_prune * kl_max and any(other_kl < kl for other_kl, _ in finished):
             return TrialScore(kl, n, None, 0, "kl", {}, time.perf_counter() - started)
         front = list(finished)
         stop = (lambda failures: dominated(kl, failures, front)) if early_stop and front else None

@@ -139,7 +139,7 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
     if not feasible:
         notes.append(f"warning: no trial reached KL <= {o.kl_max:g}; the plan is trial {chosen.number}, the one with "
                      "the lowest KL; raise --kl-max or run more trials")
-    outputs = _write_outputs(o, paths, recs, chosen, rule, feasible)
+    outputs = _write_outputs(o, paths, recs, chosen, rule, feasible, plan_output)
     return SearchResult(recs, chosen, rule, feasible, ran, time.perf_counter() - started, outputs, notes)
 
 
@@ -203,16 +203,18 @@ def _write_trials(o: SearchOptions, study) -> None:
         tmp.write_text(trials_lines(st.records(study)), encoding="utf-8")
 
 
-def _write_outputs(o: SearchOptions, paths: dict, recs, chosen, rule: str, feasible: bool) -> dict:
+def _write_outputs(o: SearchOptions, paths: dict, recs, chosen, rule: str, feasible: bool, plan_output: Path) -> dict:
     from abliterate import __version__
     from abliterate.ablate.plan import parse_plan
     from abliterate.search.report import draw_pareto, plan_comments, plan_text, trials_lines
 
-    # The stored plan goes through the plan parser first: what is written is what sharded_ablate accepts.
-    parse_plan(chosen.plan, f"trial {chosen.number}", o.output.resolve().parent)
+    # The output folder is this run's (--output-model), not a trial parameter; the stored plan then goes through
+    # the plan parser: what is written is what sharded_ablate accepts.
+    plan = dict(chosen.plan, output=str(plan_output))
+    parse_plan(plan, f"trial {chosen.number}", o.output.resolve().parent)
     comments = plan_comments(chosen, rule, feasible, o.kl_max, len(recs), f"search.py (abliterate {__version__})")
     with atomic_output_file(paths["plan"]) as tmp:
-        tmp.write_text(plan_text(chosen.plan, comments), encoding="utf-8")
+        tmp.write_text(plan_text(plan, comments), encoding="utf-8")
     with atomic_output_file(paths["trials"]) as tmp:
         tmp.write_text(trials_lines(recs), encoding="utf-8")
     with atomic_output_file(paths["pareto"]) as tmp:

@@ -27,7 +27,6 @@ the suggested index's layer that falls off on both sides, and the suggestion wit
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -187,6 +186,3 @@ def seed_parameters(space: SearchSpace, suggestion, clip: bool = True) -> list[t
             out.append((name, s))
     return out
 
-
-def is_finite_point(params: dict) -> bool:
-    return all(not isinstance(v, float) or math.isfinite(v) for v in params.values())

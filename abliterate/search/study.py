@@ -64,8 +64,6 @@ class TrialRecord:
 
 def storage_for(location: str):
     """An Optuna storage: a URL (anything with '://') as is, else a journal file path."""
-    import optuna
-
     if "://" in location:
         return location
     from optuna.storages.journal import JournalFileBackend, JournalStorage
