@@ -14,8 +14,11 @@ from abliterate.commands import demo as demo_command
 
 def test_demo_search_finds_the_plan_with_search(tiny_model, tmp_path, monkeypatch, run_cli):
     import abliterate.demo.workflow as workflow
+    import abliterate.prompts.bundled as bundled
 
     shutil.copytree(tiny_model("gpt_oss"), tmp_path / workflow.MODEL_DIR)
+    every = bundled.bundled_prompts
+    monkeypatch.setattr(bundled, "bundled_prompts", lambda kind, split="train": every(kind, split)[:8])  # fast stages
     monkeypatch.setattr(workflow, "is_current", lambda *a, **k: True)
     monkeypatch.setattr(workflow, "SEARCH_ARGS", ("--harmful-n", "6", "--harmless-n", "6", "--max-new-tokens", "6"))
     (tmp_path / "plan.yml").write_text("stale plan from an earlier run\n")

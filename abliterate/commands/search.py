@@ -101,6 +101,9 @@ def _check_args(args) -> None:
             raise UserError(f"{flag} {value}: must be a positive number")
     if args.kl_prune < 1:
         raise UserError(f"--kl-prune {args.kl_prune}: must be at least 1 (a factor of --kl-max)")
+    if args.quant:
+        raise UserError(f"--quant {args.quant}: a trial edits the loaded weights in place and restores them, which "
+                        "bitsandbytes 4/8-bit weights do not allow; load the model unquantized (--dtype bfloat16)")
     if args.pick is not None and args.pick < 0:
         raise UserError(f"--pick {args.pick}: must be a trial number (0 or more; see PLAN.trials.jsonl)")
 

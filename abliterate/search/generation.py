@@ -24,7 +24,15 @@ from typing import Callable, Sequence
 from abliterate import prompting
 from abliterate.harmony import is_harmony
 
-CHECK_EVERY = 2  # tokens between marker checks of a row (decoding and labelling cost more than one step on CPU)
+# A row's text is checked for a refusal marker when it holds this many tokens, and every CHECK_LATE tokens after
+# the last of them. Refusals show in the first few tokens; a labeller call costs about a millisecond, as much as a
+# decoding step of a small model on a GPU, so checks are dense early and sparse late.
+CHECK_AT = (4, 8, 12, 16)
+CHECK_LATE = 16
+
+
+def due_for_check(n_tokens: int) -> bool:
+    return n_tokens in CHECK_AT or (n_tokens > CHECK_AT[-1] and n_tokens % CHECK_LATE == 0)
 
 
 @dataclass
@@ -91,7 +99,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                         generated[i].append(token)
                         done = len(generated[i]) >= max_new_tokens
                     refused = False
-                    if not done and labeller is not None and early_stop and (step + 1) % CHECK_EVERY == 0:
+                    if not done and labeller is not None and early_stop and due_for_check(len(generated[i])):
                         _, parts, whole = _judged_text(tokenizer, generated[i], harmony, rendered[i], final=False)
                         refused = marker_refusal(labeller, parts.answer, chunk[i], whole)
                     if done or refused:
