@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "measure": "measure refusal directions (forward passes with hooks)",
     "analyze": "per-layer diagnostics, charts and a suggested plan",
+    "search": "find the plan automatically: trials minimising refusals and KL (an Optuna study)",
     "ablate": "rewrite the checkpoint with the refusal direction removed (sharded_ablate.py)",
     "chat": "streaming chat with a model",
     "evaluate": "refusal rate and KL divergence against a base model",

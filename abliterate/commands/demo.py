@@ -10,7 +10,8 @@ from abliterate.cli import run_command
 DESCRIPTION = """\
 Train a tiny chat model of the GPT-OSS architecture (MoE experts, router, attention sinks, harmony chat
 format) that answers harmless requests and refuses harmful ones, then run the real workflow on it:
-measure -> analyze (chart + suggested plan) -> sharded_ablate with that plan -> evaluate against the base.
+measure -> analyze (chart + suggested plan) -> sharded_ablate with that plan -> evaluate against the base
+(--search: the plan comes from search.py's trials instead of the suggestion).
 Prints refusal rates on held-out harmful and harmless prompts before and after, the KL divergence on
 harmless prompts, and sample answers. No GPU and no network needed; a few minutes on 2 CPU cores.
 Everything lands in --workdir; a trained model there is reused unless --retrain."""
@@ -28,14 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the model organism again even if the work folder holds a matching one")
     p.add_argument("--quick", action="store_true",
                    help="a smaller, faster organism (the test suite's end-to-end variant)")
+    p.add_argument("--search", action="store_true",
+                   help="find the plan with search.py (trials scored on the train split) instead of analyze's "
+                        "suggestion: measure -> search -> ablate -> evaluate")
+    p.add_argument("--trials", type=int, default=None,
+                   help="with --search: trials in the study (default: the demo's small budget)")
     return p
 
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from abliterate.demo.workflow import format_report, run_demo
+    from abliterate.cli import UserError
+    from abliterate.demo.workflow import SEARCH_TRIALS, format_report, run_demo
 
-    result = run_demo(args.workdir, arch=args.arch, retrain=args.retrain, quick=args.quick)
+    if args.trials is not None and (not args.search or args.trials < 1):
+        raise UserError(f"--trials {args.trials}: needs --search and at least 1 trial")
+    result = run_demo(args.workdir, arch=args.arch, retrain=args.retrain, quick=args.quick, search=args.search,
+                      search_trials=args.trials or SEARCH_TRIALS)
     print(format_report(result))
     return 0
 

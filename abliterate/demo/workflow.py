@@ -7,6 +7,10 @@ Stages (each one is the command a user would run, called through its `main(argv)
   3. analyze   per-layer table, chart, JSON and a plan        -> analysis.png, analysis.json, plan.yml
   4. ablate    the suggested plan, as written                 -> model-abliterated/
   5. evaluate  abliterated model against the base, test split -> evaluation.json
+With `search=True` (`demo --search`) the plan comes from search.py instead of analyze's suggestion: analyze
+writes only its chart and JSON, then
+  3b. search   SEARCH_TRIALS trials on the train split      -> plan.yml, plan.trials.jsonl, plan.pareto.png,
+                                                               plan.study.journal (a fresh study every run)
 Nothing is tuned per run: the organism's recipe and every command's defaults decide the result.
 """
 
@@ -31,6 +35,11 @@ ANALYSIS_JSON = "analysis.json"
 PLAN = "plan.yml"
 EVALUATION = "evaluation.json"
 SUMMARY = "demo-summary.json"
+SEARCH_FILES = ("plan.trials.jsonl", "plan.pareto.png", "plan.study.journal")
+# The organism is small and answers in a few tokens: a short budget per trial, few trials (a couple of minutes on
+# 2 CPU cores). Real models want the search's own defaults (40 trials, 64 + 64 prompts, 48 tokens).
+SEARCH_TRIALS = 16
+SEARCH_ARGS = ("--harmful-n", "48", "--harmless-n", "48", "--max-new-tokens", "24")
 ARCH_NAMES = {"gpt_oss": "GPT-OSS", "llama": "Llama (dense variant)"}
 EVAL_MAX_NEW_TOKENS = 64
 EVAL_KL_TOKENS = 16
@@ -68,10 +77,11 @@ def _remove(path: Path) -> None:
 
 
 def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, quick: bool = False,
-             progress: bool = True) -> DemoResult:
-    """Train or reuse the organism, then measure -> analyze -> ablate -> evaluate inside `workdir`."""
+             progress: bool = True, search: bool = False, search_trials: int = SEARCH_TRIALS) -> DemoResult:
+    """Train or reuse the organism, then measure -> analyze -> (search ->) ablate -> evaluate inside `workdir`."""
     from abliterate.prompts.bundled import bundled_prompts
     from abliterate.commands import ablate, analyze, evaluate, measure
+    from abliterate.commands import search as search_command
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -92,13 +102,21 @@ def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, 
               f"--retrain trains it again)", file=sys.stderr)
     timings["organism"] = time.perf_counter() - t
 
-    for name in (MEASUREMENTS, CHART, ANALYSIS_JSON, PLAN, ABLATED_DIR, EVALUATION, SUMMARY):
+    for name in (MEASUREMENTS, CHART, ANALYSIS_JSON, PLAN, ABLATED_DIR, EVALUATION, SUMMARY) + SEARCH_FILES:
         _remove(workdir / name)
 
+    analyze_argv = [w(MEASUREMENTS), "--chart", w(CHART), "--json", w(ANALYSIS_JSON)]
     stages = [
         ("measure", measure.main, ["--model", w(MODEL_DIR), "--output", w(MEASUREMENTS)]),
-        ("analyze", analyze.main, [w(MEASUREMENTS), "--chart", w(CHART), "--json", w(ANALYSIS_JSON),
-                                   "--suggest", w(PLAN), "--output-model", w(ABLATED_DIR)]),
+        ("analyze", analyze.main, analyze_argv + ([] if search else ["--suggest", w(PLAN), "--output-model",
+                                                                     w(ABLATED_DIR)])),
+    ]
+    if search:
+        stages.append(("search", search_command.main,
+                       ["--model", w(MODEL_DIR), "--measurements", w(MEASUREMENTS), "-o", w(PLAN), "--output-model",
+                        w(ABLATED_DIR), "--trials", str(search_trials), *SEARCH_ARGS]
+                       + ([] if progress else ["--no-progress"])))
+    stages += [
         ("ablate", ablate.main, [w(PLAN)]),
         # The organism's answers are one or two sentences, so 64 tokens hold them whole (evaluate's default of 256
         # is for real models' late refusals and reasoning); --kl-tokens as evaluate's default, stated.

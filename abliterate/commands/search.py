@@ -1,0 +1,183 @@
+"""search.py: find the ablation plan automatically, minimising refusals and damage (KL) together.
+
+Loads the model once; each trial turns a few parameters (direction index, a layer-weight kernel per role group,
+projected, method) into a plan, applies it in memory, scores it (refusals on harmful train prompts, KL on
+harmless ones) and undoes it exactly. An Optuna study (multi-objective TPE, seeded with analyze's suggestion)
+chooses the trials and is stored beside the plan, so a rerun continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import textwrap
+from pathlib import Path
+
+from abliterate.cli import UserError, run_command
+from abliterate.loading import add_model_arguments
+
+EPILOG = """\
+outputs (beside -o PLAN.yml):
+  PLAN.yml            the chosen plan for sharded_ablate.py; its comments name the trial, its refusals and KL,
+                      and the rule that picked it (fewest refusals with KL <= --kl-max, then the lowest KL)
+  PLAN.trials.jsonl   one line per finished trial: number, parameters, refusal rate, KL, seconds
+  PLAN.pareto.png     refusals against KL for every trial, the Pareto front joined, the chosen trial marked
+  PLAN.study.journal  the Optuna study (rerun with the same -o to continue it up to --trials in total)
+
+several processes (GPUs, machines) on one study: start each with the same -o on a shared file system (the
+journal file is locked per write) or the same --storage URL (e.g. sqlite:///search.db, postgresql://...), each
+with its own --seed; trial numbers never repeat and every process sees every finished trial.
+
+examples:
+  search.py -m openai/gpt-oss-20b --measurements gpt-oss-20b.safetensors -o gpt-oss-20b.yml
+  search.py -m ./model --measurements meas.safetensors -o plan.yml --trials 80      # continue to 80 trials
+  search.py -m ./model --measurements meas.safetensors -o plan.yml --pick 17        # write trial 17's plan
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="search.py", description=__doc__.split("\n\n")[0] + ".\n\n" +
+                                __doc__.split("\n\n")[1], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", required=True, help="local model folder (with config.json) or hub id")
+    p.add_argument("--measurements", required=True, help="the measurement file measure.py wrote for this model")
+    p.add_argument("-o", "--output", required=True, metavar="PLAN.yml",
+                   help="the plan to write; the trials table, chart and study go beside it")
+    p.add_argument("--output-model", metavar="DIR",
+                   help="the plan's output folder (default: <model>-abliterated beside a local model folder)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing PLAN.yml that has no study beside it (with one, the study continues)")
+    s = p.add_argument_group("search")
+    s.add_argument("--trials", type=int, default=40, help="trials in the study, in total (default 40)")
+    s.add_argument("--timeout", type=float, default=None, metavar="MIN",
+                   help="start no new trial after MIN minutes (the study keeps what ran; rerun to continue)")
+    s.add_argument("--kl-max", type=float, default=0.1,
+                   help="largest acceptable KL on harmless prompts: the plan is the trial with the fewest "
+                        "refusals under it (default 0.1)")
+    s.add_argument("--kl-prune", type=float, default=4.0, metavar="FACTOR",
+                   help="skip the answers of a trial whose KL exceeds FACTOR x --kl-max (default 4)")
+    s.add_argument("--pick", type=int, default=None, metavar="N", help="write the plan of trial N instead")
+    s.add_argument("--seed", type=int, default=0, help="sampler seed (default 0; give each parallel process its own)")
+    s.add_argument("--storage", default=None, metavar="URL_OR_FILE",
+                   help="an Optuna storage URL or journal file for the study (default: PLAN.study.journal)")
+    s.add_argument("--no-early-stop", action="store_true",
+                   help="generate every answer to the end: no per-row stop at a refusal marker, no stop for a "
+                        "dominated trial (the --kl-prune skip still applies)")
+    d = p.add_argument_group("scoring prompts (train split: evaluate reports on the test split)")
+    d.add_argument("--data-harmful", default=None,
+                   help="harmful prompts (.txt/.json/.jsonl/.csv/.parquet or hub id; default: bundled, train split)")
+    d.add_argument("--data-harmless", default=None, help="harmless prompts (default: bundled, train split)")
+    d.add_argument("--column", default=None, help="field holding the prompt in record files")
+    d.add_argument("--harmful-n", type=int, default=64,
+                   help="harmful prompts scored per trial, spread evenly over the set (default 64)")
+    d.add_argument("--harmless-n", type=int, default=64, help="harmless prompts for the KL (default 64)")
+    d.add_argument("--max-new-tokens", type=int, default=48,
+                   help="answer budget per harmful prompt in tokens (default 48)")
+    d.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
+    d.add_argument("--system", default=None, help="system prompt for every question (default: none)")
+    d.add_argument("--refusal-markers", default=None, metavar="FILE",
+                   help="marker phrases, one per line, replacing the built-in list")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(p)
+    return p
+
+
+def spread(prompts: list[str], n: int) -> list[str]:
+    """n prompts spread evenly over the list (every category of an ordered set), all when there are fewer."""
+    if n >= len(prompts):
+        return list(prompts)
+    return [prompts[i * len(prompts) // n] for i in range(n)]
+
+
+def _check_args(args) -> None:
+    for flag, value, low in (("--trials", args.trials, 1), ("--harmful-n", args.harmful_n, 1),
+                             ("--harmless-n", args.harmless_n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    for flag, value in (("--kl-max", args.kl_max), ("--kl-prune", args.kl_prune), ("--timeout", args.timeout)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} {value}: must be a positive number")
+    if args.kl_prune < 1:
+        raise UserError(f"--kl-prune {args.kl_prune}: must be at least 1 (a factor of --kl-max)")
+    if args.quant:
+        raise UserError(f"--quant {args.quant}: a trial edits the loaded weights in place and restores them, which "
+                        "bitsandbytes 4/8-bit weights do not allow; load the model unquantized (--dtype bfloat16)")
+    if args.pick is not None and args.pick < 0:
+        raise UserError(f"--pick {args.pick}: must be a trial number (0 or more; see PLAN.trials.jsonl)")
+
+
+def _check_output(args) -> Path:
+    """The plan path: a file in a writable folder; an existing one only beside its study (or with --force)."""
+    from abliterate.cli import check_new_output_file
+    from abliterate.search.runner import output_paths
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".yml", ".yaml"):
+        raise UserError(f"-o {out}: the plan must end in .yml or .yaml")
+    continuing = args.storage is not None or output_paths(out)["study"].exists()
+    check_new_output_file(out, force=args.force or continuing, flag="-o")
+    study = output_paths(out)["study"]
+    if args.storage is None and study.exists() and not study.is_file():
+        raise UserError(f"-o {out}: {study} is not a file; remove it or choose another -o")
+    return out
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    out = _check_output(args)
+    from abliterate.evaluate.labels import labeller_from_file
+    from abliterate.loading import read_config, resolve_model
+    from abliterate.measure.measurement_file import load_measurements
+    from abliterate.prompts.files import load_prompts
+    from abliterate.search.runner import SearchOptions, run_search
+
+    labeller = labeller_from_file(args.refusal_markers)
+    harmful = spread(load_prompts(args.data_harmful, "harmful", "train", args.column), args.harmful_n)
+    harmless = spread(load_prompts(args.data_harmless, "harmless", "train", args.column), args.harmless_n)
+    measurements = Path(args.measurements)
+    m = load_measurements(measurements)
+    m.validate(str(measurements))
+    config = read_config(resolve_model(args.model), args.trust_remote_code)
+    options = SearchOptions(
+        model=args.model, measurements=measurements, output=out, trials=args.trials, timeout_min=args.timeout,
+        kl_max=args.kl_max, kl_prune=args.kl_prune, harmful=harmful, harmless=harmless,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system, seed=args.seed,
+        pick=args.pick, storage=args.storage, output_model=args.output_model, labeller=labeller, loading=args,
+        early_stop=not args.no_early_stop, progress=not args.no_progress)
+    result = run_search(options, config, m)
+    _summary(result, options)
+    return 0
+
+
+def _summary(r, o) -> None:
+    from abliterate.search.report import front_table
+
+    for note in r.warnings:
+        print(note, file=sys.stderr)
+    recs = r.records
+    pruned = sum(x.state == "pruned" for x in recs)
+    timed = [x.seconds for x in recs if x.seconds > 0]
+    per_trial = f", {sum(timed) / len(timed):.2f} s per trial on average" if timed else ""
+    print(f"study      {len(recs)} finished trials ({r.ran} run now, {pruned} pruned){per_trial}; "
+          f"{r.seconds:.1f} s in all")
+    c = r.chosen
+    print(f"chosen     trial {c.number}: refusals {c.failures}/{c.n_harmful} ({c.refusal_rate:.1%}), KL {c.kl:.4g}")
+    print(textwrap.fill(f"rule       {r.rule}", width=110, subsequent_indent=" " * 11))
+    print()
+    print(front_table(recs, c.number))
+    print()
+    for path in r.outputs.values():
+        print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    return run_command(_main, argv)
+
+
+if __name__ == "__main__":
+    from abliterate.startup import exit_process
+
+    exit_process(main())

@@ -1,0 +1,97 @@
+"""The two numbers a trial is scored on, and the rules that stop a trial once it cannot matter.
+
+- KL: KL(base || trial) of the next-token distribution at the first answer token (GPT-OSS: the first token of
+  the final channel) on the harmless search prompts, averaged per prompt: evaluate's `next_token_logprobs` and
+  `kl_divergence`. The base model's log-probabilities are computed once, before any edit, and reused.
+- Refusals: the share of harmful search prompts whose short greedy answer is not an answer (labelled refusal or
+  degenerate, as evaluate labels them: a broken model is not a compliant one).
+
+Order and pruning (a pruned trial is one whose remaining work could not change what the search reports):
+1. KL first (one batched forward pass). A trial with KL above `kl_prune` x --kl-max, when a finished trial has
+   less KL, cannot be picked (not even by the fallback that takes the lowest KL when no trial is under --kl-max);
+   its answers are not generated (pruned "kl").
+2. Answers next, with the refusal count of finished rows kept as they finish. As soon as a finished trial with
+   no more KL has no more refusals than this one already has, this trial is dominated whatever its other rows
+   say: it can neither join the Pareto front nor be picked (pruned "dominated").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+KL_PRUNE_FACTOR = 4.0
+
+
+@dataclass
+class TrialScore:
+    kl: float
+    n_harmful: int
+    failures: int | None  # refusals + degenerate answers; None when pruned before all rows finished
+    failures_at_least: int  # what was certain when the trial stopped (== failures when complete)
+    pruned: str | None = None  # None, "kl" or "dominated"
+    labels: dict | None = None  # label -> count over the finished rows
+    seconds: float = 0.0
+    tokens: int = 0  # answer tokens generated
+    samples: list | None = None  # a few (prompt, answer, label) of the harmful rows
+
+    @property
+    def refusal_rate(self) -> float | None:
+        return None if self.failures is None else self.failures / self.n_harmful
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["refusal_rate"] = self.refusal_rate
+        return d
+
+
+def dominated(kl: float, failures: int, finished: Sequence[tuple[float, int]]) -> bool:
+    """True when a finished trial (its KL, its failures) has KL <= `kl` and failures <= `failures`."""
+    return any(other_kl <= kl and other_failures <= failures for other_kl, other_failures in finished)
+
+
+class Scorer:
+    """Scores the model as it is now (the caller applies and restores each trial's edit around `score`)."""
+
+    def __init__(self, model, tokenizer, harmful: Sequence[str], harmless: Sequence[str], labeller,
+                 max_new_tokens: int = 48, batch_size: int = 64, system: str | None = None):
+        from abliterate.evaluate.model_eval import next_token_logprobs
+
+        self.model, self.tokenizer, self.labeller = model, tokenizer, labeller
+        self.harmful, self.harmless = list(harmful), list(harmless)
+        self.max_new_tokens, self.batch_size, self.system = max_new_tokens, batch_size, system
+        # The unedited model's distributions, computed once: every trial's KL is against these.
+        self.base_logprobs = next_token_logprobs(model, tokenizer, self.harmless, batch_size, system,
+                                                 progress=False)
+
+    def kl(self) -> float:
+        from abliterate.evaluate.model_eval import kl_divergence, next_token_logprobs
+
+        mine = next_token_logprobs(self.model, self.tokenizer, self.harmless, self.batch_size, self.system,
+                                   progress=False)
+        return float(kl_divergence(self.base_logprobs, mine).mean())
+
+    def score(self, finished: Sequence[tuple[float, int]] = (), kl_max: float = 0.1,
+              kl_prune: float = KL_PRUNE_FACTOR, early_stop: bool = True) -> TrialScore:
+        """KL, then answers, with the pruning rules of the module docstring against `finished` trials."""
+        from abliterate.search.generation import greedy_answers
+
+        started = time.perf_counter()
+        n = len(self.harmful)
+        kl = self.kl()
+        if kl > kl_prune * kl_max and any(other_kl < kl for other_kl, _ in finished):
+            return TrialScore(kl, n, None, 0, "kl", {}, time.perf_counter() - started)
+        front = list(finished)
+        stop = (lambda failures: dominated(kl, failures, front)) if early_stop and front else None
+        gen = greedy_answers(self.model, self.tokenizer, self.harmful, self.max_new_tokens, self.labeller,
+                             self.batch_size, self.system, stop=stop, early_stop=early_stop)
+        labels: dict[str, int] = {}
+        for a in gen.answers:
+            labels[a["label"]] = labels.get(a["label"], 0) + 1
+        samples = [{"prompt": a["prompt"], "answer": a["answer"][:200], "label": a["label"]} for a in gen.answers[:3]]
+        tokens = sum(a["tokens"] for a in gen.answers)
+        seconds = time.perf_counter() - started
+        if gen.stopped:
+            return TrialScore(kl, n, None, gen.failures, "dominated", labels, seconds, tokens, samples)
+        return TrialScore(kl, n, gen.failures, gen.failures, None, labels, seconds, tokens, samples)

@@ -1,0 +1,222 @@
+"""One search run: check the inputs, open (or continue) the study, run trials on the loaded model, write the
+plan, the trials table and the Pareto chart. The command (abliterate.commands.search) parses flags into
+`SearchOptions` and prints the summary this returns.
+
+Every input is checked before anything is written (the study file is the first thing created). The model is
+loaded only when trials remain to run: a finished study with --pick N rewrites the outputs without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from abliterate.cli import UserError, atomic_output_file
+
+SUPPORTED_SEARCH = "abliterate.search/1"
+
+
+@dataclass
+class SearchOptions:
+    model: str
+    measurements: Path
+    output: Path  # the plan file
+    trials: int = 40
+    timeout_min: float | None = None
+    kl_max: float = 0.1
+    kl_prune: float = 4.0
+    harmful: list[str] = field(default_factory=list)
+    harmless: list[str] = field(default_factory=list)
+    max_new_tokens: int = 48
+    batch_size: int = 64
+    system: str | None = None
+    seed: int = 0
+    pick: int | None = None
+    storage: str | None = None  # an Optuna storage URL or journal path (default: beside the plan)
+    output_model: str | None = None
+    labeller: object = None
+    loading: object = None  # the argparse namespace with the shared model-loading flags
+    early_stop: bool = True
+    progress: bool = True
+
+
+@dataclass
+class SearchResult:
+    records: list
+    chosen: object
+    rule: str
+    feasible: bool
+    ran: int
+    seconds: float
+    outputs: dict
+    warnings: list[str]
+
+
+def sibling(plan: Path, suffix: str) -> Path:
+    """plan.yml -> plan<suffix> beside it (plan.trials.jsonl, plan.pareto.png, plan.study.journal)."""
+    return plan.with_name(plan.stem + suffix)
+
+
+def output_paths(plan: Path) -> dict[str, Path]:
+    return {"plan": plan, "trials": sibling(plan, ".trials.jsonl"), "pareto": sibling(plan, ".pareto.png"),
+            "study": sibling(plan, ".study.journal")}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_measurements_match(m, config, source: str, model: str) -> int:
+    """The number of decoder layers; UserError when the file was measured on a model of another shape."""
+    L = int(getattr(config, "num_hidden_layers", 0) or 0)
+    H = int(getattr(config, "hidden_size", 0) or 0)
+    if m.hidden_size != H or m.num_indices not in (L + 1, L):
+        raise UserError(f"--measurements {source}: measured on a model with {m.num_layers} layers and hidden size "
+                        f"{m.hidden_size}, but --model {model} has {L} layers and hidden size {H}; measure this "
+                        "model (the file belongs to another one)")
+    if m.num_indices < 3:
+        raise UserError(f"--measurements {source}: {m.num_indices} measurement indices is too few to search over; "
+                        "the model needs at least 2 decoder layers")
+    return L
+
+
+def run_search(o: SearchOptions, config, measurements) -> SearchResult:
+    """The run (module docstring); `config` is the model's, `measurements` the loaded, checked file."""
+    from abliterate.analyze.suggested_plan import plan_paths
+    from abliterate.analyze.suggestion import suggest
+    from abliterate.search import study as st
+    from abliterate.search.space import PlanContext, make_space, seed_parameters
+
+    started = time.perf_counter()
+    paths = output_paths(o.output)
+    L = check_measurements_match(measurements, config, str(o.measurements), o.model)
+    model_type = getattr(config, "model_type", "")
+    suggestion = suggest(measurements)
+    plan_model, plan_output = plan_paths(o.model, o.output_model, Path.cwd())
+    notes: list[str] = []
+    measured = measurements.metadata.get("model")
+    if measured and Path(str(measured)).name != Path(o.model).name:
+        notes.append(f"warning: {o.measurements} names model {measured}, not {o.model}; its shape "
+                     "matches, so the search goes on")
+
+    # The model's role groups decide the kernels; they need the model's parameter names, which the config does
+    # not list. MoE models have routers (config attributes tell), dense models do not.
+    moe = any(getattr(config, a, None) for a in ("num_local_experts", "num_experts", "n_routed_experts"))
+    groups = ("attention_output", "mlp_output") + (("router",) if moe else ())
+    space = make_space(L, measurements.num_indices, groups, suggestion)
+    seeds = seed_parameters(space, suggestion)
+    ctx = PlanContext(plan_model, o.measurements.resolve(), plan_output, moe)
+    identity = {
+        "format": SUPPORTED_SEARCH, "model": plan_model, "model_type": model_type,
+        "measurements_sha256": file_sha256(o.measurements),
+        "harmful_sha256": _sha(o.harmful), "harmless_sha256": _sha(o.harmless),
+        "max_new_tokens": o.max_new_tokens, "system": o.system, "labeller": o.labeller.describe(),
+        "space": space.to_dict(),
+    }
+    location = o.storage or str(paths["study"])
+    study = st.open_study(location, o.seed, len(seeds))
+    st.check_identity(study, identity, location)
+    stale = st.fail_stale_trials(study)
+    if stale:
+        notes.append(f"warning: {stale} trial(s) left running by a process that ended were marked failed")
+    st.enqueue_seeds(study, seeds)
+
+    ran = 0
+    if st.counted(study) < o.trials:
+        ran = _run_trials(o, study, space, ctx, config, measurements)
+    recs = st.records(study)
+    picked = _chosen(o, recs)
+    if picked is None:
+        raise UserError(f"{location}: no trial finished unpruned, so there is no plan to write; run more trials "
+                        "(--trials) or raise --kl-max")
+    chosen, rule, feasible = picked
+    if not feasible:
+        notes.append(f"warning: no trial reached KL <= {o.kl_max:g}; the plan is trial {chosen.number}, the one with "
+                     "the lowest KL; raise --kl-max or run more trials")
+    outputs = _write_outputs(o, paths, recs, chosen, rule, feasible, plan_output)
+    return SearchResult(recs, chosen, rule, feasible, ran, time.perf_counter() - started, outputs, notes)
+
+
+def _sha(prompts: list[str]) -> str:
+    from abliterate.prompts.files import prompts_sha256
+
+    return prompts_sha256(prompts)
+
+
+def _chosen(o: SearchOptions, recs):
+    from abliterate.search import study as st
+
+    if o.pick is None:
+        return st.pick(recs, o.kl_max)
+    r = st.trial_record(recs, o.pick, str(o.output))
+    return r, f"--pick {o.pick}", r.kl <= o.kl_max
+
+
+def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> int:
+    """Load the model, score the base once, and run trials until the study holds --trials."""
+    from abliterate.ablate.plan import plan_to_dict
+    from abliterate.loading import load_from_args
+    from abliterate.search import study as st
+    from abliterate.search.objectives import Scorer
+    from abliterate.search.space import params_to_plan, suggest_parameters
+    from abliterate.search.trial_edits import TrialEditor
+
+    model, tokenizer = load_from_args(o.model, o.loading, "--model")
+    scorer = Scorer(model, tokenizer, o.harmful, o.harmless, o.labeller, o.max_new_tokens, o.batch_size, o.system)
+    editor = TrialEditor(model, measurements)
+
+    def run_one(trial):
+        params = suggest_parameters(trial, space)
+        trial.set_user_attr("params", params)
+        plan = params_to_plan(params, space, ctx, source=f"trial {trial.number}")
+        if plan is None:
+            trial.set_user_attr("score", {"kl": None, "n_harmful": len(o.harmful), "failures": None,
+                                          "failures_at_least": 0, "pruned": "empty", "seconds": 0.0})
+            return "pruned", None
+        trial.set_user_attr("plan", plan_to_dict(plan))
+        finished = st.finished_points(study)
+        with editor.applied(plan):
+            score = scorer.score(finished, o.kl_max, o.kl_prune, early_stop=o.early_stop)
+        trial.set_user_attr("score", score.to_dict())
+        trial.set_constraint(st.CONSTRAINT, score.kl - o.kl_max)
+        if score.pruned:
+            return "pruned", None
+        return "complete", (score.refusal_rate, score.kl)
+
+    refresh = lambda: _write_trials(o, study)  # noqa: E731  (the table stays current if the run is killed)
+    timeout = o.timeout_min * 60 if o.timeout_min else None
+    return st.run_trials(study, o.trials, run_one, o.kl_max, timeout, o.progress, refresh)
+
+
+def _write_trials(o: SearchOptions, study) -> None:
+    from abliterate.search import study as st
+    from abliterate.search.report import trials_lines
+
+    path = output_paths(o.output)["trials"]
+    with atomic_output_file(path) as tmp:
+        tmp.write_text(trials_lines(st.records(study)), encoding="utf-8")
+
+
+def _write_outputs(o: SearchOptions, paths: dict, recs, chosen, rule: str, feasible: bool, plan_output: Path) -> dict:
+    from abliterate import __version__
+    from abliterate.ablate.plan import parse_plan
+    from abliterate.search.report import draw_pareto, plan_comments, plan_text, trials_lines
+
+    # The output folder is this run's (--output-model), not a trial parameter; the stored plan then goes through
+    # the plan parser: what is written is what sharded_ablate accepts.
+    plan = dict(chosen.plan, output=str(plan_output))
+    parse_plan(plan, f"trial {chosen.number}", o.output.resolve().parent)
+    comments = plan_comments(chosen, rule, feasible, o.kl_max, len(recs), f"search.py (abliterate {__version__})")
+    with atomic_output_file(paths["plan"]) as tmp:
+        tmp.write_text(plan_text(plan, comments), encoding="utf-8")
+    with atomic_output_file(paths["trials"]) as tmp:
+        tmp.write_text(trials_lines(recs), encoding="utf-8")
+    with atomic_output_file(paths["pareto"]) as tmp:
+        draw_pareto(recs, tmp, chosen.number, o.kl_max, f"{o.model}: {len(recs)} trials")
+    return {k: paths[k] for k in ("plan", "trials", "pareto")}

@@ -1,0 +1,188 @@
+"""The search space: a few well-scaled parameters that turn into a `Plan`, and the informed first guesses.
+
+Parameters (Optuna names in quotes; every one has a fixed range, so a study is reproducible and resumable):
+
+- "direction_index": the measurement index whose direction is removed, fractional (k + f interpolates the
+  unit directions of indices k and k+1). Range: analyze's candidate band (40%..85% of depth) widened by
+  max(1, 10% of L) on each side, within 1..L-1, and always holding the suggested index.
+- Per role group g (attention_output, mlp_output, and router on MoE models) a layer-weight kernel:
+  "g.peak" (the weight at the peak, 0.5..1.5), "g.position" (the peak's layer as a fraction of L-1, 0.3..1),
+  "g.floor" (the weight at the window's edge as a fraction of the peak, 0..1) and "g.width" (the window's
+  half-width as a fraction of L, 0.1..0.7). Ranges grow where needed to hold the seeds.
+
+      weight(layer) = peak - (peak - floor * peak) * |layer - p| / d   for |layer - p| <= d, else 0
+
+  with p = position * (L-1) and d = width * L. Outside the window a layer is not edited at all (a floor of 0
+  at the edge makes the kernel a triangle, a floor of 1 a flat band). Weights below MIN_WEIGHT are dropped; a
+  layer where every group drops is left out of the plan.
+- "projected" (false/true) and "method" (conventional/norm_preserving), plan-wide.
+
+Biases follow their writer (the plan's per-entry `scales` say so). Parameters are rounded before the plan is
+built (indices and weights to 3 decimals), so the plan a trial applies is exactly the plan written for it.
+
+Seeds (`seed_parameters`): the analyze suggestion expressed in these parameters (its index, its layer band
+as a flat window of weight 1), then its neighbours: the projection flipped, index +1 and -1, a kernel peaked at
+the suggested index's layer that falls off on both sides, and the suggestion with norm_preserving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from abliterate.ablate.plan import ROLE_DEFAULTS, AblateEntry, Plan
+
+SEARCHED_GROUPS = ("attention_output", "mlp_output", "router")
+METHODS = ("conventional", "norm_preserving")
+MIN_WEIGHT = 0.01  # a kernel weight below this is no edit (and no entry)
+PEAK_RANGE = (0.5, 1.5)
+POSITION_RANGE = (0.3, 1.0)  # x (L-1)
+FLOOR_RANGE = (0.0, 1.0)  # x peak
+WIDTH_RANGE = (0.1, 0.7)  # x L
+INDEX_MARGIN = 0.10  # the candidate band is widened by max(1, this x L) indices on each side
+DIGITS = 3
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Everything that fixes the parameter ranges; stored with the study so a rerun can check it matches."""
+
+    num_layers: int
+    groups: tuple[str, ...]  # the role groups that get a kernel, in SEARCHED_GROUPS order
+    index_range: tuple[float, float]
+    ranges: dict = field(default_factory=dict)  # "g.peak" -> (lo, hi) etc.
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["groups"] = list(self.groups)
+        d["index_range"] = list(self.index_range)
+        d["ranges"] = {k: list(v) for k, v in sorted(self.ranges.items())}
+        return d
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What every trial's plan shares: where the model, measurements and output are."""
+
+    model: str
+    measurements: Path
+    output: Path
+    moe: bool  # the model has routers; the plan enables roles.router only then
+
+
+def make_space(num_layers: int, num_indices: int, groups: tuple[str, ...], suggestion) -> SearchSpace:
+    """The ranges for a model with `num_layers` decoder layers and a file with `num_indices` indices.
+
+    `suggestion` is analyze's `Suggestion` (measurement, first_layer, last_layer); the ranges always hold it."""
+    from abliterate.analyze.suggestion import candidate_band
+
+    L = num_layers
+    lo, hi = candidate_band(L, num_indices)
+    margin = max(1, round(INDEX_MARGIN * L))
+    top = max(1, min(L - 1, num_indices - 1))
+    index_range = (float(max(1, min(lo - margin, suggestion.measurement))),
+                   float(min(top, max(hi + margin, suggestion.measurement))))
+    space = SearchSpace(L, tuple(g for g in SEARCHED_GROUPS if g in groups), index_range, {})
+    ranges = {}
+    for g in space.groups:
+        ranges[f"{g}.peak"] = PEAK_RANGE
+        ranges[f"{g}.position"] = POSITION_RANGE
+        ranges[f"{g}.floor"] = FLOOR_RANGE
+        ranges[f"{g}.width"] = WIDTH_RANGE
+    # Grow the ranges to hold every seed, so that the informed guesses are points of the space.
+    draft = SearchSpace(L, space.groups, index_range, ranges)
+    for _, seed in seed_parameters(draft, suggestion, clip=False):
+        for name, value in seed.items():
+            if name in ranges:
+                a, b = ranges[name]
+                ranges[name] = (min(a, value), max(b, value))
+    return SearchSpace(L, space.groups, index_range, ranges)
+
+
+def suggest_parameters(trial, space: SearchSpace) -> dict:
+    """Ask an Optuna trial (or anything with suggest_float / suggest_categorical) for one point of the space."""
+    params: dict = {}
+    lo, hi = space.index_range
+    params["direction_index"] = trial.suggest_float("direction_index", lo, hi) if hi > lo else lo
+    for name, (a, b) in sorted(space.ranges.items()):
+        params[name] = trial.suggest_float(name, a, b)
+    params["projected"] = trial.suggest_categorical("projected", [False, True])
+    params["method"] = trial.suggest_categorical("method", list(METHODS))
+    return params
+
+
+def layer_weights(params: dict, group: str, num_layers: int) -> list[float]:
+    """The kernel of `group` evaluated at every decoder layer (0..L-1), rounded, below MIN_WEIGHT as 0."""
+    peak = params[f"{group}.peak"]
+    p = params[f"{group}.position"] * (num_layers - 1)
+    d = params[f"{group}.width"] * num_layers
+    edge = params[f"{group}.floor"] * peak
+    out = []
+    for layer in range(num_layers):
+        dist = abs(layer - p)
+        w = 0.0 if dist > d else peak - (peak - edge) * (dist / d if d > 0 else 0.0)
+        w = round(w, DIGITS)
+        out.append(w if w >= MIN_WEIGHT else 0.0)
+    return out
+
+
+def params_to_plan(params: dict, space: SearchSpace, ctx: PlanContext, source: str = "search") -> Plan | None:
+    """The plan of one point; None when every weight is zero (nothing would be edited)."""
+    index = round(float(params["direction_index"]), DIGITS)
+    if index == int(index):
+        index = int(index)
+    weights = {g: layer_weights(params, g, space.num_layers) for g in space.groups}
+    entries = []
+    for layer in range(space.num_layers):
+        scales = {g: weights[g][layer] for g in space.groups}
+        if not any(scales.values()):
+            continue
+        entries.append(AblateEntry(layer=layer, measurement=index, scale=1.0, scales=scales))
+    if not entries:
+        return None
+    roles = dict(ROLE_DEFAULTS)
+    roles["router"] = "router" in space.groups and ctx.moe
+    for g in ("attention_output", "mlp_output"):
+        roles[g] = g in space.groups
+    return Plan(model=ctx.model, measurements=ctx.measurements, output=ctx.output, ablate=tuple(entries),
+                method=params["method"], projected=bool(params["projected"]), roles=roles, source=source)
+
+
+def band_kernel(first: int, last: int, num_layers: int) -> tuple[float, float]:
+    """(position, width) of a flat window holding exactly the layers first..last."""
+    center = (first + last) / 2
+    position = center / (num_layers - 1) if num_layers > 1 else 1.0
+    width = ((last - first) / 2 + 0.5) / num_layers
+    return position, width
+
+
+def seed_parameters(space: SearchSpace, suggestion, clip: bool = True) -> list[tuple[str, dict]]:
+    """The informed first trials (module docstring) as (name, parameters), distinct, in order of trust."""
+    L = space.num_layers
+    position, width = band_kernel(suggestion.first_layer, suggestion.last_layer, L)
+    k = float(suggestion.measurement)
+
+    def point(index: float, projected: bool, method: str = "conventional", kernel=None) -> dict:
+        lo, hi = space.index_range
+        p = {"direction_index": min(max(index, lo), hi) if clip else index}
+        for g in space.groups:
+            peak, pos, floor, wid = kernel or (1.0, position, 1.0, width)
+            p.update({f"{g}.peak": peak, f"{g}.position": pos, f"{g}.floor": floor, f"{g}.width": wid})
+        p["projected"] = projected
+        p["method"] = method
+        return {name: (round(v, 6) if isinstance(v, float) else v) for name, v in p.items()}
+
+    # A kernel peaked at the layer that produced the suggested index (k-1), falling to 30% at the band's far end.
+    peak_pos = (k - 1) / (L - 1) if L > 1 else 1.0
+    reach = max(k - 1 - suggestion.first_layer, suggestion.last_layer - (k - 1), 1) + 0.5
+    tapered = (1.0, min(max(peak_pos, 0.0), 1.0), 0.3, reach / L)
+    proj = bool(suggestion.projected)
+    seeds = [("analyze suggestion", point(k, proj)), ("projection flipped", point(k, not proj)),
+             ("index +1", point(k + 1, proj)), ("index -1", point(k - 1, proj)),
+             ("peaked kernel", point(k, proj, kernel=tapered)), ("norm_preserving", point(k, proj, "norm_preserving"))]
+    out: list[tuple[str, dict]] = []
+    for name, s in seeds:
+        if all(s != other for _, other in out):
+            out.append((name, s))
+    return out
+

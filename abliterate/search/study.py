@@ -1,0 +1,268 @@
+"""The Optuna study: where it is stored, how it samples, the trial loop, and the rule that picks the plan.
+
+Storage: a journal file beside the plan (`PLAN.study.journal`, Optuna's JournalStorage with a file backend and
+its file lock) or any Optuna storage URL (`sqlite:///...`, `postgresql://...`). Several search processes, on one
+machine or several that see the same file system or database, can work on one study: each asks the storage
+for its next trial, so trial numbers never repeat and every process sees every finished trial.
+
+Sampler: multi-objective TPE over (refusal rate, KL), both minimised, with the constraint KL <= --kl-max set on
+every trial whose KL was measured (`CONSTRAINT`: KL - kl_max; TPE ranks infeasible trials below feasible ones,
+by how far they are over, so sampling concentrates where a plan can be picked; a continued study keeps the values
+its earlier runs recorded), the
+multivariate kernel (the parameters interact: a stronger edit wants a narrower window) and the constant liar
+(running trials count as bad guesses for the other processes, which then sample elsewhere). The seeds are
+enqueued when the study is created, so they are its first trials; random startup trials follow, then TPE.
+
+Budget: --trials is the study's total. A process stops when the study holds that many trials (finished or
+running) and marks a trial it asked for beyond that as failed ("over budget"), so concurrent processes never
+overshoot. A trial left RUNNING by a process that died on this machine is marked failed when the next search
+starts here.
+
+Pick rule (`pick`): among finished trials with KL <= --kl-max, the fewest refusals, then the lowest KL, then the
+earlier trial. When none is that close to the base model, the trial with the lowest KL (the one nearest to the
+constraint) and a warning: raise --kl-max or run more trials.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from abliterate.cli import UserError
+
+STUDY_NAME = "abliterate-search"
+CONSTRAINT = "kl_over_max"
+RANDOM_AFTER_SEEDS = 3  # random trials between the seeds and the first TPE suggestion
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One finished trial as the report needs it (from the study's stored attributes)."""
+
+    number: int
+    state: str  # "complete" or "pruned"
+    kl: float | None
+    failures: int | None
+    failures_at_least: int
+    n_harmful: int
+    pruned: str | None
+    seed: str | None
+    params: dict
+    plan: dict | None
+    seconds: float
+
+    @property
+    def refusal_rate(self) -> float | None:
+        return None if self.failures is None else self.failures / self.n_harmful
+
+
+def storage_for(location: str):
+    """An Optuna storage: a URL (anything with '://') as is, else a journal file path."""
+    if "://" in location:
+        return location
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return JournalStorage(JournalFileBackend(str(location)))
+
+
+def open_study(location: str, seed: int, n_seeds: int):
+    """Create or load the study; the sampler's seed moves with the number of trials already there, so a
+    continued study does not draw its first run's random points again."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    storage = storage_for(location)
+    try:
+        existing = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        n_existing = len(existing.get_trials(deepcopy=False))
+    except KeyError:
+        n_existing = 0
+    sampler = optuna.samplers.TPESampler(seed=seed + n_existing, multivariate=True, constant_liar=True,
+                                         n_startup_trials=n_seeds + RANDOM_AFTER_SEEDS)
+    return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler,
+                               directions=["minimize", "minimize"], load_if_exists=True)
+
+
+def check_identity(study, identity: dict, where: str) -> None:
+    """A new study records `identity`; an existing one must match it (else the objectives would differ)."""
+    stored = study.user_attrs.get("identity")
+    if stored is None:
+        if study.get_trials(deepcopy=False):
+            raise UserError(f"{where}: holds trials of a study this tool did not create; use another -o")
+        study.set_user_attr("identity", identity)
+        return
+    for key, value in identity.items():
+        if stored.get(key) != value:
+            raise UserError(
+                f"{where}: the study there was run with a different {key} ({_short(stored.get(key))} instead of "
+                f"{_short(value)}); use another -o to start a new study, or delete {where} to start over")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def enqueue_seeds(study, seeds: list[tuple[str, dict]]) -> None:
+    """The informed guesses as the first trials of a new study (nothing when it already has trials)."""
+    if study.get_trials(deepcopy=False):
+        return
+    for name, params in seeds:
+        study.enqueue_trial(params, user_attrs={"seed": name}, skip_if_exists=True)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_stale_trials(study) -> int:
+    """Mark RUNNING trials whose process (on this host) is gone as failed; the number marked."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    marked = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = str(t.user_attrs.get("worker", ""))
+        name, _, pid = owner.rpartition(":")
+        if name != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        marked += 1
+    return marked
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def counted(study) -> int:
+    """Trials that use the budget: finished (complete or pruned) and running ones."""
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)))
+
+
+def run_trials(study, total: int, run_one: Callable, kl_max: float, timeout_s: float | None = None,
+               progress: bool = True, on_finish: Callable | None = None) -> int:
+    """Ask, run and tell trials until the study holds `total` (or the time is up); the number this process ran.
+
+    `run_one(trial)` returns ("complete", (refusal_rate, kl)) or ("pruned", None); an exception marks the trial
+    failed and propagates. `on_finish()` runs after each trial (the caller refreshes its report)."""
+    from optuna.trial import TrialState
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    budget = max(0, total - counted(study))
+    bar = tqdm(total=budget, desc="trials", unit="trial", disable=not progress, file=sys.stderr)
+    ran = 0
+    try:
+        while counted(study) < total:
+            if timeout_s is not None and time.monotonic() - started >= timeout_s:
+                print(f"note: --timeout reached after {ran} trial(s) in this run; rerun to continue", file=sys.stderr)
+                break
+            trial = study.ask()
+            earlier = [t for t in study.get_trials(deepcopy=False)
+                       if t.number < trial.number and t.state not in (TrialState.FAIL, TrialState.WAITING)]
+            if len(earlier) >= total:  # another process took the last slot between our count and our ask
+                trial.set_user_attr("skipped", "over budget: the study already had --trials trials")
+                study.tell(trial, state=TrialState.FAIL)
+                break
+            trial.set_user_attr("worker", worker_id())
+            try:
+                state, values = run_one(trial)
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            if state == "complete":
+                study.tell(trial, values)
+            else:
+                study.tell(trial, state=TrialState.PRUNED)
+            ran += 1
+            bar.update(1)
+            best = pick(records(study), kl_max)
+            if best is not None:
+                bar.set_postfix_str(best_text(best[0]))
+            if on_finish is not None:
+                on_finish()
+    finally:
+        bar.close()
+    return ran
+
+
+def best_text(r: TrialRecord) -> str:
+    return f"best #{r.number}: refusals {r.failures}/{r.n_harmful}, KL {r.kl:.4f}"
+
+
+def records(study) -> list[TrialRecord]:
+    """The finished trials (complete and pruned), by number, from their stored attributes."""
+    from optuna.trial import TrialState
+
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        score = t.user_attrs.get("score") or {}
+        out.append(TrialRecord(
+            number=t.number, state="complete" if t.state == TrialState.COMPLETE else "pruned",
+            kl=score.get("kl"), failures=score.get("failures") if t.state == TrialState.COMPLETE else None,
+            failures_at_least=int(score.get("failures_at_least") or 0), n_harmful=int(score.get("n_harmful") or 0),
+            pruned=score.get("pruned") if t.state == TrialState.PRUNED else None, seed=t.user_attrs.get("seed"),
+            params=dict(t.user_attrs.get("params") or t.params), plan=t.user_attrs.get("plan"),
+            seconds=float(score.get("seconds") or 0.0)))
+    return sorted(out, key=lambda r: r.number)
+
+
+def complete(rs: list[TrialRecord]) -> list[TrialRecord]:
+    return [r for r in rs if r.state == "complete" and r.kl is not None and r.failures is not None]
+
+
+def pick(rs: list[TrialRecord], kl_max: float) -> tuple[TrialRecord, str, bool] | None:
+    """(chosen trial, the rule that chose it, feasible?) by the module docstring's rule; None without trials."""
+    done = complete(rs)
+    if not done:
+        return None
+    feasible = [r for r in done if r.kl <= kl_max]
+    if feasible:
+        best = min(feasible, key=lambda r: (r.failures, r.kl, r.number))
+        return best, f"fewest refusals among the trials with KL <= {kl_max:g}, then the lowest KL", True
+    best = min(done, key=lambda r: (r.kl, r.failures, r.number))
+    return best, f"no trial reached KL <= {kl_max:g}: the trial with the lowest KL", False
+
+
+def pareto_front(rs: list[TrialRecord]) -> list[TrialRecord]:
+    """Complete trials no other complete trial dominates in (refusals, KL), by KL."""
+    done = complete(rs)
+    front = [r for r in done
+             if not any(o.kl <= r.kl and o.failures <= r.failures and (o.kl < r.kl or o.failures < r.failures)
+                        for o in done)]
+    return sorted(front, key=lambda r: (r.kl, r.failures, r.number))
+
+
+def finished_points(study) -> list[tuple[float, int]]:
+    """(KL, failures) of every complete trial, for the domination stop of the next one."""
+    return [(r.kl, r.failures) for r in complete(records(study))]
+
+
+def trial_record(rs: list[TrialRecord], number: int, where: str) -> TrialRecord:
+    for r in rs:
+        if r.number == number:
+            if r.state != "complete":
+                raise UserError(f"--pick {number}: trial {number} in {where} was pruned ({r.pruned}); pick a "
+                                "complete trial (see the trials table)")
+            return r
+    raise UserError(f"--pick {number}: {where} has no finished trial {number}; pick one from the trials table")
+
+
+def study_path(plan_path: Path) -> Path:
+    return plan_path.with_name(plan_path.stem + ".study.journal")

@@ -1,0 +1,137 @@
+"""search.py end to end on a tiny GPT-OSS: the outputs (a plan sharded_ablate streams, the trials table, the chart,
+the study), the seeds as the first trials, a rerun that continues the study, --pick, bad input (exit 2, nothing
+written), and two processes sharing one journal file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from abliterate.commands import ablate as ablate_cmd
+from abliterate.commands import measure as measure_cmd
+from abliterate.commands import search as search_cmd
+
+FAST = ["--harmful-n", "6", "--harmless-n", "6", "--max-new-tokens", "6", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_model, tmp_path_factory):
+    """(model folder, measurement file) of the tiny GPT-OSS, measured once for the module."""
+    folder = tiny_model("gpt_oss", layers=3)
+    meas = tmp_path_factory.mktemp("search") / "meas.safetensors"
+    assert measure_cmd.main(["-m", str(folder), "-o", str(meas), "--limit", "12"]) == 0
+    return folder, meas
+
+
+def search(run_cli, measured, out: Path, *extra):
+    folder, meas = measured
+    return run_cli(search_cmd.main, ["-m", folder, "--measurements", meas, "-o", out, "--output-model",
+                                     out.parent / "ablated", *FAST, *extra])
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_search_writes_a_plan_that_sharded_ablate_streams(run_cli, measured, tmp_path):
+    out = tmp_path / "plan.yml"
+    code, stdout, err = search(run_cli, measured, out, "--trials", "4")
+    assert code == 0, err
+    for name in ("plan.yml", "plan.trials.jsonl", "plan.pareto.png", "plan.study.journal"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "plan.pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trials = lines(tmp_path / "plan.trials.jsonl")
+    assert [t["number"] for t in trials] == [0, 1, 2, 3]
+    assert trials[0]["seed"] == "analyze suggestion" and all(t["seed"] for t in trials)  # seeds run first
+    for t in trials:
+        assert set(t) >= {"number", "params", "refusal_rate", "kl", "seconds"} and t["kl"] is not None
+    text = out.read_text()
+    chosen = int(text.split("# Trial ")[1].split()[0])
+    assert "Chosen by the rule: fewest refusals among the trials with KL <= 0.1" in text
+    plan = yaml.safe_load(text)
+    assert plan["measurements"] == str(measured[1].resolve()) and plan["ablate"]
+    assert chosen in [t["number"] for t in trials] and "Pareto front" in stdout
+    code, _, err = run_cli(ablate_cmd.main, [out])
+    assert code == 0, err
+    assert (tmp_path / "ablated" / "config.json").is_file()
+
+
+def test_a_rerun_continues_the_study_and_pick_writes_that_trial(run_cli, measured, tmp_path):
+    out = tmp_path / "plan.yml"
+    assert search(run_cli, measured, out, "--trials", "3")[0] == 0
+    first = lines(tmp_path / "plan.trials.jsonl")
+    code, stdout, err = search(run_cli, measured, out, "--trials", "5")
+    assert code == 0, err
+    trials = lines(tmp_path / "plan.trials.jsonl")
+    assert [t["number"] for t in trials] == [0, 1, 2, 3, 4] and "(2 run now" in stdout
+    assert trials[:3] == first  # the first run's trials are kept, not repeated
+    code, stdout, err = search(run_cli, measured, out, "--trials", "5", "--pick", "1")
+    assert code == 0, err
+    assert "(0 run now" in stdout
+    plan = yaml.safe_load(out.read_text())
+    assert "# Trial 1 of 5" in out.read_text() and "--pick 1" in out.read_text()
+    trial1 = trials[1]
+    assert [e["layer"] for e in plan["ablate"]] == trial1["layers"]
+    code, _, err = search(run_cli, measured, out, "--trials", "5", "--pick", "9")
+    assert code == 2 and "no finished trial 9" in err
+
+
+@pytest.mark.parametrize("case", ["missing", "other_model", "trials0", "klneg", "nofolder", "unwritable"])
+def test_bad_input_exits_2_and_writes_nothing(run_cli, measured, tiny_model, tmp_path, case):
+    folder, meas = measured
+    out = tmp_path / "plan.yml"
+    args = ["-m", folder, "--measurements", meas, "-o", out, *FAST]
+    expect = {"missing": "does not exist", "other_model": "belongs to another one", "trials0": "--trials 0",
+              "klneg": "--kl-max -0.5", "nofolder": "does not exist; create it", "unwritable": "not writable"}[case]
+    if case == "missing":
+        args[3] = tmp_path / "nope.safetensors"
+    elif case == "other_model":
+        args[1] = tiny_model("llama", hidden=48)
+    elif case == "trials0":
+        args += ["--trials", "0"]
+    elif case == "klneg":
+        args += ["--kl-max", "-0.5"]
+    elif case == "nofolder":
+        args[5] = tmp_path / "missing" / "plan.yml"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        args[5] = locked / "plan.yml"
+        if os.access(locked, os.W_OK):  # running as root: permissions do not apply
+            pytest.skip("the folder stays writable for this user")
+    code, _, err = run_cli(search_cmd.main, args)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and expect in errors[0], err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "locked") == []
+
+
+def test_two_processes_share_one_journal(measured, tmp_path):
+    folder, meas = measured
+    out = tmp_path / "plan.yml"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "abliterate", "search", "-m", str(folder), "--measurements", str(meas),
+           "-o", str(out), "--trials", "6", *FAST]
+    procs = [subprocess.Popen(cmd + ["--seed", str(seed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for seed in (0, 1)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    ran = [int(stdout.split(" run now")[0].rsplit("(", 1)[1]) for stdout, _ in results]
+    assert sum(ran) == 6  # the budget was shared: together they ran the study's six trials
+    import optuna
+
+    from abliterate.search.study import STUDY_NAME, storage_for
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage_for(str(tmp_path / "plan.study.journal")))
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert sorted(t.number for t in finished) == list(range(6))
+    workers = {t.user_attrs["worker"] for t in finished}
+    assert workers <= {f"{w.rsplit(':', 1)[0]}:{p.pid}" for w in workers for p in procs}
