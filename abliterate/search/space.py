@@ -30,10 +30,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from abliterate.ablate.architectures import METHODS
 from abliterate.ablate.plan import ROLE_DEFAULTS, AblateEntry, Plan
 
 SEARCHED_GROUPS = ("attention_output", "mlp_output", "router")
-METHODS = ("conventional", "norm_preserving")
 MIN_WEIGHT = 0.01  # a kernel weight below this is no edit (and no entry)
 PEAK_RANGE = (0.5, 1.5)
 POSITION_RANGE = (0.3, 1.0)  # x (L-1)
