@@ -259,7 +259,7 @@ def post_norm_warnings(keys, model_type: str) -> list[str]:
     return [
         f"model_type {model_type!r} (table entry {family!r}) has post-sublayer norms such as {hits[0]} that the "
         f"architecture table does not account for: the edit removes r before those norms, so the residual keeps "
-        f"part of it; add the family to abliterate/architectures.py"
+        f"part of it; add the family to abliterate/ablate/architectures.py"
     ]
 
 
@@ -349,7 +349,7 @@ def _generic(key: str, shape: tuple[int, ...], layer: int, suffix: str, hidden: 
             raise ValueError(
                 f"{key}: cannot tell the hidden axis of fused expert tensor {list(shape)} (hidden_size {hidden}) "
                 f"from its shape, and this model type has no entry in the architecture table; add one to "
-                f"abliterate/architectures.py FAMILIES/MODEL_TYPE_FAMILY"
+                f"abliterate/ablate/architectures.py FAMILIES/MODEL_TYPE_FAMILY"
             )
         return TensorRole(key, layer, group, "writes", candidates[0], 0)
     if len(shape) != 2:
