@@ -12,8 +12,8 @@ can be given as --workdir to reuse its model) and its measurement file:
    only), how many trials were pruned.
 3. The result after 10 / 20 / N trials (the plan the pick rule takes from the first K trials) against the analyze
    suggestion alone (trial 0, the first seed): refusals and KL on the search's own train prompts, and then, for
-   each of those plans, evaluate's numbers on the held-out TEST split (refusal rates, KL against the base), which
-   the search never saw.
+   each of those plans, evaluate's numbers on the held-out TEST split (refusal rates, KL against the base over all
+   harmless prompts and over those the base answered), which the search never saw.
 Ratios and comparisons come from the same run on the same machine; nothing is a timed assertion.
 """
 
@@ -100,11 +100,12 @@ def evaluate_plans(model_dir: Path, meas: Path, plans: dict[str, dict]) -> dict[
 
 def bench_one(arch: str, workdir: Path, trials: int) -> dict:
     from abliterate.commands import search
+    from abliterate.evaluate.model_eval import kl_where_base_answered
     from abliterate.search.study import complete, pick, records, storage_for, STUDY_NAME
 
     model_dir = organism(workdir, arch)
     meas = measured(model_dir, workdir / f"{arch}-measurements.safetensors")
-    limit = limit_seconds(model_dir, 48, 24)
+    limit_before = limit_seconds(model_dir, 48, 24)
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         plan = Path(tmp) / "plan.yml"
         t = time.perf_counter()
@@ -116,25 +117,30 @@ def bench_one(arch: str, workdir: Path, trials: int) -> dict:
 
         study = optuna.load_study(study_name=STUDY_NAME, storage=storage_for(str(Path(tmp) / "plan.study.journal")))
         recs = records(study)
-    trial_s = [r.seconds for r in recs]
+    limit = (limit_before + limit_seconds(model_dir, 48, 24)) / 2  # the machine's load drifts: before and after
+    trial_s = sorted(r.seconds for r in recs)
     picks = {}
     for k in sorted({10, 20, trials} & set(range(1, trials + 1))):
         chosen = pick([r for r in recs if r.number < k], 0.1)
         picks[f"after {k}"] = chosen[0] if chosen else None
     suggestion = next(r for r in complete(recs) if r.number == 0)
-    plans = {"analyze suggestion": suggestion.plan}
-    plans.update({name: r.plan for name, r in picks.items() if r is not None})
-    held_out = evaluate_plans(model_dir, meas, plans)
     rows = {"analyze suggestion": suggestion, **picks}
+    by_trial = {r.number: r.plan for r in rows.values() if r is not None}  # each distinct plan evaluated once
+    scored = evaluate_plans(model_dir, meas, {f"trial {n}": plan for n, plan in by_trial.items()})
+    held_out = {name: scored[f"trial {r.number}"] for name, r in rows.items() if r is not None}
+    held_out["base"] = scored["base"]
     return {
         "arch": arch, "trials": len(recs), "pruned": sum(r.state == "pruned" for r in recs),
-        "limit_s": limit, "mean_trial_s": sum(trial_s) / len(trial_s), "wall_s": wall,
+        "limit_s": limit, "limit_before_s": limit_before, "mean_trial_s": sum(trial_s) / len(trial_s),
+        "median_trial_s": trial_s[len(trial_s) // 2], "wall_s": wall,
         "trials_per_min_wall": 60 * len(recs) / wall, "trials_per_min_trial_time": 60 * len(recs) / sum(trial_s),
         "results": {name: None if r is None else {
             "trial": r.number, "search_refusals": f"{r.failures}/{r.n_harmful}", "search_kl": r.kl,
             "test_harmful_refusal": held_out[name]["harmful"]["refusal_rate"],
             "test_harmless_refusal": held_out[name]["harmless"]["refusal_rate"],
-            "test_kl": held_out[name]["kl"]["mean"]} for name, r in rows.items()},
+            "test_kl": held_out[name]["kl"]["mean"],
+            "test_kl_base_answered": kl_where_base_answered(held_out[name], held_out["base"])["mean"]}
+            for name, r in rows.items()},
         "base_test": {"harmful_refusal": held_out["base"]["harmful"]["refusal_rate"],
                       "harmless_refusal": held_out["base"]["harmless"]["refusal_rate"]},
     }
@@ -142,20 +148,22 @@ def bench_one(arch: str, workdir: Path, trials: int) -> dict:
 
 def report(b: dict) -> str:
     lines = [f"== {b['arch']} organism: {b['trials']} trials ({b['pruned']} pruned)",
-             f"limit (generate + KL forward, no search): {b['limit_s']:.2f} s; mean trial {b['mean_trial_s']:.2f} s "
-             f"= {b['mean_trial_s'] / b['limit_s']:.2f}x the limit",
+             f"limit (generate + KL forward, no search; mean of before and after the search): {b['limit_s']:.3f} s; "
+             f"trial median {b['median_trial_s']:.3f} s = {b['median_trial_s'] / b['limit_s']:.2f}x the limit, mean "
+             f"{b['mean_trial_s']:.3f} s = {b['mean_trial_s'] / b['limit_s']:.2f}x",
              f"trials per minute: {b['trials_per_min_trial_time']:.1f} (trial time), {b['trials_per_min_wall']:.1f} "
              f"(wall, model load and outputs included: {b['wall_s']:.0f} s)",
              f"base on the test split: harmful refused {b['base_test']['harmful_refusal']:.1%}, harmless refused "
              f"{b['base_test']['harmless_refusal']:.1%}",
              f"{'plan':<20} {'trial':>5} {'search refusals':>16} {'search KL':>10} {'test harmful':>13} "
-             f"{'test harmless':>14} {'test KL':>9}"]
+             f"{'test harmless':>14} {'test KL':>9} {'KL, base answered':>18}"]
     for name, r in b["results"].items():
         if r is None:
             lines.append(f"{name:<20} (no complete trial)")
             continue
         lines.append(f"{name:<20} {r['trial']:>5} {r['search_refusals']:>16} {r['search_kl']:>10.4f} "
-                     f"{r['test_harmful_refusal']:>13.1%} {r['test_harmless_refusal']:>14.1%} {r['test_kl']:>9.4f}")
+                     f"{r['test_harmful_refusal']:>13.1%} {r['test_harmless_refusal']:>14.1%} {r['test_kl']:>9.4f} "
+                     f"{r['test_kl_base_answered']:>18.4f}")
     return "\n".join(lines)
 
 

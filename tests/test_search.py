@@ -241,3 +241,13 @@ def test_scorer_counts_failures_and_stops_a_dominated_trial(llama):
     stopped = scorer.score([(0.0, 2)], kl_max=0.1)
     assert stopped.pruned == "dominated" and stopped.failures is None and stopped.failures_at_least >= 2
     assert stopped.tokens < full.tokens
+
+
+def test_a_trial_dominated_before_any_answer_generates_nothing(llama):
+    from abliterate.search.objectives import Scorer
+
+    _, _, tok = llama
+    lm = ScriptedLM(tok, SCRIPTS)
+    scorer = Scorer(lm, tok, PROMPTS, PROMPTS[:3], AnswerLabeller(), max_new_tokens=120)
+    score = scorer.score([(0.0, 0)], kl_max=0.1)  # a finished trial with no more KL and no refusals
+    assert score.pruned == "dominated" and score.tokens == 0 and lm.rows_run == 0

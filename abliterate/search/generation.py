@@ -113,14 +113,14 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                 if not keep:
                     break
                 if len(keep) < len(rows):
-                    index = torch.tensor(keep, device=next_ids.device)
-                    cache.reorder_cache(index.to(mask.device))
-                    mask, next_ids, last_pos = mask[index], next_ids[index], last_pos[index]
+                    index = torch.tensor(keep, device=mask.device)  # inputs live where the embedding is
+                    cache.reorder_cache(index)
+                    mask, next_ids, last_pos = mask[index], next_ids[index.to(next_ids.device)], last_pos[index]
                     rows = [rows[b] for b in keep]
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 last_pos = last_pos + 1
-                out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                            use_cache=True, **{cache_kw: cache})
+                out = model(input_ids=next_ids[:, None].to(mask.device), attention_mask=mask,
+                            position_ids=last_pos[:, None], use_cache=True, **{cache_kw: cache})
                 cache = _cache_of(out)
                 next_ids = out.logits[:, -1, :].argmax(-1)
                 steps += 1

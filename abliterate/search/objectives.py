@@ -83,6 +83,8 @@ class Scorer:
         if kl > kl_prune * kl_max and any(other_kl < kl for other_kl, _ in finished):
             return TrialScore(kl, n, None, 0, "kl", {}, time.perf_counter() - started)
         front = list(finished)
+        if early_stop and dominated(kl, 0, front):  # a finished trial with less KL already refuses nothing
+            return TrialScore(kl, n, None, 0, "dominated", {}, time.perf_counter() - started)
         stop = (lambda failures: dominated(kl, failures, front)) if early_stop and front else None
         gen = greedy_answers(self.model, self.tokenizer, self.harmful, self.max_new_tokens, self.labeller,
                              self.batch_size, self.system, stop=stop, early_stop=early_stop)

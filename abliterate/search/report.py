@@ -95,6 +95,8 @@ def draw_pareto(rs: list[TrialRecord], path: str | Path, chosen: int | None, kl_
     x = lambda r: max(r.kl, KL_FLOOR)  # noqa: E731
     done = [r for r in rs if r.state == "complete" and r.failures is not None]
     pruned = [r for r in rs if r.state == "pruned" and r.kl is not None and math.isfinite(r.kl)]
+    skipped = [r for r in pruned if r.pruned == "kl"]  # answers never generated: refusals unknown
+    pruned = [r for r in pruned if r.pruned != "kl"]
     seeds = [r for r in done if r.seed]
     others = [r for r in done if not r.seed]
     ax.scatter([x(r) for r in others], [r.refusal_rate for r in others], s=22, color="tab:blue", alpha=0.7,
@@ -104,7 +106,10 @@ def draw_pareto(rs: list[TrialRecord], path: str | Path, chosen: int | None, kl_
                    alpha=0.8, label="seed trial (analyze suggestion and neighbours)")
     if pruned:
         ax.scatter([x(r) for r in pruned], [r.failures_at_least / max(r.n_harmful, 1) for r in pruned], s=18,
-                   color="gray", marker="x", alpha=0.6, label="pruned (refusals at least)")
+                   color="gray", marker="x", alpha=0.6, label="pruned: dominated (at its refusals so far)")
+    if skipped:
+        ax.scatter([x(r) for r in skipped], [1.0] * len(skipped), s=22, color="gray", marker="v", alpha=0.6,
+                   label="pruned: KL too high (answers not generated)")
     front = pareto_front(rs)
     if front:
         ax.step([x(r) for r in front], [r.refusal_rate for r in front], where="post", color="tab:green",

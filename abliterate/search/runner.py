@@ -72,10 +72,17 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _text_config(config):
+    """The language model's config (multimodal configs nest it as text_config)."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
 def check_measurements_match(m, config, source: str, model: str) -> int:
     """The number of decoder layers; UserError when the file was measured on a model of another shape."""
-    L = int(getattr(config, "num_hidden_layers", 0) or 0)
-    H = int(getattr(config, "hidden_size", 0) or 0)
+    text = _text_config(config)
+    L = int(getattr(text, "num_hidden_layers", 0) or 0)
+    H = int(getattr(text, "hidden_size", 0) or 0)
     if m.hidden_size != H or m.num_indices not in (L + 1, L):
         raise UserError(f"--measurements {source}: measured on a model with {m.num_layers} layers and hidden size "
                         f"{m.hidden_size}, but --model {model} has {L} layers and hidden size {H}; measure this "
@@ -105,9 +112,9 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
         notes.append(f"warning: {o.measurements} names model {measured}, not {o.model}; its shape "
                      "matches, so the search goes on")
 
-    # The model's role groups decide the kernels; they need the model's parameter names, which the config does
-    # not list. MoE models have routers (config attributes tell), dense models do not.
-    moe = any(getattr(config, a, None) for a in ("num_local_experts", "num_experts", "n_routed_experts"))
+    # Routers exist on MoE models (their config counts experts); a dense model gets no router kernel.
+    text = _text_config(config)
+    moe = any(getattr(text, a, None) for a in ("num_local_experts", "num_experts", "n_routed_experts"))
     groups = ("attention_output", "mlp_output") + (("router",) if moe else ())
     space = make_space(L, measurements.num_indices, groups, suggestion)
     seeds = seed_parameters(space, suggestion)

@@ -31,7 +31,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from abliterate.cli import UserError
@@ -263,6 +262,3 @@ def trial_record(rs: list[TrialRecord], number: int, where: str) -> TrialRecord:
             return r
     raise UserError(f"--pick {number}: {where} has no finished trial {number}; pick one from the trials table")
 
-
-def study_path(plan_path: Path) -> Path:
-    return plan_path.with_name(plan_path.stem + ".study.journal")
