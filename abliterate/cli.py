@@ -24,6 +24,11 @@ class UserError(Exception):
     """A mistake in what the user gave us. The message is one line: what is wrong and how to fix it."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def run_command(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a command's main, turning UserError into one line on stderr and exit code 2."""
     skip_collection_at_exit()

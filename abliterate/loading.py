@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from abliterate.cli import UserError
+from abliterate.cli import UserError, first_line
 from abliterate.naming import resolve_model_location
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -55,7 +55,7 @@ def read_config(model: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"--model {model}: cannot load its config ({first}); check the id or path") from None
 
 
@@ -67,7 +67,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, chat_template: s
     try:
         tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"--model {model}: cannot load its tokenizer ({first})") from None
     if chat_template:
         path = Path(chat_template)
@@ -154,14 +154,14 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None, devic
             # The flash kernel was chosen but would not load (no hub access for a kernel, a build for another
             # GPU...): the flag must never stop the run.
             fallback = _plain_attention(model_type, on_cpu)
-            print(f"note: --flash-attn: {attn} did not load ({_first_line(exc)[:160]}); using "
+            print(f"note: --flash-attn: {attn} did not load ({first_line(exc)[:160]}); using "
                   f"{fallback or 'the default (sdpa)'} attention instead", file=sys.stderr)
             kwargs.pop("attn_implementation")
             if fallback:
                 kwargs["attn_implementation"] = fallback
             lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
-        raise UserError(f"--model {model}: cannot load the model ({_first_line(exc)})") from None
+        raise UserError(f"--model {model}: cannot load the model ({first_line(exc)})") from None
     lm.eval()
     if verbose:
         print(f"loaded {model}: {model_type}, dtype {next(lm.parameters()).dtype}, device map {dmap}", file=sys.stderr)
@@ -171,8 +171,6 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None, devic
 _PLAIN = ("eager", "sdpa")
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _plain_attention(model_type: str, on_cpu: bool) -> str | None:

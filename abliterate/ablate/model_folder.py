@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from abliterate.cli import UserError
+from abliterate.cli import UserError, first_line
 from abliterate.naming import resolve_model_location
 from abliterate.safetensors_header import SafetensorsHeader, read_header
 
@@ -72,7 +72,7 @@ def resolve_model_path(model: str, source: str = "plan") -> Path:
             ignore_patterns=["original/*", "metal/*", "*/original/*"],
         )
     except Exception as exc:  # network errors, unknown repos, gated repos: one line for the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"{source}: model = {model}: cannot download it from the hub ({first})") from None
     return Path(local)
 

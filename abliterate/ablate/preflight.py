@@ -14,7 +14,7 @@ from pathlib import Path
 
 from abliterate.ablate.model_folder import ModelFolder
 from abliterate.ablate.tensor_edits import layout_bytes
-from abliterate.cli import UserError
+from abliterate.cli import UserError, first_line
 
 
 def free_bytes(path: Path) -> int:
@@ -54,7 +54,7 @@ def pick_device(device: str | None):
     try:
         torch.empty(1, device=dev)  # any other reason the device cannot run (no MPS, driver errors)
     except (RuntimeError, AssertionError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"--device {device}: cannot use it here ({first[:160]}); use --device cpu") from None
     return dev
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from abliterate.cli import UserError
+from abliterate.cli import UserError, first_line
 from abliterate.measure.measurement_file import FORMAT, LAYER_CONVENTION, TENSOR_NAMES, Measurements
 
 _KEY = re.compile(r"^(harmful|harmless|refuse|refusenorm)_(\d+)$")
@@ -90,7 +90,7 @@ def load_legacy_measurements(path) -> Measurements:
     try:
         data = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for foreign objects, RuntimeError/EOFError for corrupt archives
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"{p}: cannot read it as a torch measurement dict ({first[:200]}); give a file written by "
                         "measure.py (ours or the llm-abliteration tool's)") from None
     if not isinstance(data, dict):

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from abliterate.cli import UserError
+from abliterate.cli import UserError, first_line
 from abliterate.naming import is_hub_id
 
 SUPPORTED_EXTENSIONS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
@@ -175,7 +175,7 @@ def _load_hub(source: str, column: str | None, split: str) -> list[str]:
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as exc:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ValueError)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"{source}: no such file, and it cannot be loaded as a hub dataset ({first})") from None
     name = _pick_column(list(ds.column_names), column, f"hub dataset {source}")
     return _strings(ds[name], name, f"hub dataset {source}")
