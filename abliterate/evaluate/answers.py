@@ -87,19 +87,24 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     out: list[dict] = []
     generated = generate_ids(model, tokenizer, rendered, max_new_tokens, batch_size, desc, progress)
     for prompt, shown, kept in zip(prompts, rendered, generated):
-        text = prompting.decode(tokenizer, kept, harmony)
-        parts = prompting.split_answer(text, harmony, shown)
-        judged_on = "final" if parts.final_reached else ("outside channels" if parts.loose.strip() else "analysis")
-        out.append({
-            "prompt": prompt,
-            "text": text,
-            "answer": parts.answer.strip(),
-            "final_reached": parts.final_reached,
-            "judged_on": judged_on,
-            "judged_reasoning": judged_on == "analysis",
-            "tokens": len(kept),
-        })
+        out.append(answer_row(tokenizer, prompt, kept, harmony, shown))
     return out
+
+
+def answer_row(tokenizer, prompt: str, ids: Sequence[int], harmony: bool, rendered: str) -> dict:
+    """One generated answer (its token ids, cut at the end of the answer) as the row `label_answers` judges."""
+    text = prompting.decode(tokenizer, ids, harmony)
+    parts = prompting.split_answer(text, harmony, rendered)
+    judged_on = "final" if parts.final_reached else ("outside channels" if parts.loose.strip() else "analysis")
+    return {
+        "prompt": prompt,
+        "text": text,
+        "answer": parts.answer.strip(),
+        "final_reached": parts.final_reached,
+        "judged_on": judged_on,
+        "judged_reasoning": judged_on == "analysis",
+        "tokens": len(ids),
+    }
 
 
 def label_answers(answers: list[dict], labeller: AnswerLabeller) -> list[dict]:

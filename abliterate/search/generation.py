@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from abliterate import prompting
+from abliterate.evaluate.answers import answer_row
 from abliterate.harmony import is_harmony
 
 # A row's text is checked for a refusal marker when it holds this many tokens, and every CHECK_LATE tokens after
@@ -155,7 +156,5 @@ def _cache_of(out):
 
 
 def _answer(tokenizer, prompt: str, ids: list[int], harmony: bool, rendered: str, stopped_early: bool) -> dict:
-    """The answer dict evaluate's `judge` labels (same keys as generate_answers), plus `stopped_early`."""
-    text, parts, whole = _judged_text(tokenizer, ids, harmony, rendered, final=True)
-    return {"prompt": prompt, "text": text, "answer": parts.answer.strip(), "final_reached": parts.final_reached,
-            "judged_reasoning": whole, "tokens": len(ids), "stopped_early": stopped_early}
+    """evaluate's answer row (what `label_answers` judges), plus `stopped_early`."""
+    return {**answer_row(tokenizer, prompt, ids, harmony, rendered), "stopped_early": stopped_early}
