@@ -136,3 +136,60 @@ def test_two_processes_share_one_journal(measured, tmp_path):
     assert sorted(t.number for t in finished) == list(range(6))
     workers = {t.user_attrs["worker"] for t in finished}
     assert workers <= {f"{w.rsplit(':', 1)[0]}:{p.pid}" for w in workers for p in procs}
+
+
+def test_hooks_expected_before_loading(monkeypatch):
+    """The space (stored with the study) is fixed before the model loads: --quant on a CUDA machine and MXFP4
+    checkpoints with the Triton kernels there mean hooks, so the conventional method only; on the CPU neither."""
+    import argparse
+    import importlib.util
+
+    import torch
+
+    from abliterate.search.runner import hooks_expected
+
+    plain, mxfp4 = argparse.Namespace(), argparse.Namespace(quantization_config={"quant_method": "mxfp4"})
+    quant = argparse.Namespace(quant="4bit", device=None)
+    assert hooks_expected(plain, quant) is None  # this machine has no CUDA: the loader loads float weights
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert hooks_expected(plain, quant) == "--quant 4bit loads bitsandbytes 4bit weights"
+    assert hooks_expected(plain, argparse.Namespace(quant="4bit", device="cpu")) is None
+    assert hooks_expected(mxfp4, argparse.Namespace(quant="8bit", device=None)) is None  # already quantized
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert "MXFP4 experts stay quantized" in hooks_expected(mxfp4, argparse.Namespace(quant=None, device=None))
+
+
+def test_search_with_4bit_weights_runs_conventional_trials_through_hooks(run_cli, tiny_model, tmp_path, monkeypatch):
+    """--quant 4bit end to end, with bitsandbytes' CPU 4-bit layers standing in for CUDA (the shared loader loads
+    float weights without CUDA): every trial conventional, edited through hooks, the plan streams."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from abliterate import loading
+    from abliterate.search import runner
+
+    folder = tiny_model("gpt_oss", layers=3, hidden=64)  # CPU 4-bit layers need 64 values per block
+    meas = tmp_path / "meas.safetensors"
+    assert measure_cmd.main(["-m", str(folder), "-o", str(meas), "--limit", "8"]) == 0
+
+    def load_4bit(path, quant=None, **_):
+        assert quant == "4bit"
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map={"": "cpu"},
+                                                    dtype=torch.float32).eval()
+
+    monkeypatch.setattr(loading, "load_model", load_4bit)
+    # what hooks_expected says on a CUDA machine (test_hooks_expected_before_loading)
+    monkeypatch.setattr(runner, "hooks_expected", lambda config, args: f"--quant {args.quant} loads bitsandbytes "
+                                                                      f"{args.quant} weights")
+    out = tmp_path / "plan.yml"
+    code, stdout, err = search(run_cli, (folder, meas), out, "--trials", "4", "--quant", "4bit")
+    assert code == 0, err
+    assert "the search tries that method only" in err and "modules are edited through forward hooks" in err
+    trials = lines(tmp_path / "plan.trials.jsonl")
+    assert len(trials) == 4 and all(t["params"]["method"] == "conventional" for t in trials)
+    assert all(t["kl"] is not None and t["seed"] != "norm_preserving" for t in trials)
+    plan = yaml.safe_load(out.read_text())
+    assert plan.get("method", "conventional") == "conventional"
+    code, _, err = run_cli(ablate_cmd.main, [out])  # streamed onto the float checkpoint
+    assert code == 0, err

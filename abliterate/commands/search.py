@@ -25,6 +25,10 @@ outputs (beside -o PLAN.yml):
   PLAN.pareto.png     refusals against KL for every trial, the Pareto front joined, the chosen trial marked
   PLAN.study.journal  the Optuna study (rerun with the same -o to continue it up to --trials in total)
 
+quantized models: with --quant 4bit|8bit (bitsandbytes, CUDA) or GPT-OSS MXFP4 experts kept quantized, a
+trial edits those weights through forward hooks (exact for the conventional method, the only one then searched):
+the model searched is the quantized one, the plan is streamed onto the float checkpoint by sharded_ablate.py.
+
 several processes (GPUs, machines) on one study: start each with the same -o on a shared file system (the
 journal file is locked per write) or the same --storage URL (e.g. sqlite:///search.db, postgresql://...), each
 with its own --seed; trial numbers never repeat and every process sees every finished trial.
@@ -101,9 +105,6 @@ def _check_args(args) -> None:
             raise UserError(f"{flag} {value}: must be a positive number")
     if args.kl_prune < 1:
         raise UserError(f"--kl-prune {args.kl_prune}: must be at least 1 (a factor of --kl-max)")
-    if args.quant:
-        raise UserError(f"--quant {args.quant}: a trial edits the loaded weights in place and restores them, which "
-                        "bitsandbytes 4/8-bit weights do not allow; load the model unquantized (--dtype bfloat16)")
     if args.pick is not None and args.pick < 0:
         raise UserError(f"--pick {args.pick}: must be a trial number (0 or more; see PLAN.trials.jsonl)")
 

@@ -9,10 +9,12 @@ loaded only when trials remain to run: a finished study with --pick N rewrites t
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from abliterate.ablate.architectures import METHODS
 from abliterate.cli import UserError, atomic_output_file
 
 SUPPORTED_SEARCH = "abliterate.search/1"
@@ -116,7 +118,12 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
     text = _text_config(config)
     moe = any(getattr(text, a, None) for a in ("num_local_experts", "num_experts", "n_routed_experts"))
     groups = ("attention_output", "mlp_output") + (("router",) if moe else ())
-    space = make_space(L, measurements.num_indices, groups, suggestion)
+    hooked = hooks_expected(config, o.loading)
+    if hooked:
+        notes.append(f"note: {hooked}: a trial edits those weights through forward hooks, exact only for the "
+                     "conventional method, so the search tries that method only")
+    space = make_space(L, measurements.num_indices, groups, suggestion,
+                       ("conventional",) if hooked else METHODS)
     seeds = seed_parameters(space, suggestion)
     ctx = PlanContext(plan_model, o.measurements.resolve(), plan_output, moe)
     identity = {
@@ -150,6 +157,28 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
     return SearchResult(recs, chosen, rule, feasible, ran, time.perf_counter() - started, outputs, notes)
 
 
+def hooks_expected(config, loading) -> str | None:
+    """Why the loader will give weights that cannot be edited in place (bitsandbytes --quant on a CUDA machine,
+    GPT-OSS MXFP4 experts kept quantized on a GPU with the Triton kernels), or None. Decided before loading, since
+    the search space (stored with the study) depends on it; a trial the loaded model cannot take is still caught
+    by the trial editor."""
+    import importlib.util
+
+    import torch
+
+    qcfg = getattr(config, "quantization_config", None)
+    qmethod = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+    quant = getattr(loading, "quant", None)
+    device = str(getattr(loading, "device", None) or "")
+    if not torch.cuda.is_available() or device.startswith("cpu"):
+        return None
+    if quant and qmethod is None:
+        return f"--quant {quant} loads bitsandbytes {quant} weights"
+    if str(qmethod) == "mxfp4" and all(importlib.util.find_spec(m) for m in ("kernels", "triton")):
+        return "the MXFP4 experts stay quantized on this GPU (transformers' Triton kernels)"
+    return None
+
+
 def _sha(prompts: list[str]) -> str:
     from abliterate.prompts.files import prompts_sha256
 
@@ -177,16 +206,25 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> in
     model, tokenizer = load_from_args(o.model, o.loading, "--model")
     scorer = Scorer(model, tokenizer, o.harmful, o.harmless, o.labeller, o.max_new_tokens, o.batch_size, o.system)
     editor = TrialEditor(model, measurements)
+    hooked_only = bool(editor.hooked)  # weights edited through hooks: only the conventional method applies
+    if hooked_only:
+        print(f"note: {len(editor.hooked)} modules are edited through forward hooks, e.g. {editor.hooked[0]}",
+              file=sys.stderr)
 
     def run_one(trial):
+        def unscored(why: str):  # a trial pruned before anything was scored
+            trial.set_user_attr("score", {"kl": None, "n_harmful": len(o.harmful), "failures": None,
+                                          "failures_at_least": 0, "pruned": why, "seconds": 0.0})
+            return "pruned", None
+
         params = suggest_parameters(trial, space)
         trial.set_user_attr("params", params)
         plan = params_to_plan(params, space, ctx, source=f"trial {trial.number}")
         if plan is None:
-            trial.set_user_attr("score", {"kl": None, "n_harmful": len(o.harmful), "failures": None,
-                                          "failures_at_least": 0, "pruned": "empty", "seconds": 0.0})
-            return "pruned", None
+            return unscored("empty")
         trial.set_user_attr("plan", plan_to_dict(plan))
+        if hooked_only and plan.method != "conventional":
+            return unscored("method needs float weights")
         finished = st.finished_points(study)
         with editor.applied(plan):
             score = scorer.score(finished, o.kl_max, o.kl_prune, early_stop=o.early_stop)

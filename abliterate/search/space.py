@@ -15,7 +15,9 @@ Parameters (Optuna names in quotes; every one has a fixed range, so a study is r
   with p = position * (L-1) and d = width * L. Outside the window a layer is not edited at all (a floor of 0
   at the edge makes the kernel a triangle, a floor of 1 a flat band). Weights below MIN_WEIGHT are dropped; a
   layer where every group drops is left out of the plan.
-- "projected" (false/true) and "method" (conventional/norm_preserving), plan-wide.
+- "projected" (false/true) and "method" (conventional/norm_preserving), plan-wide. A model whose weights are
+  edited through hooks (bitsandbytes --quant, MXFP4 experts kept quantized: abliterate.search.trial_hooks) can
+  take only the conventional method; its space holds that one.
 
 Biases follow their writer (the plan's per-entry `scales` say so). Parameters are rounded before the plan is
 built (indices and weights to 3 decimals), so the plan a trial applies is exactly the plan written for it.
@@ -51,10 +53,12 @@ class SearchSpace:
     groups: tuple[str, ...]  # the role groups that get a kernel, in SEARCHED_GROUPS order
     index_range: tuple[float, float]
     ranges: dict = field(default_factory=dict)  # "g.peak" -> (lo, hi) etc.
+    methods: tuple[str, ...] = METHODS  # the edit methods a trial may use
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["groups"] = list(self.groups)
+        d["methods"] = list(self.methods)
         d["index_range"] = list(self.index_range)
         d["ranges"] = {k: list(v) for k, v in sorted(self.ranges.items())}
         return d
@@ -70,7 +74,8 @@ class PlanContext:
     moe: bool  # the model has routers; the plan enables roles.router only then
 
 
-def make_space(num_layers: int, num_indices: int, groups: tuple[str, ...], suggestion) -> SearchSpace:
+def make_space(num_layers: int, num_indices: int, groups: tuple[str, ...], suggestion,
+               methods: tuple[str, ...] = METHODS) -> SearchSpace:
     """The ranges for a model with `num_layers` decoder layers and a file with `num_indices` indices.
 
     `suggestion` is analyze's `Suggestion` (measurement, first_layer, last_layer); the ranges always hold it."""
@@ -82,7 +87,8 @@ def make_space(num_layers: int, num_indices: int, groups: tuple[str, ...], sugge
     top = max(1, min(L - 1, num_indices - 1))
     index_range = (float(max(1, min(lo - margin, suggestion.measurement))),
                    float(min(top, max(hi + margin, suggestion.measurement))))
-    space = SearchSpace(L, tuple(g for g in SEARCHED_GROUPS if g in groups), index_range, {})
+    methods = tuple(m for m in METHODS if m in methods)
+    space = SearchSpace(L, tuple(g for g in SEARCHED_GROUPS if g in groups), index_range, {}, methods)
     ranges = {}
     for g in space.groups:
         ranges[f"{g}.peak"] = PEAK_RANGE
@@ -90,13 +96,13 @@ def make_space(num_layers: int, num_indices: int, groups: tuple[str, ...], sugge
         ranges[f"{g}.floor"] = FLOOR_RANGE
         ranges[f"{g}.width"] = WIDTH_RANGE
     # Grow the ranges to hold every seed, so that the informed guesses are points of the space.
-    draft = SearchSpace(L, space.groups, index_range, ranges)
+    draft = SearchSpace(L, space.groups, index_range, ranges, methods)
     for _, seed in seed_parameters(draft, suggestion, clip=False):
         for name, value in seed.items():
             if name in ranges:
                 a, b = ranges[name]
                 ranges[name] = (min(a, value), max(b, value))
-    return SearchSpace(L, space.groups, index_range, ranges)
+    return SearchSpace(L, space.groups, index_range, ranges, methods)
 
 
 def suggest_parameters(trial, space: SearchSpace) -> dict:
@@ -107,7 +113,7 @@ def suggest_parameters(trial, space: SearchSpace) -> dict:
     for name, (a, b) in sorted(space.ranges.items()):
         params[name] = trial.suggest_float(name, a, b)
     params["projected"] = trial.suggest_categorical("projected", [False, True])
-    params["method"] = trial.suggest_categorical("method", list(METHODS))
+    params["method"] = trial.suggest_categorical("method", list(space.methods))
     return params
 
 
@@ -182,7 +188,7 @@ def seed_parameters(space: SearchSpace, suggestion, clip: bool = True) -> list[t
              ("peaked kernel", point(k, proj, kernel=tapered)), ("norm_preserving", point(k, proj, "norm_preserving"))]
     out: list[tuple[str, dict]] = []
     for name, s in seeds:
-        if all(s != other for _, other in out):
+        if s["method"] in space.methods and all(s != other for _, other in out):
             out.append((name, s))
     return out
 

@@ -16,10 +16,11 @@ loading), which is exact once the loaded value has been found equal to the store
 on each parameter's first touch. A parameter that fails the check (or has no checkpoint to come from) is copied
 to CPU memory once instead, with a warning; `backup_bytes` says how much that holds.
 
-Not supported, with a one-line UserError: bitsandbytes 4/8-bit weights (`--quant`) and MXFP4 weights kept
-quantized (both would need forward hooks, which are exact only for the conventional method without post-norms),
-and parameters offloaded to the meta device by a device map. Requantizing MXFP4 (`requantize_mxfp4`) is a property
-of the written folder only; a trial edits the dequantized weights as the default (bf16) output has them.
+Weights that cannot be edited in place, bitsandbytes 4/8-bit (`--quant`) and GPT-OSS experts kept in MXFP4 on a
+GPU, are edited through forward hooks instead (abliterate.search.trial_hooks): exact for the conventional method,
+which is the only one such a trial can run. Parameters offloaded to the meta device by a device map are refused
+with one line. Requantizing MXFP4 (`requantize_mxfp4`) is a property of the written folder only; a trial edits the
+dequantized weights as the default (bf16) output has them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from abliterate.ablate.plan import check_plan_shapes, prepared_directions
 from abliterate.ablate.tensor_edits import check_every_layer_edited, edit_target, role_name
 from abliterate.cli import UserError
 from abliterate.search.original_weights import OriginalWeights, Source
+from abliterate.search.trial_hooks import find_hook_sites, quantized_parameter_names, register
 
 BAND_ELEMENTS = 1 << 24  # 2-D tensors larger than this are edited in row bands (64 MiB of float32 work at most)
 
@@ -44,9 +46,14 @@ BAND_ELEMENTS = 1 << 24  # 2-D tensors larger than this are edited in row bands 
 class TrialEditor:
     """Apply a Plan to a loaded transformers causal LM in place, and undo it bit for bit."""
 
-    def __init__(self, model, measurements, model_type: str | None = None, checkpoint: str | Path | None = None):
+    def __init__(self, model, measurements, model_type: str | None = None, checkpoint: str | Path | None = None,
+                 hooks: str = "needed"):
         """`measurements`: a loaded measurement file (measure.measurement_file.load_measurements). `checkpoint`: the
-        model folder the weights came from (default: the model's own name_or_path when it is a local folder)."""
+        model folder the weights came from (default: the model's own name_or_path when it is a local folder).
+        `hooks`: "needed" (hooks only where weights cannot be edited in place) or "all" (every float writer and
+        router through a hook as well: how the tests show hooks equal in-place edits)."""
+        if hooks not in ("needed", "all"):
+            raise ValueError(f"hooks must be 'needed' or 'all', got {hooks!r}")
         self.model = model
         self.measurements = measurements
         text = _text_config(model.config)
@@ -58,15 +65,19 @@ class TrialEditor:
                 f"the measurements have hidden size {measurements.hidden_size} but the model has hidden_size "
                 f"{self.hidden_size}; measure this model (the file belongs to another one)"
             )
-        _refuse_quantized(model)
         self._params = dict(model.named_parameters())  # tied parameters appear once, under their first name
         self._roles: dict = {}
         self._found: dict[int, list[str]] = {}  # layer -> "name (role)", for the no-edited-tensor message
+        self._sites = find_hook_sites(model, self._classify, everything=hooks == "all")
+        hooked = quantized_parameter_names(model).union(*(site.owned for site in self._sites))
+        for site in self._sites:
+            for role in (site.weight_role, site.bias_role):
+                if role is not None and role.layer is not None:
+                    self._found.setdefault(role.layer, []).append(f"{role.key} ({role_name(role)}, {site.why})")
         for name, p in self._params.items():
-            try:
-                role = classify(name, tuple(p.shape), self.model_type, self.hidden_size)
-            except ValueError as exc:
-                raise UserError(f"model parameter {name}: {exc}") from None
+            if name in hooked:
+                continue
+            role = self._classify(name, tuple(p.shape))
             if role is None:
                 continue
             if role.kind not in ("writes", "bias", "reads"):
@@ -79,13 +90,25 @@ class TrialEditor:
         self._weights = OriginalWeights(folder) if folder is not None else None
         self._origin: dict[str, Source | torch.Tensor] = {}  # verified checkpoint source, or a CPU copy
         self._applied: list[str] = []
+        self._handles: list = []  # this trial's forward hooks
         self._warned = False
         self.backup_bytes = 0  # CPU memory held by copies of parameters the checkpoint cannot restore
+
+    def _classify(self, name: str, shape: tuple[int, ...]):
+        try:
+            return classify(name, shape, self.model_type, self.hidden_size)
+        except ValueError as exc:
+            raise UserError(f"model parameter {name}: {exc}") from None
+
+    @property
+    def hooked(self) -> list[str]:
+        """The modules edited through forward hooks, described ("name (why)"); empty when every edit is in place."""
+        return [site.describe() for site in self._sites]
 
     def apply(self, plan) -> dict:
         """Edit the model for `plan` (its model, output and measurements paths are not used). Returns the number of
         edited parameters by role group. Raises UserError for a plan this model cannot take, before any edit."""
-        if self._applied:
+        if self._applied or self._handles:
             raise RuntimeError("TrialEditor.apply: a plan is already applied; call restore() first")
         m = self.measurements
         check_plan_shapes(plan, m.num_indices, m.hidden_size, self.num_layers, self.hidden_size)
@@ -103,6 +126,7 @@ class TrialEditor:
             counts[role.group] += 1
             if role.layer is not None and role.group != "embeddings":
                 layers.add(role.layer)
+        hook_specs = self._hook_specs(plan, entry_by_layer, counts, layers)
         check_every_layer_edited(plan, layers, self._found, self.model_type)
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False  # edits in true float32, as sharded_ablate does
@@ -112,11 +136,13 @@ class TrialEditor:
                     value = self._params[name].detach()
                     stored = self._remember(name, value)
                     self._applied.append(name)
-                    r = directions[target.direction_key].unit
-                    if target.role.post_norm is not None:
-                        gain = self._params[target.role.post_norm].detach()
-                        r = direction_through_norm(r, gain, target.role.post_norm_offset)
+                    r = self._direction_for(target.role, directions[target.direction_key].unit)
                     edit_in_place(value, target.role, r, target.scale, plan.method, stored)
+                for site, key, scale, bias_scale in hook_specs:
+                    r = self._direction_for(site.weight_role, directions[key].unit)
+                    module = self.model.get_submodule(site.module_name)
+                    bias = self._params.get(site.bias_name) if site.bias_name else None
+                    self._handles.append(register(module, site, r, scale, bias_scale, bias))
         except BaseException:
             self.restore()
             raise
@@ -124,8 +150,47 @@ class TrialEditor:
             torch.backends.cuda.matmul.allow_tf32 = tf32
         return dict(sorted(counts.items()))
 
+    def _direction_for(self, role, r: torch.Tensor) -> torch.Tensor:
+        """r, or the direction through the role's post-sublayer norm gain (edits.direction_through_norm)."""
+        if role.post_norm is None:
+            return r
+        return direction_through_norm(r, self._params[role.post_norm].detach(), role.post_norm_offset)
+
+    def _hook_specs(self, plan, entry_by_layer: dict, counts: Counter, layers: set) -> list[tuple]:
+        """(site, direction key, writer scale, bias scale) of every hook this plan needs; UserError for a plan a
+        hook cannot reproduce, before anything is edited."""
+        specs = []
+        for site in self._sites:
+            wt = edit_target(site.weight_role, site.weight_role.layer, plan, entry_by_layer)
+            bt = (edit_target(site.bias_role, site.bias_role.layer, plan, entry_by_layer)
+                  if site.bias_role is not None else None)
+            if wt is None and bt is None:
+                continue
+            if plan.method != "conventional":
+                raise UserError(f"{plan.source}: method {plan.method} cannot be applied to {site.describe()}: a "
+                                "trial edits such weights through a hook, exact only for method: conventional; use "
+                                "it, or load the model with float weights (without --quant)")
+            scale = wt.scale if wt is not None else 0.0
+            bias_scale = bt.scale if bt is not None else (0.0 if site.bias_role is not None else scale)
+            if site.routed_bias and bias_scale != scale:
+                raise UserError(f"{plan.source}: {site.describe()}: its expert biases are added after routing, so a "
+                                f"hook can scale them only with their writer (bias scale {bias_scale:g}, writer "
+                                f"{scale:g}); enable roles.biases and give both the same scale")
+            if site.weight_role.post_norm is not None and site.weight_role.post_norm not in self._params:
+                raise UserError(f"{site.describe()}: its post-sublayer norm {site.weight_role.post_norm} is not a "
+                                "parameter of the loaded model; the trial cannot edit it along the norm's gain")
+            for target in (wt, bt):
+                if target is not None:
+                    counts[target.role.group] += 1
+                    if target.role.layer is not None:
+                        layers.add(target.role.layer)
+            specs.append((site, (wt or bt).direction_key, scale, bias_scale))
+        return specs
+
     def restore(self) -> None:
-        """Put every parameter the last apply edited back to its original value, bit for bit."""
+        """Put every parameter the last apply edited back to its original value, bit for bit, and remove its hooks."""
+        while self._handles:
+            self._handles.pop().remove()
         with torch.no_grad():
             while self._applied:
                 name = self._applied.pop()
@@ -212,13 +277,3 @@ def _local_folder(name_or_path) -> Path | None:
         return Path(str(name_or_path))
     return None
 
-
-def _refuse_quantized(model) -> None:
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        bits = "4bit" if getattr(model, "is_loaded_in_4bit", False) else "8bit"
-        raise UserError(f"the model is loaded with bitsandbytes {bits} weights (--quant {bits}); trial edits change "
-                        "the weights in place and need float weights: load it without --quant")
-    for name, p in model.named_parameters():
-        if type(p).__name__ in ("Params4bit", "Int8Params"):
-            raise UserError(f"model parameter {name} is a bitsandbytes quantized weight (--quant); trial edits need "
-                            "float weights: load the model without --quant")
