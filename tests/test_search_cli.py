@@ -82,13 +82,16 @@ def test_a_rerun_continues_the_study_and_pick_writes_that_trial(run_cli, measure
     assert code == 2 and "no finished trial 9" in err
 
 
-@pytest.mark.parametrize("case", ["missing", "other_model", "trials0", "klneg", "nofolder", "unwritable"])
+@pytest.mark.parametrize("case", ["missing", "other_model", "trials0", "klneg", "nofolder", "unwritable", "rdb",
+                                  "journal"])
 def test_bad_input_exits_2_and_writes_nothing(run_cli, measured, tiny_model, tmp_path, case, monkeypatch):
     folder, meas = measured
     out = tmp_path / "plan.yml"
     args = ["-m", folder, "--measurements", meas, "-o", out, *FAST]
     expect = {"missing": "does not exist", "other_model": "belongs to another one", "trials0": "--trials 0",
-              "klneg": "--kl-max -0.5", "nofolder": "does not exist; create it", "unwritable": "not writable"}[case]
+              "klneg": "--kl-max -0.5", "nofolder": "does not exist; create it", "unwritable": "not writable",
+              "rdb": "--storage nope://x: cannot open the study storage",
+              "journal": "is not writable; create it or give another journal file path"}[case]
     if case == "missing":
         args[3] = tmp_path / "nope.safetensors"
     elif case == "other_model":
@@ -97,6 +100,10 @@ def test_bad_input_exits_2_and_writes_nothing(run_cli, measured, tiny_model, tmp
         args += ["--trials", "0"]
     elif case == "klneg":
         args += ["--kl-max", "-0.5"]
+    elif case == "rdb":
+        args += ["--storage", "nope://x"]
+    elif case == "journal":
+        args += ["--storage", tmp_path / "missing" / "study.journal"]
     elif case == "nofolder":
         args[5] = tmp_path / "missing" / "plan.yml"
     else:
@@ -193,3 +200,18 @@ def test_search_with_4bit_weights_runs_conventional_trials_through_hooks(run_cli
     assert plan.get("method", "conventional") == "conventional"
     code, _, err = run_cli(ablate_cmd.main, [out])  # streamed onto the float checkpoint
     assert code == 0, err
+
+
+def test_an_sqlite_storage_url_holds_the_study_and_a_rerun_continues_it(run_cli, measured, tmp_path):
+    """--storage with an RDB URL (sqlite here; postgresql:// goes the same way): no journal file beside the plan,
+    the rerun continues the same study, and the identity check guards it too."""
+    out, db = tmp_path / "plan.yml", tmp_path / "search.db"
+    url = f"sqlite:///{db}"
+    code, _, err = search(run_cli, measured, out, "--trials", "2", "--storage", url)
+    assert code == 0, err
+    assert db.is_file() and not (tmp_path / "plan.study.journal").exists()
+    code, _, err = search(run_cli, measured, out, "--trials", "3", "--storage", url)
+    assert code == 0, err
+    assert [t["number"] for t in lines(tmp_path / "plan.trials.jsonl")] == [0, 1, 2]
+    code, _, err = search(run_cli, measured, out, "--trials", "3", "--storage", url, "--max-new-tokens", "7")
+    assert code == 2 and "different max_new_tokens" in err, err

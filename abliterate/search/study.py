@@ -33,7 +33,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-from abliterate.cli import UserError
+from abliterate.cli import UserError, first_line
 
 STUDY_NAME = "abliterate-search"
 CONSTRAINT = "kl_over_max"
@@ -62,12 +62,26 @@ class TrialRecord:
 
 
 def storage_for(location: str):
-    """An Optuna storage: a URL (anything with '://') as is, else a journal file path."""
+    """An Optuna storage: an RDB for a URL (anything with '://'), else a journal file. UserError (one line) for a
+    URL that cannot be opened: an unknown dialect, a missing database driver, a database that is not there."""
     if "://" in location:
-        return location
+        from optuna.storages import RDBStorage
+
+        try:
+            return RDBStorage(location)
+        except Exception as exc:  # sqlalchemy and driver errors have no common base class
+            raise UserError(f"--storage {location}: cannot open the study storage ({first_line(exc)[:200]}); give "
+                            "a reachable database URL with its driver installed, or a journal file path") from None
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    return JournalStorage(JournalFileBackend(str(location)))
+    folder = os.path.dirname(os.path.abspath(location))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--storage {location}: the folder {folder} does not exist or is not writable; create it "
+                        "or give another journal file path")
+    try:
+        return JournalStorage(JournalFileBackend(str(location)))
+    except OSError as exc:
+        raise UserError(f"--storage {location}: cannot open the journal file ({first_line(exc)})") from None
 
 
 def open_study(location: str, seed: int, n_seeds: int):
