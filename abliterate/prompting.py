@@ -105,3 +105,15 @@ def input_device(model):
         return model.get_input_embeddings().weight.device
     except AttributeError:
         return getattr(model, "device", None)
+
+
+def keeps_logits(model) -> bool:
+    """True when the model's forward takes `logits_to_keep` (transformers' causal LMs do): a pass that needs only
+    the last positions' logits can skip the [batch, length, vocab] rest (about 1 GB for 64 prompts of 30 tokens
+    with a 150k vocabulary in float32)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -19,7 +19,6 @@ Both models must share the tokenizer (the same ids go into both).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Iterator, Sequence
 
 from abliterate import prompting
@@ -40,6 +39,7 @@ def next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: in
 
     device = prompting.input_device(model)
     rendered = render_prompts(tokenizer, prompts, system, final_channel=True)
+    last_only = {"logits_to_keep": 1} if prompting.keeps_logits(model) else {}
     rows = []
     n_batches = -(-len(rendered) // batch_size)
     for chunk in progress_bar(batches(rendered, batch_size), desc, n_batches, progress):
@@ -47,7 +47,7 @@ def next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: in
         # Left padding: positions must count real tokens only, as they do in generate().
         position_ids = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            logits = model(**batch, position_ids=position_ids).logits[:, -1, :]
+            logits = model(**batch, position_ids=position_ids, **last_only).logits[:, -1, :]
         rows.append(torch.log_softmax(logits.to("cpu", torch.float64), dim=-1))
     return torch.cat(rows) if rows else torch.empty(0, 0, dtype=torch.float64)
 
@@ -84,13 +84,6 @@ def answer_reference(base, tokenizer, prompts: Sequence[str], kl_tokens: int = D
     return AnswerReference(list(prompts), prompt_ids, answers)
 
 
-def _keeps_logits(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def teacher_forced_logprobs(model, tokenizer, reference: AnswerReference, batch_size: int = 8,
                             desc: str = "KL: teacher-forced", progress: bool = True) -> Iterator[list]:
     """Per batch, a list of float64 CPU tensors [m_i, V]: the model's log-probabilities at each of prompt i's m_i
@@ -109,7 +102,7 @@ def teacher_forced_logprobs(model, tokenizer, reference: AnswerReference, batch_
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         keep = max(len(a) for _, a in chunk)
-        extra = {"logits_to_keep": keep} if _keeps_logits(model) else {}
+        extra = {"logits_to_keep": keep} if prompting.keeps_logits(model) else {}
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=position_ids.to(device), **extra).logits[:, -keep:, :]

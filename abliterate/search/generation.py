@@ -75,6 +75,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     eos = prompting.eos_token_ids(model, tokenizer)
     device = prompting.input_device(model)
     cache_kw = _cache_keyword(model)
+    last_only = {"logits_to_keep": 1} if prompting.keeps_logits(model) else {}
     results: dict[int, dict] = {}
     failures = 0
     steps = 0
@@ -87,7 +88,8 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
         rows = list(range(len(chunk)))  # batch row -> index in chunk, for the rows still answering
         generated: list[list[int]] = [[] for _ in chunk]
         with torch.inference_mode():
-            out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
+            out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+                        **last_only)
             cache = _cache_of(out)
             next_ids = out.logits[:, -1, :].argmax(-1)
             last_pos = positions[:, -1]
