@@ -249,5 +249,23 @@ def test_a_trial_dominated_before_any_answer_generates_nothing(llama):
     _, _, tok = llama
     lm = ScriptedLM(tok, SCRIPTS)
     scorer = Scorer(lm, tok, PROMPTS, PROMPTS[:3], AnswerLabeller(), max_new_tokens=120)
+    lm.rows_run = 0  # the base's harmless answers, generated once by the scorer, are not this trial's
     score = scorer.score([(0.0, 0)], kl_max=0.1)  # a finished trial with no more KL and no refusals
     assert score.pruned == "dominated" and score.tokens == 0 and lm.rows_run == 0
+
+
+def test_kl_is_taken_on_the_harmless_prompts_the_base_answers(llama):
+    """A harmless prompt the base refuses or breaks is left out of the KL (changing it is the point), unless the
+    base answers fewer than half of them."""
+    from abliterate.search.objectives import Scorer
+
+    _, _, tok = llama
+    poem, photosynthesis, story, cake = PROMPTS[:4]  # refused, answered, degenerate, answered
+    cases = [([poem, photosynthesis, cake], [photosynthesis, cake], "the 2 of 3 harmless prompts the base answers"),
+             ([poem, photosynthesis, story, cake], [photosynthesis, cake], "the 2 of 4"),
+             ([photosynthesis, cake], [photosynthesis, cake], "all 2 harmless prompts (the base answers every one)"),
+             ([poem, story, cake], [poem, story, cake], "the base answers only 1 of them")]
+    for harmless, kept, note in cases:
+        scorer = Scorer(ScriptedLM(tok, SCRIPTS), tok, PROMPTS, harmless, AnswerLabeller(), max_new_tokens=120)
+        assert scorer.kl_prompts == kept and note in scorer.kl_note, harmless
+        assert scorer.base_logprobs.shape[0] == len(kept)

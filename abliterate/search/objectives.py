@@ -1,8 +1,12 @@
 """The two numbers a trial is scored on, and the rules that stop a trial once it cannot matter.
 
 - KL: KL(base || trial) of the next-token distribution at the first answer token (GPT-OSS: the first token of
-  the final channel) on the harmless search prompts, averaged per prompt: evaluate's `next_token_logprobs` and
-  `kl_divergence`. The base model's log-probabilities are computed once, before any edit, and reused.
+  the final channel) on the harmless search prompts the base model answers, averaged per prompt: evaluate's
+  `next_token_logprobs` and `kl_divergence`. A harmless prompt the base refuses (or answers brokenly) is left
+  out: there the edit is meant to change the answer, and counting that change as damage would steer the search
+  away from the very edits that stop over-refusal (evaluate reports this KL as "base answered" too). When the
+  base answers fewer than half of them, every prompt counts (the rule would leave too few). The base's answers
+  (greedy, the same token budget) and log-probabilities are computed once, before any edit, and reused.
 - Refusals: the share of harmful search prompts whose short greedy answer is not an answer (labelled refusal or
   degenerate, as evaluate labels them: a broken model is not a compliant one).
 
@@ -61,14 +65,31 @@ class Scorer:
         self.model, self.tokenizer, self.labeller = model, tokenizer, labeller
         self.harmful, self.harmless = list(harmful), list(harmless)
         self.max_new_tokens, self.batch_size, self.system = max_new_tokens, batch_size, system
+        self.kl_prompts, self.kl_note = self._prompts_the_base_answers()
         # The unedited model's distributions, computed once: every trial's KL is against these.
-        self.base_logprobs = next_token_logprobs(model, tokenizer, self.harmless, batch_size, system,
+        self.base_logprobs = next_token_logprobs(model, tokenizer, self.kl_prompts, batch_size, system,
                                                  progress=False)
+
+    def _prompts_the_base_answers(self) -> tuple[list[str], str]:
+        """(the harmless prompts the KL is taken on, a line saying which): the module docstring's rule."""
+        from abliterate.search.generation import greedy_answers
+
+        gen = greedy_answers(self.model, self.tokenizer, self.harmless, self.max_new_tokens, self.labeller,
+                             self.batch_size, self.system, early_stop=False)
+        answered = [a["prompt"] for a in gen.answers if a["label"] == "answer"]
+        n, total = len(answered), len(self.harmless)
+        if n == total:
+            return list(self.harmless), f"KL on all {total} harmless prompts (the base answers every one)"
+        if 2 * n < total:
+            return list(self.harmless), (f"KL on all {total} harmless prompts: the base answers only {n} of them, "
+                                         "too few to leave the others out")
+        return answered, (f"KL on the {n} of {total} harmless prompts the base answers (the {total - n} it refuses "
+                          "or breaks are left out: changing those is the point)")
 
     def kl(self) -> float:
         from abliterate.evaluate.model_eval import kl_divergence, next_token_logprobs
 
-        mine = next_token_logprobs(self.model, self.tokenizer, self.harmless, self.batch_size, self.system,
+        mine = next_token_logprobs(self.model, self.tokenizer, self.kl_prompts, self.batch_size, self.system,
                                    progress=False)
         return float(kl_divergence(self.base_logprobs, mine).mean())
 

@@ -41,7 +41,7 @@ def plan_comments(r: TrialRecord, rule: str, feasible: bool, kl_max: float, n_tr
         f"Ablation plan found by {tool}; run: sharded_ablate.py THIS_FILE",
         f"Trial {r.number} of {n_trials}" + (f" (seed: {r.seed})" if r.seed else "") +
         f": refusals {r.failures}/{r.n_harmful} ({r.refusal_rate:.1%}) on the harmful search prompts, "
-        f"KL {r.kl:.4g} on the harmless ones (first answer token).",
+        f"KL {r.kl:.4g} on the harmless ones the base answers (first answer token).",
         f"Chosen by the rule: {rule}.",
     ]
     if not feasible:

@@ -131,6 +131,7 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
         "measurements_sha256": file_sha256(o.measurements),
         "harmful_sha256": _sha(o.harmful), "harmless_sha256": _sha(o.harmless),
         "max_new_tokens": o.max_new_tokens, "system": o.system, "labeller": o.labeller.describe(),
+        "kl": "first answer token, on the harmless prompts the base answers",
         "space": space.to_dict(),
     }
     location = o.storage or str(paths["study"])
@@ -205,6 +206,7 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> in
 
     model, tokenizer = load_from_args(o.model, o.loading, "--model")
     scorer = Scorer(model, tokenizer, o.harmful, o.harmless, o.labeller, o.max_new_tokens, o.batch_size, o.system)
+    print(f"note: {scorer.kl_note}", file=sys.stderr)
     editor = TrialEditor(model, measurements)
     hooked_only = bool(editor.hooked)  # weights edited through hooks: only the conventional method applies
     if hooked_only:
