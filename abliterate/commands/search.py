@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--column", default=None, help="field holding the prompt in record files")
     d.add_argument("--harmful-n", type=int, default=64,
                    help="harmful prompts scored per trial, spread evenly over the set (default 64)")
-    d.add_argument("--harmless-n", type=int, default=64, help="harmless prompts for the KL (default 64)")
+    d.add_argument("--harmless-n", type=int, default=64,
+                   help="harmless prompts for the KL (default 64; those the base refuses are left out)")
     d.add_argument("--max-new-tokens", type=int, default=48,
                    help="answer budget per harmful prompt in tokens (default 48)")
     d.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
