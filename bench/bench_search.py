@@ -62,19 +62,22 @@ def measured(model_dir: Path, out: Path) -> Path:
 def limit_seconds(model_dir: Path, n: int, tokens: int) -> float:
     """One batched generate + one KL forward, best of 2."""
     from abliterate.commands.search import spread
+    from abliterate.evaluate.labels import AnswerLabeller
     from abliterate.evaluate.model_eval import generate_answers, kl_divergence, next_token_logprobs
+    from abliterate.search.objectives import Scorer
     from abliterate.loading import load_model, load_tokenizer
     from abliterate.prompts.bundled import bundled_prompts
 
     model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
     harmful = spread(bundled_prompts("harmful", "train"), n)
     harmless = spread(bundled_prompts("harmless", "train"), n)
-    base = next_token_logprobs(model, tok, harmless, n, progress=False)
+    # The KL pass runs over the prompts a trial's does: the harmless ones the base answers (the Scorer's rule).
+    scorer = Scorer(model, tok, harmful, harmless, AnswerLabeller(), tokens, n)
     best = float("inf")
     for _ in range(2):
         t = time.perf_counter()
         generate_answers(model, tok, harmful, tokens, n, progress=False)
-        kl_divergence(base, next_token_logprobs(model, tok, harmless, n, progress=False))
+        kl_divergence(scorer.base_logprobs, next_token_logprobs(model, tok, scorer.kl_prompts, n, progress=False))
         best = min(best, time.perf_counter() - t)
     return best
 
