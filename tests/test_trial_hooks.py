@@ -14,15 +14,13 @@ from abliterate.loading import load_model
 from abliterate.measure.measurement_file import load_measurements
 from abliterate.search.trial_edits import TrialEditor
 from tests.ablate_helpers import write_measurements
-from tests.test_trial_edits import LOGITS_ATOL, VARIANTS, _folder, _logits, _plan, _state, _assert_same_state
+from tests.test_trial_edits import LOGITS_ATOL, VARIANTS, _assert_same_state, _folder, _logits, _plan, _state
+from tests import test_trial_edits
+
+meas, gemma2 = test_trial_edits.meas, test_trial_edits.gemma2  # the same module fixtures (their own instances)
 
 CONVENTIONAL = [v for v, spec in VARIANTS.items() if spec.get("method", "conventional") == "conventional"]
 NORM_PRESERVING = [v for v in VARIANTS if v not in CONVENTIONAL]
-
-
-@pytest.fixture(scope="module")
-def meas(tmp_path_factory):
-    return write_measurements(tmp_path_factory.mktemp("hook_meas") / "meas.safetensors", layers=2, hidden=32)
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +29,13 @@ def meas64(tmp_path_factory):
     return write_measurements(tmp_path_factory.mktemp("hook_meas64") / "meas.safetensors", layers=2, hidden=64)
 
 
-@pytest.fixture(scope="module")
-def gemma2(tmp_path_factory):
-    from tests.ablate_helpers import tiny_gemma2_folder
-
-    return tiny_gemma2_folder(tmp_path_factory.mktemp("hook_gemma2") / "model")
+def _streamed(folder, meas, tmp_path, variant):
+    """(the variant's plan, the logits of the folder sharded_ablate writes for it)."""
+    plan = _plan(folder, meas, tmp_path / variant, variant)
+    run_ablation(plan, device="cpu", progress=False)
+    want = _logits(load_model(str(plan.output)))
+    shutil.rmtree(plan.output)
+    return plan, want
 
 
 def _hooks_left(model) -> int:
@@ -56,10 +56,7 @@ def test_hooks_equal_the_streamed_folder_and_refuse_norm_preserving(tiny_model, 
     assert any("o_proj" in h for h in editor.hooked)
     base = _logits(model)
     for variant in CONVENTIONAL:
-        plan = _plan(folder, meas, tmp_path / variant, variant)
-        run_ablation(plan, device="cpu", progress=False)
-        want = _logits(load_model(str(plan.output)))
-        shutil.rmtree(plan.output)
+        plan, want = _streamed(folder, meas, tmp_path, variant)
         with editor.applied(plan) as counts:
             assert _hooks_left(model) > 0
             got = _logits(model)
@@ -223,10 +220,7 @@ def test_mxfp4_experts_kept_quantized_are_hooked_on_their_mlp(tiny_model, meas, 
     assert [h for h in editor.hooked if "mlp" in h] == [f"model.layers.{i}.mlp (MXFP4 experts kept quantized)"
                                                        for i in range(2)]
     for variant in CONVENTIONAL:
-        plan = _plan(folder, meas, tmp_path / variant, variant)
-        run_ablation(plan, device="cpu", progress=False)
-        want = _logits(load_model(str(plan.output)))
-        shutil.rmtree(plan.output)
+        plan, want = _streamed(folder, meas, tmp_path, variant)
         with editor.applied(plan) as counts:
             got = _logits(model)
         assert counts.get("mlp_output") and counts.get("biases"), variant
