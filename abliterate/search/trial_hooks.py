@@ -186,7 +186,7 @@ class ProjectInput(ProjectOutput):
         raise RuntimeError(f"{type(module).__name__}: no input to project (no positional argument or hidden_states)")
 
 
-def register(module, site: HookSite, u: torch.Tensor, scale: float, bias_scale: float, bias) :
+def register(module, site: HookSite, u: torch.Tensor, scale: float, bias_scale: float, bias):
     """Register the hook that edits `site` for one trial; returns the handle (remove() undoes it)."""
     if site.where == "input":
         return module.register_forward_pre_hook(ProjectInput(u, scale), with_kwargs=True)
