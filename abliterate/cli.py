@@ -29,6 +29,14 @@ def first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def check_minimums(checks) -> None:
+    """UserError "FLAG VALUE: must be at least LOW" for the first (flag, value, low) whose value is below its
+    low (None: the flag was not given)."""
+    for flag, value, low in checks:
+        if value is not None and value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+
+
 def run_command(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a command's main, turning UserError into one line on stderr and exit code 2."""
     skip_collection_at_exit()

@@ -99,6 +99,20 @@ def default_device_map(device: str | None, device_map: str | None):
     return {"": "cpu"}
 
 
+def quantization_method(config) -> str | None:
+    """The checkpoint's own quantization ("mxfp4", "gguf", ...) from its config, or None."""
+    qcfg = getattr(config, "quantization_config", None)
+    return qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+
+
+def text_config(config):
+    """The language model's config object: multimodal configs nest it (transformers' get_text_config); the config
+    itself when that gives nothing with a hidden_size."""
+    get = getattr(config, "get_text_config", None)
+    text = get() if callable(get) else config
+    return text if hasattr(text, "hidden_size") else config
+
+
 def load_model(model: str, dtype: str = "auto", device: str | None = None, device_map: str | None = None,
                quant: str | None = None, flash_attn: bool = False, trust_remote_code: bool = False,
                verbose: bool = False):
@@ -124,8 +138,7 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None, devic
     if attn is not None:
         kwargs["attn_implementation"] = attn
 
-    qcfg = getattr(config, "quantization_config", None)
-    qmethod = (qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None))
+    qmethod = quantization_method(config)
     if quant:
         if not torch.cuda.is_available():
             print(f"note: --quant {quant} skipped: bitsandbytes quantization needs a CUDA GPU; loading unquantized",

@@ -107,13 +107,14 @@ def input_device(model):
         return getattr(model, "device", None)
 
 
-def keeps_logits(model) -> bool:
-    """True when the model's forward takes `logits_to_keep` (transformers' causal LMs do): a pass that needs only
-    the last positions' logits can skip the [batch, length, vocab] rest (about 1 GB for 64 prompts of 30 tokens
-    with a 150k vocabulary in float32)."""
+def forward_takes(model, keyword: str) -> bool:
+    """True when the model's forward has a parameter named `keyword`: what a pass may ask of this transformers
+    version. `logits_to_keep` (causal LMs): a pass that needs only the last positions' logits skips the
+    [batch, length, vocab] rest (about 1 GB for 64 prompts of 30 tokens with a 150k vocabulary in float32);
+    `cache` (transformers 5.24's name for `past_key_values`)."""
     import inspect
 
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return keyword in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False

@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from abliterate.cli import UserError, atomic_output_file, check_new_output_file, run_command
+from abliterate.cli import UserError, atomic_output_file, check_minimums, check_new_output_file, run_command
 from abliterate.evaluate.answers import DEFAULT_MAX_NEW_TOKENS
 from abliterate.evaluate.answers_file import format_answers_report, label_file, read_answers
 from abliterate.evaluate.judge import Judge, JudgeCache, ModelJudge, UrlJudge
@@ -103,13 +103,10 @@ def _read_prompts(path: str | None, kind: str, limit: int | None, column: str | 
 
 
 def _check_args(args) -> None:
-    for flag, value, low in (("--limit", args.limit, 1), ("--max-new-tokens", args.max_new_tokens, 1),
-                             ("--batch-size", args.batch_size, 1), ("--refusal-window", args.refusal_window, 1),
-                             ("--kl-tokens", args.kl_tokens, 1),
-                             ("--judge-max-new-tokens", args.judge_max_new_tokens, 1),
-                             ("--judge-timeout", args.judge_timeout, 0.001)):
-        if value is not None and value < low:
-            raise UserError(f"{flag} {value}: must be at least {low}")
+    check_minimums((("--limit", args.limit, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                    ("--batch-size", args.batch_size, 1), ("--refusal-window", args.refusal_window, 1),
+                    ("--kl-tokens", args.kl_tokens, 1), ("--judge-max-new-tokens", args.judge_max_new_tokens, 1),
+                    ("--judge-timeout", args.judge_timeout, 0.001)))
     if args.answers:
         given = [flag for flag, value in (("--model", args.model), ("--base", args.base),
                                           ("--harmful", args.harmful), ("--harmless", args.harmless),

@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from abliterate.cli import UserError, run_command
+from abliterate.cli import UserError, check_minimums, run_command
 from abliterate.loading import add_model_arguments
 
 EPILOG = """\
@@ -96,11 +96,9 @@ def spread(prompts: list[str], n: int) -> list[str]:
 
 
 def _check_args(args) -> None:
-    for flag, value, low in (("--trials", args.trials, 1), ("--harmful-n", args.harmful_n, 1),
-                             ("--harmless-n", args.harmless_n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
-                             ("--batch-size", args.batch_size, 1)):
-        if value < low:
-            raise UserError(f"{flag} {value}: must be at least {low}")
+    check_minimums((("--trials", args.trials, 1), ("--harmful-n", args.harmful_n, 1),
+                    ("--harmless-n", args.harmless_n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                    ("--batch-size", args.batch_size, 1)))
     for flag, value in (("--kl-max", args.kl_max), ("--kl-prune", args.kl_prune), ("--timeout", args.timeout)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"{flag} {value}: must be a positive number")

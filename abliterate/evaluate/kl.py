@@ -39,7 +39,7 @@ def next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: in
 
     device = prompting.input_device(model)
     rendered = render_prompts(tokenizer, prompts, system, final_channel=True)
-    last_only = {"logits_to_keep": 1} if prompting.keeps_logits(model) else {}
+    last_only = {"logits_to_keep": 1} if prompting.forward_takes(model, "logits_to_keep") else {}
     rows = []
     n_batches = -(-len(rendered) // batch_size)
     for chunk in progress_bar(batches(rendered, batch_size), desc, n_batches, progress):
@@ -94,6 +94,7 @@ def teacher_forced_logprobs(model, tokenizer, reference: AnswerReference, batch_
     device = prompting.input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = list(zip(reference.prompt_ids, reference.answer_ids))
+    keeps = prompting.forward_takes(model, "logits_to_keep")
     n_batches = -(-len(rows) // batch_size)
     for chunk in progress_bar(batches(rows, batch_size), desc, n_batches, progress):
         seqs = [p + a[:-1] for p, a in chunk]
@@ -102,7 +103,7 @@ def teacher_forced_logprobs(model, tokenizer, reference: AnswerReference, batch_
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         keep = max(len(a) for _, a in chunk)
-        extra = {"logits_to_keep": keep} if prompting.keeps_logits(model) else {}
+        extra = {"logits_to_keep": keep} if keeps else {}
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=position_ids.to(device), **extra).logits[:, -keep:, :]

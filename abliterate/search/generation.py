@@ -75,7 +75,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     eos = prompting.eos_token_ids(model, tokenizer)
     device = prompting.input_device(model)
     cache_kw = _cache_keyword(model)
-    last_only = {"logits_to_keep": 1} if prompting.keeps_logits(model) else {}
+    last_only = {"logits_to_keep": 1} if prompting.forward_takes(model, "logits_to_keep") else {}
     results: dict[int, dict] = {}
     failures = 0
     steps = 0
@@ -147,9 +147,7 @@ def _failed(answer: dict, labeller) -> int:
 
 def _cache_keyword(model) -> str:
     """transformers 5.24 renamed the forward's `past_key_values` to `cache`; older versions know only the first."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if prompting.forward_takes(model, "cache") else "past_key_values"
 
 
 def _cache_of(out):

@@ -8,14 +8,15 @@ loaded only when trials remain to run: a finished study with --pick N rewrites t
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from abliterate.ablate.architectures import METHODS
+from abliterate.ablate.record import file_sha256
 from abliterate.cli import UserError, atomic_output_file
+from abliterate.loading import quantization_method, text_config
 
 SUPPORTED_SEARCH = "abliterate.search/1"
 
@@ -66,23 +67,9 @@ def output_paths(plan: Path) -> dict[str, Path]:
             "study": sibling(plan, ".study.journal")}
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _text_config(config):
-    """The language model's config (multimodal configs nest it as text_config)."""
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
 def check_measurements_match(m, config, source: str, model: str) -> int:
     """The number of decoder layers; UserError when the file was measured on a model of another shape."""
-    text = _text_config(config)
+    text = text_config(config)
     L = int(getattr(text, "num_hidden_layers", 0) or 0)
     H = int(getattr(text, "hidden_size", 0) or 0)
     if m.hidden_size != H or m.num_indices not in (L + 1, L):
@@ -115,7 +102,7 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
                      "matches, so the search goes on")
 
     # Routers exist on MoE models (their config counts experts); a dense model gets no router kernel.
-    text = _text_config(config)
+    text = text_config(config)
     moe = any(getattr(text, a, None) for a in ("num_local_experts", "num_experts", "n_routed_experts"))
     groups = ("attention_output", "mlp_output") + (("router",) if moe else ())
     hooked = hooks_expected(config, o.loading)
@@ -167,8 +154,7 @@ def hooks_expected(config, loading) -> str | None:
 
     import torch
 
-    qcfg = getattr(config, "quantization_config", None)
-    qmethod = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+    qmethod = quantization_method(config)
     quant = getattr(loading, "quant", None)
     device = str(getattr(loading, "device", None) or "")
     if not torch.cuda.is_available() or device.startswith("cpu"):

@@ -37,6 +37,7 @@ from abliterate.ablate.edits import ColumnEdit, direction_through_norm, edit_ten
 from abliterate.ablate.plan import check_plan_shapes, prepared_directions
 from abliterate.ablate.tensor_edits import check_every_layer_edited, edit_target, role_name
 from abliterate.cli import UserError
+from abliterate.loading import text_config
 from abliterate.search.original_weights import OriginalWeights, Source
 from abliterate.search.trial_hooks import find_hook_sites, quantized_parameter_names, register
 
@@ -56,7 +57,7 @@ class TrialEditor:
             raise ValueError(f"hooks must be 'needed' or 'all', got {hooks!r}")
         self.model = model
         self.measurements = measurements
-        text = _text_config(model.config)
+        text = text_config(model.config)
         self.model_type = model_type or str(getattr(text, "model_type", "") or model.config.model_type)
         self.hidden_size = int(text.hidden_size)
         self.num_layers = int(text.num_hidden_layers)
@@ -263,13 +264,6 @@ def edit_in_place(value: torch.Tensor, role, r: torch.Tensor, scale: float, meth
     if stored_dtype is not None and stored_dtype != value.dtype:
         for piece in (value.split(max(1, BAND_ELEMENTS // max(1, value[0].numel()))) if value.dim() else (value,)):
             piece.copy_(piece.to(stored_dtype))
-
-
-def _text_config(config):
-    """The language model's config (multimodal configs nest it)."""
-    get = getattr(config, "get_text_config", None)
-    text = get() if callable(get) else config
-    return text if hasattr(text, "hidden_size") else config
 
 
 def _local_folder(name_or_path) -> Path | None:

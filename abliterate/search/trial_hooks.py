@@ -95,11 +95,11 @@ def _role(classify, key: str, shape: tuple[int, ...]):
 
 def _linear_site(name, module, shape, classify, why) -> HookSite | None:
     role = _role(classify, f"{name}.weight", shape)
-    if role is None or role.group == "embeddings":
-        if role is not None:
-            raise UserError(f"model parameter {name}.weight: quantized embeddings cannot be edited by a trial; "
-                            "load the model without --quant")
+    if role is None:
         return None
+    if role.group == "embeddings":
+        raise UserError(f"model parameter {name}.weight: quantized embeddings cannot be edited by a trial; "
+                        "load the model without --quant")
     if role.kind not in ("writes", "reads"):
         raise UserError(f"model parameter {name}.weight holds {role.kind} weights a hook cannot edit")
     site = HookSite(name, "input" if role.kind == "reads" else "output", role, why=why, owned={f"{name}.weight"})
