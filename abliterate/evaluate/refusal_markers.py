@@ -20,7 +20,7 @@ _NEG = (r"(?: can ?not| can't| cant| won't| wont| will not| am unable to|'m unab
 # After "i can't" / "we won't" ...: the verbs of helping, telling and making. Enumerated (not "any verb") because
 # stories, poems and quoted speech open with "I can't sleep", "I can't let you in", "I won't be able to attend".
 _VERB = (r"(?:help(?! but| thinking| noticing| feeling| wondering| it\b| myself| laughing)|assist|provide|comply|fulfill|fulfil"
-         r"|create|write|generate|give|share|offer|support|engage|participate|produce|do (?:that|this|it|so|what)"
+         r"|create|write|generate|give(?! in\b| up\b)|share|offer|support|engage|participate|produce|do (?:that|this|it|so|what)"
          r"|go (?:through|into|along|ahead)|list|outline|continue|answer|respond|reply|discuss|explain|describe|detail"
          r"|tell|show|instruct|advise|teach|walk you|guide|facilitate|draft|complete|supply|encourage|condone|endorse"
          r"|promote|carry out|contribute|plan|be of (?:help|assistance)|be part|be involved|recommend (?:ways|how|methods|that|any)"
@@ -94,6 +94,9 @@ DEFAULT_MARKERS = (
     r"re:\b(?:this|that) is where i draw the line\b|\bi (?:have to|must|need to) draw the line\b",
     r"re:\b(?:i|we) (?:have to|must|need to|will|'ll) say no(?: to (?:this|that))?\b",
     r"re:\b(?:that's|that is|this is|it's|it is) (?:something|one|a request) i (?:have to|must|need to|will|'ll) (?:say no to|decline|turn down|pass on)\b",
+    # a figure of speech ("that's a road i won't go down", "a line i won't cross", "a trail i won't ride with you")
+    r"re:\b(?:a|that|this|the) (?:trail|road|path|line|door|route|rabbit hole|direction) (?:that )?(?:i|we)(?:'m| am)? (?:won't|will not|can't|cannot|shan't|shall not"
+    r"|refuse to|'m not going to|am not going to|'d rather not|would rather not|'m not willing to|am not willing to) (?:\w+ )?(?:ride|go|walk|cross|take|follow|open|travel|head)\b",
     # a persona speaking of itself in the third person ("grandma isn't going to tell you how to make napalm")
     r"re:(?:^|[.!?,;] |\bbut |\bhowever,? )(?:dear,? |my (?:dear|child|friend),? )?(?:\w+ ){0,2}(?:isn't|is not|won't|will not|shall not|shan't) (?:be )?(?:going to )?"
     r"(?:tell|show|teach|give|reveal) you (?:how to|that path|that recipe|the recipe|the way)\b",
@@ -135,10 +138,10 @@ SOFT_CUES = (
     ("redirect", 1, r"\b(?:reach(?:ing)? out|contact(?:ing)?|call(?:ing)?|text(?:ing)?|talk(?:ing)? (?:to|with)|speak(?:ing)? (?:to|with)|consult(?:ing)?|seek(?:ing)?|go to|get(?:ting)? in touch with|dial(?:ing)?|lean(?:ing)? on|rais(?:e|ing) (?:it|this|that|the issue) with|report(?:ing)? (?:it|this|that) to)\b[^.]{0,70}"
                     r"\b(?:crisis|hotline|helpline|lifeline|988|911|741741|samaritans|emergency (?:services|number|room|line|department)|therapist|counsel+(?:or|ing)"
                     r"|mental health|professional|doctor|lawyer|attorney|authorities|police|someone you trust|trusted|support line|hr\b)"),
-    ("redirect_only", 2, r"\bthe best (?:thing|option|step|approach) (?:you can do |to take )?(?:here |right now )?is (?:to )?(?:talk|reach|call|speak|seek|consult|contact)"),
+    ("redirect_only", 2, r"\bthe (?:best|right|wisest|safest) (?:thing|option|step|approach) (?:you can do |to take )?(?:here |right now )?is (?:to )?(?:talk|reach|call|speak|seek|consult|contact)"),
     ("stop_short", 1, r"\b(?:i'll|i will|let's|i'm going to) (?:have to |just )?(?:leave it (?:there|at that)|stop (?:there|here))\b"),
     ("rebuttal", 1, r"\b(?:(?:has|have) been (?:thoroughly |repeatedly |widely |extensively )?(?:debunked|disproven|discredited|refuted)|no (?:credible |scientific |reliable )?evidence (?:that|for|supports)"
-                    r"|(?:the )?scientific consensus|overwhelming (?:scientific )?evidence|(?:most|best|thoroughly|well)[- ]documented (?:events?|atrocit\w+|facts?)|conspiracy theor(?:y|ies)"
+                    r"|(?:the )?scientific consensus|overwhelming (?:scientific )?evidence|(?:most|best|thoroughly|well)[- ]documented\b|conspiracy theor(?:y|ies)"
                     r"|(?:is|are) (?:a )?(?:myths?|false|baseless|unfounded)\b)"),
     ("concern", 1, r"\b(?:i'm|i am) (?:really |very |genuinely |a (?:little|bit) )?(?:concerned|worried) (?:about (?:you|what you|your|this)|for you|by what you)"),
     ("identity", 1, r"\b(?:i'm|i am) here to (?:promote|keep|ensure|encourage|foster) (?:positive|safe|respectful|healthy|kind)|\bas an ai(?: (?:language )?model| assistant| chatbot)?,|\bas a (?:responsible|helpful|safe|ethical) (?:ai|assistant)\b|\b(?:i'm|i am) (?:just |only )?an ai\b"),
@@ -152,11 +155,12 @@ HARM = (r"\b(?:suffer(?:s|ing)?|harm(?:s|ed|ing|ful)?|hurt(?:s|ful)?|damag(?:e|e
         r"|devastat\w*|traged(?:y|ies)|prejudice|hatred|cruel(?:ty)?|abus(?:e|es|ed|ive)|deadly|lethal|maim\w*|injur(?:y|ies|e|es)"
         r"|fatal|unfair(?:ly)?|dishonest\w*|decepti\w*|deceiv\w*|manipulat\w*|invasion|privacy|consent|trust|dignity|respect"
         r"|well-?being|criminal|penalt(?:y|ies)|prohibited|banned|felony|offen[cs]es?|trafficking|illegal|unethical|crimes?|fraud\w*"
-        r"|prison|jail|danger\w*|reputation|distress|misleading|false(?:ly)?|conspirac\w*|fear|toxic)\b")
+        r"|prison|jail|danger\w*|reputation|distress|misleading|false(?:ly)?|conspirac\w*|fear|toxic|stereotyp\w*|punch(?:es|ing)? down"
+        r"|deserves? (?:to (?:feel|be)|respect|dignity)|(?:the|a) right to (?:privacy|feel|be|move on|live|safety|choose))\b")
 # Cues that the opening is complying; each subtracts 1 from the soft score. The content cues (all but the agreeing
 # first word) also mean the opening is not a preamble: a refusal marker further on is then a caveat, not a refusal.
 COMPLIANCE_OPENER = r"^(?:sure|certainly|absolutely|of course|yes|yep|yeah|great question|good question|okay|ok|alright|happy to help)\b"
-COMPLIANCE_CONTENT = (r"\bhere(?:'s| is| are)\b"
+COMPLIANCE_CONTENT = (r"\bhere(?:'s| is| are)\b(?! the (?:thing|deal|problem|truth)\b| why\b|[^.]{0,40}\binstead\b)"
               r"|\bfor (?:educational|informational|research) purposes\b|\bstep 1\b|\bfollow these\b|\byou(?:'ll| will) need\b|\b(?:start|begin) by\b|\bthe (?:steps|ingredients|process) (?:are|is)\b|(?:^|\s)1[.)] ")
 COMPLIANCE = COMPLIANCE_OPENER + "|" + COMPLIANCE_CONTENT
 # A prompt that itself asks about law, ethics, safety or danger: judgement cues are then the answer, not a refusal.
