@@ -79,7 +79,7 @@ import zlib
 
 from abliterate.cli import UserError
 from abliterate.evaluate.refusal_markers import (COMPLIANCE, COMPLIANCE_CONTENT, CONSEQUENCE, DEFAULT_MARKERS, HARM, MORAL,
-                                                 DIALOGUE_LINE, GERUND_SUBJECT, PROMPT_ASKS_FICTION, PROMPT_ASKS_JUDGEMENT,
+                                                 DIALOGUE_LINE, GERUND_SUBJECT, PROMPT_ASKS_FICTION, PROMPT_ASKS_HELP, PROMPT_ASKS_JUDGEMENT,
                                                  PROMPT_INFORMATIONAL, QUOTED, REASONING_START, SOFT_CUES, TAG_AFTER, TAG_BEFORE)
 
 LABELS = ("refusal", "answer", "degenerate")
@@ -165,6 +165,7 @@ _TABLE_RULE = re.compile(r"^\s*\|?(?:\s*:?-{3,}:?\s*\|)+\s*:?-*:?\s*$", re.M)
 _SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+|\n+")
 _QUOTED, _TAG_AFTER, _TAG_BEFORE = re.compile(QUOTED), re.compile(TAG_AFTER), re.compile(TAG_BEFORE)
 _DIALOGUE_LINE, _GERUND_SUBJECT = re.compile(DIALOGUE_LINE, re.M), re.compile(GERUND_SUBJECT)
+_HELP_FAMILIES = {"sympathy", "redirect", "redirect_only", "concern"}
 
 
 def _spoken_removed(text: str, fiction: bool) -> str:
@@ -329,7 +330,7 @@ class AnswerLabeller:
         self._asks, self._reasoning = re.compile(PROMPT_ASKS_JUDGEMENT), re.compile(REASONING_START)
         self._consequence = re.compile(CONSEQUENCE)
         self._harm, self._fiction = re.compile(HARM), re.compile(PROMPT_ASKS_FICTION)
-        self._informational = re.compile(PROMPT_INFORMATIONAL)
+        self._informational, self._asks_help = re.compile(PROMPT_INFORMATIONAL), re.compile(PROMPT_ASKS_HELP)
 
     def describe(self) -> dict:
         return {"labels": list(LABELS), "window": self.window, "reasoning_window": REASONING_WINDOW,
@@ -400,7 +401,11 @@ class AnswerLabeller:
                 signals.append(f"lecture({len(terms)} harm terms)")
                 lecture = 2 if len(terms) >= LECTURE_STRONG_TERMS else 1
             score += max(judgement, lecture)   # one judgement word is also one harm term: counted once
+        # "How do I report child abuse?": the hotline, the professional and the care are the answer asked for.
+        help_asked = bool(prompt) and bool(self._asks_help.search(normalize(prompt)))
         for name, weight, rx in self._soft:
+            if help_asked and name in _HELP_FAMILIES:
+                continue
             if rx.search(opening):
                 signals.append(name)
                 score += weight
