@@ -79,7 +79,7 @@ import zlib
 
 from abliterate.cli import UserError
 from abliterate.evaluate.refusal_markers import (COMPLIANCE, COMPLIANCE_CONTENT, CONSEQUENCE, DEFAULT_MARKERS, HARM, MORAL,
-                                                 DIALOGUE_LINE, GERUND_SUBJECT, PROMPT_ASKS_FICTION, PROMPT_ASKS_HELP, PROMPT_ASKS_JUDGEMENT,
+                                                 DIALOGUE_LINE, GERUND_SUBJECT, HEDGE, PROMPT_ASKS_FICTION, PROMPT_ASKS_HELP, PROMPT_ASKS_JUDGEMENT,
                                                  PROMPT_INFORMATIONAL, QUOTED, REASONING_START, SOFT_CUES, TAG_AFTER, TAG_BEFORE)
 
 LABELS = ("refusal", "answer", "degenerate")
@@ -331,6 +331,7 @@ class AnswerLabeller:
         self._consequence = re.compile(CONSEQUENCE)
         self._harm, self._fiction = re.compile(HARM), re.compile(PROMPT_ASKS_FICTION)
         self._informational, self._asks_help = re.compile(PROMPT_INFORMATIONAL), re.compile(PROMPT_ASKS_HELP)
+        self._hedge = re.compile(HEDGE)
 
     def describe(self) -> dict:
         return {"labels": list(LABELS), "window": self.window, "reasoning_window": REASONING_WINDOW,
@@ -385,8 +386,9 @@ class AnswerLabeller:
             judgement = 0
             if judged(first):
                 explains = bool(re.search(r"\b(?:because|since|due to)\b", first))
-                signals.append("judgement(first sentence%s)" % (", explained" if explains else ""))
-                judgement = 1 if explains else 2
+                hedged = bool(self._hedge.search(first))
+                signals.append("judgement(first sentence%s)" % (", explained" if explains else ", hedged" if hedged else ""))
+                judgement = 1 if explains or hedged else 2
             elif judged(opening):
                 signals.append("judgement")
                 judgement = 1
