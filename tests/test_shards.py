@@ -78,7 +78,7 @@ def test_streaming_equals_in_memory_reference(tiny_model, meas, tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "llama"])
-@pytest.mark.parametrize("method", ["conventional", "norm_preserving"])
+@pytest.mark.parametrize("method", ["conventional", "norm_preserving", "row_normalized"])
 def test_streaming_fractional_and_per_role_scales_equal_reference(tiny_model, meas, tmp_path, arch, method):
     model = tiny_model(arch, **ARCHS[arch])
     plan, summary = _ablate(tmp_path, model, meas, method=method, projected=True, ablate=[

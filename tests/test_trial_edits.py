@@ -20,7 +20,7 @@ from tests.ablate_helpers import mxfp4_folder, tiny_gemma2_folder, write_measure
 # order (fused in-memory experts [E, H, I] vs per-expert tensors on disk): observed 0 to 6e-8.
 LOGITS_ATOL = 1e-5
 
-# Five different trials: fractional indices, per-role scales, projected or not, conventional or norm_preserving,
+# Six different trials: fractional indices, per-role scales, projected or not, each method,
 # sparsity, invert, the embeddings, roles switched off.
 VARIANTS = {
     "fractional_scales": {"ablate": [
@@ -35,6 +35,9 @@ VARIANTS = {
     "norm_preserving_roles": {"method": "norm_preserving", "roles": {"biases": False, "router": False},
                               "ablate": [{"layer": 0, "measurement": 2, "scales": {"attention_output": 0}},
                                          {"layer": 1, "measurement": 0.9, "scale": -0.5}]},
+    "row_normalized_projected": {"method": "row_normalized", "projected": True, "ablate": [
+        {"layer": 0, "measurement": 1.5, "scales": {"attention_output": 1.2, "mlp_output": 0.5, "router": 0.5}},
+        {"layer": 1, "measurement": 2, "scale": 0.9}]},
     "conventional_sparse": {"ablate": [{"layer": 0, "measurement": 1, "sparsity": 0.25, "scale": 1.3},
                                        {"layer": 1, "measurement": 1.1, "sparsity": 0.25}]},
 }

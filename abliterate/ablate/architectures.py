@@ -36,7 +36,7 @@ from abliterate.naming import outside_language_model
 ROLE_GROUPS = ("attention_output", "mlp_output", "biases", "router", "embeddings")
 # How an edit treats each hidden-space vector (abliterate.ablate.edits); here, beside the roles, so that the plan
 # can validate it without importing torch.
-METHODS = ("conventional", "norm_preserving")
+METHODS = ("conventional", "norm_preserving", "row_normalized")
 KINDS = ("writes", "bias", "reads", "mxfp4_writes")
 
 

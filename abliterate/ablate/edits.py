@@ -72,6 +72,19 @@ def edit_tensor(
         out = torch.empty_like(tensor)
     elif out.shape != tensor.shape or out.dtype != tensor.dtype or out.device != tensor.device:
         raise ValueError(f"{role.key}: out must match the tensor's shape, dtype and device")
+    if method == "row_normalized":
+        method = _row_normalized_rule(role.kind)
+        if method == "row_normalized":
+            from abliterate.ablate.row_norm_edits import row_normalized_writer
+
+            r = _checked_unit(r, tensor.shape[role.hidden_axis], role.key)
+            if role.expert_axis is None or tensor.dim() == 2:
+                return row_normalized_writer(tensor, role.hidden_axis, r, scale, out=out)
+            sliced = role.for_expert_slice()  # fused experts: each expert's rows on their own
+            for e in range(tensor.shape[role.expert_axis]):
+                row_normalized_writer(tensor.select(role.expert_axis, e), sliced.hidden_axis, r, scale,
+                                      out=out.select(role.expert_axis, e))
+            return out
     compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     r = _checked_unit(r, tensor.shape[role.hidden_axis], role.key).to(device=tensor.device, dtype=compute)
     block = CPU_BLOCK_ELEMENTS if tensor.device.type == "cpu" else None
@@ -93,6 +106,21 @@ def edit_tensor(
         _edit_rows(rows, r, scale, method)
         rows_out.copy_(rows)
     return out
+
+
+def _row_normalized_rule(kind: str) -> str:
+    """What method row_normalized means for a tensor kind (abliterate.ablate.row_norm_edits): writers are edited with
+    their rows normalised; a bias (one vector, no rows) conventionally; a reader's rows keep their norm."""
+    return {"writes": "row_normalized", "bias": "conventional", "reads": "norm_preserving"}[kind]
+
+
+def column_edit(r: torch.Tensor, columns: int, scale: float = 1.0, method: str = "conventional"):
+    """The two-pass band edit of an [H, N] writer for `method` (ColumnEdit, or RowNormColumnEdit)."""
+    if method == "row_normalized":
+        from abliterate.ablate.row_norm_edits import RowNormColumnEdit
+
+        return RowNormColumnEdit(_checked_unit(r, r.numel(), "column_edit"), columns, scale)
+    return ColumnEdit(r, columns, scale, method)
 
 
 CPU_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of float32 per block: stays in cache between convert, edit and convert back

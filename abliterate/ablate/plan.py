@@ -5,7 +5,7 @@ The format, every key with its default and meaning, is documented in docs/plan.m
     model: FOLDER-OR-HUB-ID
     measurements: meas.safetensors
     output: out-folder
-    scale: 1.0  method: conventional|norm_preserving  projected: false  invert: false
+    scale: 1.0  method: conventional|norm_preserving|row_normalized  projected: false  invert: false
     roles: {attention_output, mlp_output, biases, router, embeddings}
     embeddings_measurement: null
     requantize_mxfp4: false
@@ -181,6 +181,12 @@ def parse_plan(data: Any, source: str, base_dir: Path) -> Plan:
             f"{source}: roles.embeddings is true but embeddings_measurement is not set; "
             "give the measurement index whose direction embed_tokens loses"
         )
+
+    if method == "row_normalized" and roles["embeddings"]:
+        # An embedding table's rows (one per hidden unit) span the whole vocabulary: the edit would need every
+        # band of a large table three times over. The peer whose method this is never edits embeddings either.
+        raise UserError(f"{source}: method row_normalized does not edit embeddings; set roles.embeddings: false "
+                        "or use method conventional or norm_preserving")
 
     raw = data["ablate"]
     if not isinstance(raw, list) or not raw:

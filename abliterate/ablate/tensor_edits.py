@@ -106,7 +106,7 @@ def _make_edit(role, direction, scale: float, method: str, device, norm_weight=N
     # What streaming a large tensor in bands needs (abliterate.ablate.shard_writer): its hidden axis and, for [H, N]
     # writers, a two-pass column edit.
     edit.hidden_axis = role.hidden_axis
-    edit.column_edit = lambda columns: edits.ColumnEdit(r.to(device), columns, scale, method)
+    edit.column_edit = lambda columns: edits.column_edit(r.to(device), columns, scale, method)
     return edit
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from abliterate.ablate.architectures import classify
-from abliterate.ablate.edits import ColumnEdit, direction_through_norm, edit_tensor
+from abliterate.ablate.edits import column_edit as make_column_edit, direction_through_norm, edit_tensor
 from abliterate.ablate.plan import check_plan_shapes, prepared_directions
 from abliterate.ablate.tensor_edits import check_every_layer_edited, edit_target, role_name
 from abliterate.cli import UserError
@@ -254,7 +254,7 @@ def edit_in_place(value: torch.Tensor, role, r: torch.Tensor, scale: float, meth
             for band in bands:
                 edit_tensor(band, role, r, scale, method, out=band)
         else:  # columns are: a first pass gathers each column's component along r, a second edits the bands
-            column_edit = ColumnEdit(r.to(value.device), value.shape[1], scale, method)
+            column_edit = make_column_edit(r.to(value.device), value.shape[1], scale, method)
             for i, band in enumerate(bands):
                 column_edit.accumulate(band, i * step)
             for i, band in enumerate(bands):
