@@ -87,7 +87,7 @@ class FixedTrial:
 
 def test_fractional_index_and_per_role_weights_survive_the_plan_file(tmp_path):
     space = make_space(8, 9, ("attention_output", "mlp_output", "router"), suggestion(4, 1, 6))
-    values = {"direction_index": 4.37, "projected": False, "method": "norm_preserving"}
+    values = {"direction_index": 4.37, "direction_scope": "global", "projected": False, "method": "norm_preserving"}
     for g, (peak, pos, floor, width) in {"attention_output": (0.8, 0.5, 0.2, 0.4), "mlp_output": (1.3, 0.7, 0.5, 0.3),
                                          "router": (0.6, 0.6, 1.0, 0.2)}.items():
         values.update({f"{g}.peak": peak, f"{g}.position": pos, f"{g}.floor": floor, f"{g}.width": width})
@@ -100,6 +100,21 @@ def test_fractional_index_and_per_role_weights_survive_the_plan_file(tmp_path):
     assert any(s["router"] == 0.0 for s in by_layer.values())  # the router window is narrower
     again = parse_plan(plan_to_dict(plan), "round trip", tmp_path)
     assert again == plan
+
+
+def test_per_layer_scope_gives_each_layer_its_own_output_direction(tmp_path):
+    space = make_space(8, 9, ("attention_output", "mlp_output"), suggestion(4, 1, 6))
+    values = {"direction_index": 4.37, "direction_scope": "per_layer", "projected": True, "method": "row_normalized"}
+    for g in ("attention_output", "mlp_output"):
+        values.update({f"{g}.peak": 1.2, f"{g}.position": 0.8, f"{g}.floor": 0.5, f"{g}.width": 0.6})
+    plan = params_to_plan(suggest_parameters(FixedTrial(values), space), space, ctx(tmp_path))
+    assert plan.method == "row_normalized" and plan.projected
+    assert [e.measurement for e in plan.ablate] == [e.layer + 1 for e in plan.ablate] and len(plan.ablate) > 3
+    assert parse_plan(plan_to_dict(plan), "round trip", tmp_path) == plan
+    # a point from before the scope existed means one global index
+    del values["direction_scope"]
+    old = params_to_plan(dict(values), space, ctx(tmp_path))
+    assert {e.measurement for e in old.ablate} == {4.37}
 
 
 def test_a_window_between_layers_gives_no_plan(tmp_path):

@@ -15,7 +15,10 @@ Parameters (Optuna names in quotes; every one has a fixed range, so a study is r
   with p = position * (L-1) and d = width * L. Outside the window a layer is not edited at all (a floor of 0
   at the edge makes the kernel a triangle, a floor of 1 a flat band). Weights below MIN_WEIGHT are dropped; a
   layer where every group drops is left out of the plan.
-- "projected" (false/true) and "method" (conventional/norm_preserving), plan-wide. A model whose weights are
+- "direction_scope": "global" (every edited layer removes the direction of "direction_index") or "per_layer"
+  (layer n removes the direction measured at its own output, index n + 1: the peer's per-layer mode; the
+  sampled index is then unused, kept so that TPE sees a fixed set of parameters).
+- "projected" (false/true) and "method" (conventional/norm_preserving/row_normalized), plan-wide. A model whose weights are
   edited through hooks (bitsandbytes --quant, MXFP4 experts kept quantized: abliterate.search.trial_hooks) can
   take only the conventional method; its space holds that one.
 
@@ -43,6 +46,7 @@ FLOOR_RANGE = (0.0, 1.0)  # x peak
 WIDTH_RANGE = (0.1, 0.7)  # x L
 INDEX_MARGIN = 0.10  # the candidate band is widened by max(1, this x L) indices on each side
 DIGITS = 3
+DIRECTION_SCOPES = ("global", "per_layer")
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ def suggest_parameters(trial, space: SearchSpace) -> dict:
     params["direction_index"] = trial.suggest_float("direction_index", lo, hi) if hi > lo else lo
     for name, (a, b) in sorted(space.ranges.items()):
         params[name] = trial.suggest_float(name, a, b)
+    params["direction_scope"] = trial.suggest_categorical("direction_scope", list(DIRECTION_SCOPES))
     params["projected"] = trial.suggest_categorical("projected", [False, True])
     params["method"] = trial.suggest_categorical("method", list(space.methods))
     return params
@@ -138,12 +143,15 @@ def params_to_plan(params: dict, space: SearchSpace, ctx: PlanContext, source: s
     if index == int(index):
         index = int(index)
     weights = {g: layer_weights(params, g, space.num_layers) for g in space.groups}
+    # Seeds and studies from before the scope existed hold no "direction_scope": they meant one global index.
+    per_layer = params.get("direction_scope", "global") == "per_layer"
     entries = []
     for layer in range(space.num_layers):
         scales = {g: weights[g][layer] for g in space.groups}
         if not any(scales.values()):
             continue
-        entries.append(AblateEntry(layer=layer, measurement=index, scale=1.0, scales=scales))
+        entries.append(AblateEntry(layer=layer, measurement=layer + 1 if per_layer else index, scale=1.0,
+                                   scales=scales))
     if not entries:
         return None
     roles = dict(ROLE_DEFAULTS)
@@ -174,6 +182,7 @@ def seed_parameters(space: SearchSpace, suggestion, clip: bool = True) -> list[t
         for g in space.groups:
             peak, pos, floor, wid = kernel or (1.0, position, 1.0, width)
             p.update({f"{g}.peak": peak, f"{g}.position": pos, f"{g}.floor": floor, f"{g}.width": wid})
+        p["direction_scope"] = "global"
         p["projected"] = projected
         p["method"] = method
         return {name: (round(v, 6) if isinstance(v, float) else v) for name, v in p.items()}
