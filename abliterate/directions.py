@@ -105,7 +105,6 @@ def interpolate_units(u0: torch.Tensor, u1: torch.Tensor, fraction: float) -> to
 
 # --- direction sets: k orthonormal directions removed at once -----------------------------------------------------
 
-SOURCES = ("mean", "clusters", "pca")
 KMEANS_SEED = 0  # clusters are seeded so that a plan's set, and the folder it gives, reproduce bit for bit
 KMEANS_ITERATIONS = 100
 INDEPENDENCE = 1e-6  # a candidate whose part orthogonal to the set is below this fraction of its norm adds nothing

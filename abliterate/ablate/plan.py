@@ -46,6 +46,7 @@ TOP_KEYS = (
 )
 ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "scales", "position", "directions")
 DIRECTIONS_KEYS = ("source", "k")
+DIRECTION_SOURCES = ("mean", "clusters", "pca")  # see DirectionSet; parsing a plan imports no tensor library
 MAX_SET = 64  # directions one set may remove: far past any useful k, it keeps a typo like k: 3000 from running
 # Role groups an entry's `scales` may name. Biases take their writer's (TensorRole.scale_group); the embeddings
 # are not in a decoder layer and keep the plan-wide rule.
@@ -513,16 +514,14 @@ def _position(v: Any, where: str, source: str) -> int:
 
 def _directions(raw: Any, where: str, source: str) -> DirectionSet | None:
     """`{source: mean|clusters|pca, k: N}`; a k = 1 set is the mean difference (its source named "mean")."""
-    from abliterate.directions import SOURCES
-
     if raw is None:
         return None
     if not isinstance(raw, dict):
         raise UserError(f"{source}: {where} must be a mapping like {{source: pca, k: 3}}, got {raw!r}")
     _check_keys(raw, DIRECTIONS_KEYS, source, f"{where}.")
     src = raw.get("source", "mean")
-    if src not in SOURCES:
-        raise UserError(f"{source}: {where}.source = {src!r} is not known; use one of {', '.join(SOURCES)}")
+    if src not in DIRECTION_SOURCES:
+        raise UserError(f"{source}: {where}.source = {src!r} is not known; use one of {', '.join(DIRECTION_SOURCES)}")
     k = _int(raw.get("k", 1), f"{where}.k", source)
     if not 1 <= k <= MAX_SET:
         raise UserError(f"{source}: {where}.k = {k} must be between 1 and {MAX_SET}")
