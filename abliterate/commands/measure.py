@@ -1,7 +1,9 @@
 """measure: per-layer refusal directions of a chat model from one hooked forward pass per batch.
 
 Reads harmful and harmless prompts, renders each as a one-turn chat (generation prompt appended), records the
-residual stream at the last prompt token after every decoder layer, and writes a measurement file
+residual stream at the last prompt tokens (the chat template's post-instruction tokens, --positions) after every
+decoder layer, keeps every prompt's activation there (--keep-activations, for direction sets), and writes a
+measurement file
 (safetensors + JSON metadata, or the peer tool's .pt layout) for analyze.py and sharded_ablate.py.
 """
 

@@ -10,7 +10,8 @@ edited module's result without touching the weight:
 - a reader G (router; input in hidden space) edited to G' = G - s (G r) r^T: G'x = G(x - s r (r . x)).
 
 u is the plan's direction (through the post-sublayer norm's gain where the architecture has one, as
-edits.direction_through_norm gives it), computed in float32 on the output's device. The norm-preserving method
+edits.through_norm gives it), computed in float32 on the output's device. A direction set U [k, H] (orthonormal
+rows) is the same formula with u (u . y) read as U^T (U y): y - U^T (s (U y) + (s_b - s) (U b)). The norm-preserving method
 rescales every weight column by its own norm, which no hook on the output can reproduce: a trial of that method
 on a hooked module is refused with one line (the search then searches the conventional method only).
 
