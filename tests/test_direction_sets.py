@@ -307,6 +307,11 @@ def test_old_files_load_and_plans_asking_for_more_are_one_line(tiny_model, tmp_p
         (tmp_path / "p.yml").write_text(json.dumps(data))
         code, out, err = run_cli(main, [tmp_path / "p.yml"])
         assert code == 2, err
-        errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1 and message in errors[0], err  # one line (beside the progress bar of the copy)
-        assert not (tmp_path / "out").exists()
+        lines = err.strip().splitlines()  # checked from the file's header, before any byte is copied
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    # the same plans, past the header check (a loaded Measurements, as the search's trials use it), say the same
+    with pytest.raises(UserError, match="position -2 is not in the measurement file"):
+        prepared_directions(_plan(folder, old, tmp_path / "o", position=-2), m)
+    with pytest.raises(UserError, match=r"no per-prompt activations \(harmful_acts\)"):
+        prepared_directions(_plan(folder, old, tmp_path / "o", directions={"source": "clusters", "k": 2}), m)

@@ -352,6 +352,21 @@ def check_plan_shapes(plan: Plan, num_indices: int, measured_hidden: int, num_la
             )
 
 
+def check_plan_contents(plan: Plan, positions: list[int], has_activations: bool) -> None:
+    """The plan asks only for token positions the measurement file holds, and for direction sets only when it keeps
+    per-prompt activations (measurement_file.measurement_contents gives both from the header)."""
+    from abliterate.measure.measurement_file import activations_error, position_error
+
+    wanted = [(f"ablate[{i}]", plan.entry_position(e), plan.entry_directions(e)) for i, e in enumerate(plan.ablate)]
+    if plan.roles.get("embeddings") and plan.embeddings_measurement is not None:
+        wanted.append(("embeddings_measurement", plan.position, plan.directions))
+    for where, position, spec in wanted:
+        if position not in positions:
+            raise position_error(f"{plan.source}: {where}", position, positions)
+        if spec is not None and spec.k > 1 and not has_activations:
+            raise activations_error(f"{plan.source}: {where}")
+
+
 @dataclass(frozen=True)
 class PreparedDirection:
     measurement: int | float

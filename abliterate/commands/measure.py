@@ -181,13 +181,22 @@ def _summary(m, info, out: Path, total_seconds: float) -> None:
     print(f"best       index {k} (output of decoder layer {k - 1}): Cohen's d {score:.2f} along its direction "
           "at the last token")
     kept = m.metadata.get("activations_dtype")
-    print(f"positions  {m.positions[0]}..-1 kept ({len(m.positions)}); per-prompt activations "
-          f"{'kept as ' + kept if kept else 'not kept'}; file {out.stat().st_size / 2**20:.1f} MiB")
+    if out.suffix.lower() == ".pt":
+        print(f"positions  {m.positions[0]}..-1 measured; the .pt layout keeps the last token (-1) only and no "
+              f"per-prompt activations; file {_size(out)}")
+    else:
+        print(f"positions  {m.positions[0]}..-1 kept ({len(m.positions)}); per-prompt activations "
+              f"{'kept as ' + kept if kept else 'not kept'}; file {_size(out)}")
     print(f"wrote      {out} ({m.num_indices} indices: {LAYER_CONVENTION.split(';')[0]}; index "
           f"{m.num_indices - 1} = last layer before the final norm)")
     if out.suffix.lower() == ".pt":
         print(f"           .pt layout: harmful_N/harmless_N/refuse_N for N in 0..{m.num_indices - 2} are our "
               f"indices N (input of decoder layer N); index {m.num_indices - 1} only under abliterate_* keys")
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def main(argv=None) -> int:

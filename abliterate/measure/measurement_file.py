@@ -67,6 +67,7 @@ POSITION_TENSORS = (
     "harmless_proj_by_position",
 )
 ACTIVATION_TENSORS = ("harmful_acts", "harmless_acts")
+ACTS_CACHE_SLICES = 16  # slices of *_acts kept after reading (gpt-oss-20b, 500 prompts: 2.9 MB each)
 
 
 @dataclass
@@ -89,6 +90,8 @@ class Measurements:
     harmless_acts: torch.Tensor | None = None
     acts_file: str | None = None  # the file holding *_acts, read one slice at a time
     acts_in_file: tuple = ()  # which of ACTIVATION_TENSORS that file holds
+    # the last few slices read from acts_file (stored dtype): a search's trials ask for the same ones again
+    _acts_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_indices(self) -> int:
@@ -126,10 +129,7 @@ class Measurements:
         if position == -1:
             return None
         if position not in self.positions:
-            lead = f"{where}: " if where else ""
-            held = ", ".join(str(p) for p in self.positions)
-            raise UserError(f"{lead}position {position} is not in the measurement file (it holds position(s) {held}); "
-                            "re-measure with measure.py --positions N to keep the last N positions")
+            raise position_error(where, position, self.positions)
         return self.positions.index(position)
 
     def harmful_mean_at(self, position: int = -1, where: str | None = None) -> torch.Tensor:
@@ -162,13 +162,17 @@ class Measurements:
         if held is not None:
             return held[row, index].to(torch.float64)
         if self.acts_file is not None and name in self.acts_in_file:
-            from safetensors import safe_open
+            key = (name, row, index)
+            if key not in self._acts_cache:
+                from safetensors import safe_open
 
-            with safe_open(self.acts_file, framework="pt") as f:
-                return f.get_slice(name)[row, index].to(torch.float64)
-        lead = f"{where}: " if where else ""
-        raise UserError(f"{lead}the measurement file has no per-prompt activations ({name}), which direction sets "
-                        "need; re-measure with measure.py (it keeps them unless --keep-activations none)")
+                with safe_open(self.acts_file, framework="pt") as f:
+                    piece = f.get_slice(name)[row, index]
+                while len(self._acts_cache) >= ACTS_CACHE_SLICES:
+                    self._acts_cache.pop(next(iter(self._acts_cache)))
+                self._acts_cache[key] = piece
+            return self._acts_cache[key].to(torch.float64)
+        raise activations_error(where, name)
 
     def has_activations(self, kind: str = "harmful") -> bool:
         return getattr(self, f"{kind}_acts") is not None or f"{kind}_acts" in self.acts_in_file
@@ -204,6 +208,31 @@ class Measurements:
                                     "(metadata 'positions'); the file is inconsistent, re-measure")
                 if not torch.isfinite(t).all():
                     raise UserError(f"{source}: tensor {name} has NaN or inf values; re-measure (try --dtype float32)")
+
+
+def position_error(where: str | None, position: int, held: list[int]) -> UserError:
+    lead = f"{where}: " if where else ""
+    listed = ", ".join(str(p) for p in held)
+    return UserError(f"{lead}position {position} is not in the measurement file (it holds position(s) {listed}); "
+                     "re-measure with measure.py --positions N to keep the last N positions")
+
+
+def activations_error(where: str | None, name: str = "harmful_acts") -> UserError:
+    lead = f"{where}: " if where else ""
+    return UserError(f"{lead}the measurement file has no per-prompt activations ({name}), which direction sets "
+                     "need; re-measure with measure.py (it keeps them unless --keep-activations none)")
+
+
+def measurement_contents(path: str | Path) -> tuple[list[int], bool] | None:
+    """(positions held, per-prompt activations held?) of a measurement file from its header alone (no tensor
+    library), so a plan asking for more fails before anything is written; None when the header cannot tell."""
+    header = _our_header(path)
+    meta = measurement_metadata(path)
+    if header is None or meta is None:
+        return None
+    names = header.by_name()
+    positions = [int(p) for p in meta.get("positions") or []] if "harmful_mean_by_position" in names else [-1]
+    return positions, all(n in names for n in ACTIVATION_TENSORS)
 
 
 def save_measurements(m: Measurements, path: str | Path) -> None:
