@@ -120,3 +120,24 @@ def test_bad_positions_are_one_line(tiny_model, prompt_files, tmp_path, run_cli,
     errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and message in errors[0], err
     assert not out.exists()
+
+
+def test_auto_keeps_float16_while_it_fits_else_bfloat16():
+    from abliterate.measure.statistics import ClassStats, finish_measurements
+
+    def stats(scale):
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for n in (3, 4):
+            s = ClassStats(num_indices=2, hidden=8, n_prompts=n, positions=2)
+            s.add(scale * torch.randn(2, n, 2, 8, generator=g, dtype=torch.float64), list(range(n)))
+            out.append(s)
+        return out
+
+    small = finish_measurements(*stats(1.0), projected=False, clip=None)
+    assert small.harmful_acts.dtype == torch.float16 and small.metadata["activations_dtype"] == "float16"
+    big = finish_measurements(*stats(1e5), projected=False, clip=None)  # past float16's 65504
+    assert big.harmless_acts.dtype == torch.bfloat16 and big.metadata["activations_dtype"] == "bfloat16"
+    assert torch.isfinite(big.harmful_acts.float()).all()
+    none = finish_measurements(*stats(1.0), projected=False, clip=None, keep="none")
+    assert none.harmful_acts is None and none.metadata["activations_dtype"] is None

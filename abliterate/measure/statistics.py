@@ -99,7 +99,8 @@ def finish_measurements(harmful: ClassStats, harmless: ClassStats, projected: bo
     harmful_proj, harmless_proj = harmful.projections(unit_dirs), harmless.projections(unit_dirs)
     harmful_sq, harmless_sq = harmful.sq_norm_total / harmful.count, harmless.sq_norm_total / harmless.count
     if keep == "auto":  # one dtype for both classes
-        big = max(float(harmful.buffer.abs().max()), float(harmless.buffer.abs().max()))
+        # max and -min rather than abs().max(): no copy of a buffer that may be gigabytes
+        big = max(max(float(b.max()), -float(b.min())) for b in (harmful.buffer, harmless.buffer))
         keep = "float16" if big <= FLOAT16_MAX else "bfloat16"
     harmful_acts, harmless_acts = harmful.kept(keep), harmless.kept(keep)
     p = harmful.positions
