@@ -33,6 +33,24 @@ def write_measurements(path: Path, layers: int, hidden: int, seed: int = 0, zero
     return path
 
 
+def write_set_measurements(path: Path, layers: int, hidden: int, n: int = 24, positions: int = 3,
+                           seed: int = 0) -> Path:
+    """A measurement file as measure.py writes it since token positions and direction sets: positions -P..-1,
+    per-prompt activations (float16) with a few clusters of harmful prompts, so sets of up to ~4 directions
+    are well defined at every index and position."""
+    from tests.analysis_fixtures import measurements_with_positions
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (positions, layers + 1, n, hidden)
+    harmless = torch.randn(shape, generator=g, dtype=torch.float64) + torch.randn(hidden, generator=g,
+                                                                                   dtype=torch.float64)
+    centres = 3.0 * torch.randn(positions, layers + 1, 4, hidden, generator=g, dtype=torch.float64)
+    harmful = torch.randn(shape, generator=g, dtype=torch.float64) + centres[:, :, torch.arange(n) % 4]
+    harmful, harmless = harmful.half().double(), harmless.half().double()  # the values the file keeps, exactly
+    save_measurements(measurements_with_positions(harmful, harmless, torch.float16), path)
+    return path
+
+
 def write_plan(path: Path, model, measurements, output, layers=(0, 1), measurement=1, **extra) -> Path:
     plan = {"model": str(model), "measurements": str(measurements), "output": str(output),
             "ablate": [{"layer": i, "measurement": measurement} for i in layers]}
@@ -57,7 +75,7 @@ def load_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def reference_ablation(state: dict, model_type: str, hidden: int, plan, directions, measurements=None) -> dict:
     """The plan applied in memory by tests.reference_ablation.ablate_state_dict (no streaming), to compare with.
 
-    Integer measurement indices take their direction from `directions` (plan.prepared_directions). Fractional
+    Integer measurement indices take their direction (or set) from `directions` (plan.prepared_directions). Fractional
     ones k + f need `measurements`: their direction is worked out here, unit((1 - f) u_k + f u_{k+1}) of the two
     neighbours prepared by directions.prepare_direction, independently of prepared_directions."""
     from tests.reference_ablation import ablate_state_dict
@@ -70,7 +88,7 @@ def reference_ablation(state: dict, model_type: str, hidden: int, plan, directio
         scales={n: e.scale * plan.scale * (-1 if plan.invert else 1) for n, e in entries.items()},
         roles={group for group, on in plan.roles.items() if on},
         method=plan.method,
-        embeddings_r=directions[(plan.embeddings_measurement, 1.0)].unit if embeddings else None,
+        embeddings_r=directions[plan.embeddings_key()].vectors if embeddings else None,
         embeddings_scale=plan.scale * (-1 if plan.invert else 1),
         role_scales={n: dict(e.scales) for n, e in entries.items() if e.scales},
     )
@@ -81,8 +99,8 @@ def _reference_direction(plan, entry, directions, measurements) -> torch.Tensor:
 
     k = int(entry.measurement // 1)
     f = entry.measurement - k
-    if f == 0:
-        return directions[(entry.measurement, entry.sparsity)].unit
+    if f == 0:  # the unit direction, or a direction set's rows
+        return directions[plan.direction_key(entry)].vectors
     if measurements is None:
         raise ValueError("a fractional measurement index needs the measurements for the reference direction")
     u0, u1 = (prepare_direction(measurements.directions[i], measurements.harmless_mean[i], plan.projected,

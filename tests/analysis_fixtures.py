@@ -69,3 +69,38 @@ def shifted_measurements(shift: float, projected_file: bool = False) -> Measurem
                         harmful_sq_norm=(mu_h**2).sum(-1) + 1, harmless_sq_norm=(mu_l**2).sum(-1) + 1,
                         harmful_proj=proj_h.float(), harmless_proj=proj_l.float(),
                         metadata={"model": "org/shift", "projected": projected_file})
+
+
+def measurements_with_positions(harmful: torch.Tensor, harmless: torch.Tensor, keep=torch.float16,
+                                metadata=None) -> Measurements:
+    """What measure.py writes since token positions, from activations [P, L+1, N, H] per class (positions -P..-1):
+    position -1 in today's tensors, every position in the *_by_position ones, the activations kept in `keep`."""
+    p = harmful.shape[0]
+    per = [measurements_from_activations(harmful[i], harmless[i]) for i in range(p)]
+    m = per[-1]
+    for name in ("harmful_mean", "harmless_mean", "harmful_sq_norm", "harmless_sq_norm", "harmful_proj",
+                 "harmless_proj"):
+        setattr(m, f"{name}_by_position", torch.stack([getattr(x, name) for x in per]))
+    m.harmful_acts, m.harmless_acts = harmful.to(keep), harmless.to(keep)
+    m.metadata = dict(metadata or {"model": "org/tiny-planted"}, positions=list(range(-p, 0)),
+                      activations_dtype=str(keep).replace("torch.", ""))
+    return m
+
+
+def two_refusals(num_layers=4, hidden=16, n=40, positions=3, seed=0):
+    """Activations [P, L+1, N, H] whose harmful prompts refuse along two directions, half the prompts each (two
+    clusters), strongest at position -2 and index 2; position -1 separates along the same two, more weakly."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))
+    a, b = basis[:, 0], basis[:, 1]
+    harmful = 0.3 * torch.randn(positions, num_layers + 1, n, hidden, generator=g, dtype=torch.float64)
+    harmless = 0.3 * torch.randn(positions, num_layers + 1, n, hidden, generator=g, dtype=torch.float64)
+    harmless += 2.0 * basis[:, 5]
+    harmful += 2.0 * basis[:, 5]
+    for pos in range(positions):
+        strength = {positions - 2: 4.0, positions - 1: 2.0}.get(pos, 0.5)
+        for k in range(1, num_layers + 1):
+            s = strength * (1.5 if k == 2 else 1.0)
+            harmful[pos, k, 0::2] += s * a
+            harmful[pos, k, 1::2] += s * b
+    return harmful, harmless

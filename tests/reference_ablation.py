@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from abliterate.ablate.architectures import ROLE_GROUPS, TensorRole, classify
-from abliterate.ablate.edits import direction_through_norm, edit_tensor
+from abliterate.ablate.edits import edit_tensor, through_norm
 
 
 def plan_edits(
@@ -51,7 +51,8 @@ def ablate_state_dict(
 ) -> dict[str, torch.Tensor]:
     """A new state dict (on-disk keys) with every classified tensor of the planned layers edited.
 
-    directions: decoder layer -> unit r (float64 or float32); scales: decoder layer -> s (missing = 1.0).
+    directions: decoder layer -> unit r (float64 or float32), or a direction set [k, H] with orthonormal rows
+    (removed at once: v <- v - s U^T (U v)); scales: decoder layer -> s (missing = 1.0).
     roles: the enabled ROLE_GROUPS; the embedding table is edited along `embeddings_r` only when "embeddings"
     is in roles and embeddings_r is given. role_scales: decoder layer -> {group: multiplier} (a plan entry's
     `scales`): a tensor's s is multiplied by the entry for its writer's group (a bias takes the group of the writer
@@ -75,6 +76,38 @@ def ablate_state_dict(
         if role.post_norm is not None:
             if role.post_norm not in state_dict:
                 raise ValueError(f"{key}: its post-sublayer norm {role.post_norm} is not in the state dict")
-            r = direction_through_norm(r, state_dict[role.post_norm], role.post_norm_offset)
+            r = through_norm(r, state_dict[role.post_norm], role.post_norm_offset)
         out[key] = edit_tensor(state_dict[key], role, r, s, method)
     return out
+
+
+def _remove_span(out: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:
+    """out - s U^T (U out) in float32 (u: one direction [H] or a set [k, H])."""
+    x = out.float()
+    uu = u.to(device=x.device, dtype=torch.float32)
+    uu = uu.unsqueeze(0) if uu.dim() == 1 else uu
+    return (x - s * (x @ uu.T) @ uu).to(out.dtype)
+
+
+def add_removal_hooks(model, directions: dict, scales: dict, emb=None, emb_scale: float = 1.0) -> list:
+    """Inference-time ablation, the property the weight edits must reproduce: the span of each layer's direction
+    (set) removed, scaled, from every writer's output (embedding, attention output with its bias, the whole MLP
+    or MoE block) while the model runs. Returns the hook handles."""
+
+    def hook_for(u, s):
+        def hook(mod, inp, out):
+            if isinstance(out, tuple):
+                return (_remove_span(out[0], u, s),) + tuple(out[1:])
+            return _remove_span(out, u, s)
+
+        return hook
+
+    handles = []
+    if emb is not None:
+        handles.append(model.model.embed_tokens.register_forward_hook(hook_for(emb, emb_scale)))
+    for i, layer in enumerate(model.model.layers):
+        if i in directions:
+            h = hook_for(directions[i], scales.get(i, 1.0))
+            handles.append(layer.self_attn.o_proj.register_forward_hook(h))
+            handles.append(layer.mlp.register_forward_hook(h))
+    return handles

@@ -194,7 +194,7 @@ def test_chart_marks_the_chosen_index_in_every_panel():
     fig = build_figure(a, chosen=13, band=(10, 20))
     assert tuple(int(v) for v in fig.get_size_inches() * fig.dpi) == PIXELS
     panels = [ax for ax in fig.axes if ax.get_title()]  # twin axes carry no title
-    assert len(panels) == 6
+    assert len(panels) == 8  # six metric panels, then positions and the separation left (not in this file here)
     for ax in panels:
         verticals = [ln for ln in ax.get_lines() if list(ln.get_xdata()) == [13, 13]]
         assert verticals, ax.get_title()

@@ -44,7 +44,8 @@ def check_plan(path: Path, num_layers: int, hidden_size: int) -> dict:
     """The plan schema (plan_schema.md) checked by hand: yaml.safe_load plus field-by-field checks."""
     plan = yaml.safe_load(path.read_text())
     assert set(plan) <= {"model", "measurements", "output", "scale", "method", "projected", "invert", "roles",
-                         "embeddings_measurement", "ablate"}
+                         "embeddings_measurement", "ablate", "position"}
+    assert plan.get("position", -1) < 0  # a token position counted from the prompt's end
     assert {"model", "measurements", "output", "ablate"} <= set(plan)
     assert isinstance(plan["model"], str) and plan["model"]
     assert Path(plan["measurements"]).is_absolute() and Path(plan["measurements"]).is_file()

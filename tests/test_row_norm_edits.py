@@ -100,3 +100,12 @@ def test_plan_refuses_row_normalized_embeddings(tmp_path):
         parse_plan(data, "plan.yml", tmp_path)
     data["roles"] = {"embeddings": False}
     assert parse_plan(data, "plan.yml", tmp_path).method == "row_normalized"
+
+
+def test_plan_refuses_row_normalized_with_a_direction_set(tmp_path):
+    data = {"model": "org/m", "measurements": "m.safetensors", "output": "out", "method": "row_normalized",
+            "directions": {"source": "pca", "k": 2}, "ablate": [{"layer": 0, "measurement": 1}]}
+    with pytest.raises(UserError, match=r"method row_normalized removes one direction per layer; a direction set"):
+        parse_plan(data, "plan.yml", tmp_path)
+    data["directions"] = {"source": "pca", "k": 1}  # k = 1 is the default, one direction
+    assert parse_plan(data, "plan.yml", tmp_path).directions is None

@@ -49,7 +49,8 @@ def edit_tensor(
 ) -> torch.Tensor:
     """A new tensor (same shape, dtype, device) with every hidden-space vector orthogonalized against r.
 
-    `r` is a unit vector of length hidden_size. Works on a whole fused tensor or on one expert's slice
+    `r` is a unit vector of length hidden_size, or a direction set [k, hidden_size] with orthonormal rows U (the
+    span is removed at once: v <- v - s U^T (U v), see `_edit_rows`). Works on a whole fused tensor or on one expert's slice
     (pass `role.for_expert_slice()` for tensor[e]). The input tensor is never modified. `out` (same shape,
     dtype and device as `tensor`) receives the result instead of a new tensor, so a caller can reuse buffers; it
     may be `tensor` itself, an edit in place (every block is read before it is written back; the trial editor in
@@ -158,10 +159,13 @@ def _row_blocks(src: torch.Tensor, dst: torch.Tensor, block: int | None):
 
 
 def _edit_rows(rows: torch.Tensor, r: torch.Tensor, scale: float, method: str) -> None:
-    """In place on rows [n, H]: the module docstring's formula for each row."""
+    """In place on rows [n, H]: the module docstring's formula for each row (for a set U [k, H]: v - s U^T (U v))."""
     if method == "norm_preserving":
         norms = torch.linalg.vector_norm(rows, dim=-1)
-    rows.addr_(rows @ r, r, alpha=-scale)  # v <- v - s (v . r) r, without a full-size temporary
+    if r.dim() == 2:
+        rows.addmm_(rows @ r.T, r, alpha=-scale)  # a direction set: the whole span at once
+    else:
+        rows.addr_(rows @ r, r, alpha=-scale)  # v <- v - s (v . r) r, without a full-size temporary
     if method == "norm_preserving":
         new_norms = torch.linalg.vector_norm(rows, dim=-1)
         rows.mul_(_restoring_factor(norms, new_norms, rows.shape[-1], rows.dtype).unsqueeze(-1))
@@ -186,9 +190,10 @@ class ColumnEdit:
     def __init__(self, r: torch.Tensor, columns: int, scale: float = 1.0, method: str = "conventional"):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.r = _checked_unit(r, r.numel(), "ColumnEdit").to(torch.float64)
+        self.r = _checked_unit(r, r.shape[-1], "ColumnEdit").to(torch.float64)
         self.scale, self.method = scale, method
-        self.coeff = torch.zeros(columns, dtype=torch.float64, device=r.device)
+        # a direction set [k, H] keeps one coefficient row per direction
+        self.coeff = torch.zeros(r.shape[:-1] + (columns,), dtype=torch.float64, device=r.device)
         self.sq = torch.zeros(columns, dtype=torch.float64, device=r.device) if method == "norm_preserving" else None
         self._factor = None
 
@@ -201,7 +206,7 @@ class ColumnEdit:
 
     def accumulate(self, band: torch.Tensor, row0: int) -> None:
         x = self._copy(band, torch.float64)
-        self.coeff += self.r[row0:row0 + x.shape[0]].to(x.device) @ x
+        self.coeff += self.r[..., row0:row0 + x.shape[0]].to(x.device) @ x
         if self.sq is not None:
             self.sq += x.square_().sum(0)
 
@@ -209,8 +214,11 @@ class ColumnEdit:
         """The edited band in the band's dtype: in `out` when given, else a new tensor."""
         compute = torch.float64 if band.dtype == torch.float64 else torch.float32
         x = self._copy(band, compute)
-        r = self.r[row0:row0 + x.shape[0]].to(device=x.device, dtype=compute)
-        x.addr_(r, self.coeff.to(device=x.device, dtype=compute), alpha=-self.scale)
+        r = self.r[..., row0:row0 + x.shape[0]].to(device=x.device, dtype=compute)
+        if r.dim() == 2:
+            x.addmm_(r.T, self.coeff.to(device=x.device, dtype=compute), alpha=-self.scale)
+        else:
+            x.addr_(r, self.coeff.to(device=x.device, dtype=compute), alpha=-self.scale)
         if self.method == "norm_preserving":
             x.mul_(self.factor().to(device=x.device, dtype=compute))
         if out is None:
@@ -220,11 +228,13 @@ class ColumnEdit:
 
     def factor(self) -> torch.Tensor:
         """norm_preserving: |v| / |v'| per column, with |v'|^2 = |v|^2 - (2s - s^2) (v . r)^2 since r is a unit
-        vector; 0 where v' is rounding noise (the rule of edit_tensor, at the float32 the bands are edited in)."""
+        vector (|c|^2 summed over the rows of a set, which are orthonormal); 0 where v' is rounding noise (the rule
+        of edit_tensor, at the float32 the bands are edited in)."""
         if self._factor is None:
             s, c, sq = self.scale, self.coeff, self.sq
-            new_sq = (sq - (2 * s - s * s) * c * c).clamp_min(0.0)
-            self._factor = _restoring_factor(sq.sqrt(), new_sq.sqrt(), self.r.numel(), torch.float32)
+            c2 = (c * c).sum(0) if c.dim() == 2 else c * c
+            new_sq = (sq - (2 * s - s * s) * c2).clamp_min(0.0)
+            self._factor = _restoring_factor(sq.sqrt(), new_sq.sqrt(), self.r.shape[-1], torch.float32)
         return self._factor
 
 
@@ -242,7 +252,32 @@ def direction_through_norm(r: torch.Tensor, norm_weight: torch.Tensor, offset: f
     return u / n
 
 
+def set_through_norm(basis: torch.Tensor, norm_weight: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """The orthonormal set [k, H] to remove from a writer behind a gain-carrying RMSNorm, for a set `basis` [k, H]:
+    U^T (g * x) = 0 exactly when x has no component in the span of the rows g * u_i, so that span, orthonormalised
+    (Gram-Schmidt, float64; the first row is direction_through_norm of the first direction)."""
+    from abliterate.directions import orthonormal_rows
+
+    gain = norm_weight.to(torch.float64) + offset
+    return orthonormal_rows(gain * basis.to(device=gain.device, dtype=torch.float64))
+
+
+def through_norm(r: torch.Tensor, norm_weight: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """direction_through_norm for one direction [H], set_through_norm for a set [k, H]."""
+    if r.dim() == 2:
+        return set_through_norm(r, norm_weight, offset)
+    return direction_through_norm(r, norm_weight, offset)
+
+
 def _checked_unit(r: torch.Tensor, hidden: int, key: str) -> torch.Tensor:
+    if r.dim() == 2:  # a direction set: orthonormal rows
+        if r.shape[1] != hidden:
+            raise ValueError(f"{key}: direction set has shape {list(r.shape)}, expected [k, {hidden}]")
+        r64 = r.to(torch.float64)
+        err = float((r64 @ r64.T - torch.eye(r.shape[0], dtype=torch.float64, device=r.device)).abs().max())
+        if not math.isfinite(err) or err > 1e-3:
+            raise ValueError(f"{key}: direction set rows must be orthonormal (largest error {err:g})")
+        return r
     if r.dim() != 1 or r.numel() != hidden:
         raise ValueError(f"{key}: direction has shape {list(r.shape)}, expected [{hidden}] (the hidden size)")
     norm = float(torch.linalg.vector_norm(r.to(torch.float64)))

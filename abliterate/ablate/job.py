@@ -32,9 +32,10 @@ from abliterate.ablate.preflight import (check_device_name, check_free_space, ch
 from abliterate.ablate.resume import MARKER_DIR, clean_partial, seal_shard, shard_done, shard_key, sync_file
 from abliterate.ablate.tensor_edits import bind_edits, keeps_layout, plan_tensor_edits
 from abliterate.ablate.warnings import directions_projected, emit, measurement_warnings, plan_warnings
-from abliterate.measure.measurement_file import load_measurements, measurement_metadata, measurement_shape
+from abliterate.measure.measurement_file import (load_measurements, measurement_contents, measurement_metadata,
+                                                 measurement_shape)
 from abliterate.ablate.model_folder import INDEX_NAME, ModelFolder, open_model_folder, resolve_model_path
-from abliterate.ablate.plan import Plan, check_plan_against, check_plan_shapes
+from abliterate.ablate.plan import Plan, check_plan_against, check_plan_contents, check_plan_shapes
 from abliterate.ablate.record import RECORD_NAME, build_record, file_sha256, model_card, record_bytes
 from abliterate.ablate.safetensors_io import POSITIONAL_IO, copy_range, layout_unchanged, write_safetensors
 
@@ -76,6 +77,9 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     shape = measurement_shape(plan.measurements)
     if shape is not None:
         check_plan_shapes(plan, *shape, folder.num_layers, folder.hidden_size)
+    contents = measurement_contents(plan.measurements)
+    if contents is not None:  # token positions and direction sets the file cannot give: before any byte is copied
+        check_plan_contents(plan, *contents)
     check_device_name(device)
     work = plan_tensor_edits(folder, plan)
     header_meta = measurement_metadata(plan.measurements)

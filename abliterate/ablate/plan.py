@@ -9,7 +9,10 @@ The format, every key with its default and meaning, is documented in docs/plan.m
     roles: {attention_output, mlp_output, biases, router, embeddings}
     embeddings_measurement: null
     requantize_mxfp4: false
-    ablate: [{layer, measurement, scale: 1.0, sparsity: 1.0, scales: {attention_output, mlp_output, router}}, ...]
+    position: -1                              # token position the directions come from (-1: the last token)
+    directions: {source: mean, k: 1}          # a direction set: mean | clusters | pca, k directions at once
+    ablate: [{layer, measurement, scale: 1.0, sparsity: 1.0, scales: {attention_output, mlp_output, router},
+              position, directions}, ...]    # position / directions per entry override the plan's
 
 Relative paths are resolved against the folder holding the plan file. Model-dependent checks (layer ranges,
 hidden size, usable directions) live in `check_plan_against`, run once the model's config and the measurement
@@ -39,12 +42,32 @@ ROLE_DEFAULTS = {
 }
 TOP_KEYS = (
     "model", "measurements", "output", "scale", "method", "projected", "invert", "roles",
-    "embeddings_measurement", "requantize_mxfp4", "ablate",
+    "embeddings_measurement", "requantize_mxfp4", "ablate", "position", "directions",
 )
-ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "scales")
+ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "scales", "position", "directions")
+DIRECTIONS_KEYS = ("source", "k")
+DIRECTION_SOURCES = ("mean", "clusters", "pca")  # see DirectionSet; parsing a plan imports no tensor library
+MAX_SET = 64  # directions one set may remove: far past any useful k, it keeps a typo like k: 3000 from running
 # Role groups an entry's `scales` may name. Biases take their writer's (TensorRole.scale_group); the embeddings
 # are not in a decoder layer and keep the plan-wide rule.
 SCALE_GROUPS = ("attention_output", "mlp_output", "router")
+
+
+@dataclass(frozen=True)
+class DirectionSet:
+    """`directions: {source, k}`: which k orthonormal directions an edit removes (abliterate.directions).
+
+    mean: the class mean difference (k = 1 only; today's direction). clusters: the means of k k-means clusters of the
+    harmful activations minus the harmless mean. pca: the mean difference, then the top k - 1 principal axes of the
+    harmful activations about the harmless mean, orthogonal to it. Every set starts with the mean difference, so
+    k = 1 is the mean difference whatever the source; parsing turns any k = 1 into None (the default), which
+    keeps such plans, their records and their folders byte-identical to plans without the key."""
+
+    source: str
+    k: int
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "k": self.k}
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,8 @@ class AblateEntry:
     scale: float = 1.0
     sparsity: float = 1.0  # fraction of the direction's components kept, top by magnitude
     scales: dict | None = None  # role group (SCALE_GROUPS) -> multiplier of this entry's scale; None: all 1
+    position: int | None = None  # token position of its direction (-1 last); None: the plan's
+    directions: DirectionSet | None = None  # its direction set; None: the plan's
 
     def group_scale(self, group: str | None) -> float:
         """The per-role multiplier for tensors of `group` (a TensorRole.scale_group): 1.0 unless `scales` says."""
@@ -66,6 +91,10 @@ class AblateEntry:
         d = {"layer": self.layer, "measurement": self.measurement, "scale": self.scale, "sparsity": self.sparsity}
         if self.scales is not None:
             d["scales"] = dict(self.scales)
+        if self.position is not None:
+            d["position"] = self.position
+        if self.directions is not None:
+            d["directions"] = self.directions.to_dict()
         return d
 
 
@@ -82,7 +111,25 @@ class Plan:
     roles: dict = field(default_factory=lambda: dict(ROLE_DEFAULTS))
     embeddings_measurement: int | None = None
     requantize_mxfp4: bool = False
+    position: int = -1  # token position the directions are taken at (measurement file `positions`)
+    directions: DirectionSet | None = None  # None: the mean difference alone (k = 1)
     source: str = field(default="plan", compare=False)  # where it came from, for messages
+
+    def entry_position(self, entry: AblateEntry) -> int:
+        return self.position if entry.position is None else entry.position
+
+    def entry_directions(self, entry: AblateEntry) -> DirectionSet | None:
+        return self.directions if entry.directions is None else entry.directions
+
+    def direction_key(self, entry: AblateEntry) -> tuple:
+        """The key of `prepared_directions` for this entry: (measurement, sparsity) for the mean difference at the
+        last position (today's key, so every existing caller and record keeps it), else (measurement, sparsity,
+        position, source, k)."""
+        return _key(entry.measurement, entry.sparsity, self.entry_position(entry), self.entry_directions(entry))
+
+    def embeddings_key(self) -> tuple:
+        """The key of the embeddings' direction: the plan-wide position and set, full (sparsity 1)."""
+        return _key(self.embeddings_measurement, 1.0, self.position, self.directions)
 
     def effective_scale(self, entry: AblateEntry, group: str | None = None) -> float:
         """entry.scale * entry.scales[group] * scale * (-1 if invert): the s in W <- W - s r (r . W) for a tensor
@@ -101,7 +148,23 @@ class Plan:
         d["measurements"] = str(self.measurements)
         d["output"] = str(self.output)
         d["ablate"] = [e.to_dict() for e in self.ablate]
+        # the defaults stay out, so a plan without them keeps its record (and resume key) byte for byte
+        if self.position == -1:
+            d.pop("position")
+        if self.directions is None:
+            d.pop("directions")
+        else:
+            d["directions"] = self.directions.to_dict()
         return d
+
+
+def _key(measurement, sparsity: float, position: int, directions: DirectionSet | None) -> tuple:
+    if directions is not None and directions.k == 1:  # every source's first direction is the mean difference
+        directions = None
+    if position == -1 and directions is None:
+        return (measurement, sparsity)
+    spec = directions or DirectionSet("mean", 1)
+    return (measurement, sparsity, position, spec.source, spec.k)
 
 
 def plan_to_dict(plan: Plan) -> dict:
@@ -115,12 +178,20 @@ def plan_to_dict(plan: Plan) -> dict:
     if plan.embeddings_measurement is not None:
         d["embeddings_measurement"] = int(plan.embeddings_measurement)
     d["requantize_mxfp4"] = bool(plan.requantize_mxfp4)
+    if plan.position != -1:
+        d["position"] = int(plan.position)
+    if plan.directions is not None:
+        d["directions"] = plan.directions.to_dict()
     entries = []
     for e in plan.ablate:
         m = e.measurement if isinstance(e.measurement, int) else float(e.measurement)
         item = {"layer": int(e.layer), "measurement": m, "scale": float(e.scale), "sparsity": float(e.sparsity)}
         if e.scales is not None:
             item["scales"] = {k: float(v) for k, v in e.scales.items()}
+        if e.position is not None:
+            item["position"] = int(e.position)
+        if e.directions is not None:
+            item["directions"] = e.directions.to_dict()
         entries.append(item)
     d["ablate"] = entries
     return d
@@ -187,6 +258,10 @@ def parse_plan(data: Any, source: str, base_dir: Path) -> Plan:
         # band of a large table three times over. The peer whose method this is never edits embeddings either.
         raise UserError(f"{source}: method row_normalized does not edit embeddings; set roles.embeddings: false "
                         "or use method conventional or norm_preserving")
+    position = _position(data.get("position", -1), "position", source)
+    directions = _directions(data.get("directions"), "directions", source)
+    if directions is not None and directions.k == 1:
+        directions = None  # the default: the plan, its record and its folder are today's
 
     raw = data["ablate"]
     if not isinstance(raw, list) or not raw:
@@ -217,11 +292,18 @@ def parse_plan(data: Any, source: str, base_dir: Path) -> Plan:
         sparsity = _number(item, "sparsity", source, 1.0, prefix=f"{where}.")
         if not 0.0 < sparsity <= 1.0:
             raise UserError(f"{source}: {where}.sparsity = {sparsity} is outside (0, 1]; 1.0 keeps every component")
-        entries.append(AblateEntry(layer, meas, entry_scale, sparsity, _scales(item, source, where)))
+        entry_position = item.get("position")
+        if entry_position is not None:
+            entry_position = _position(entry_position, f"{where}.position", source)
+        entries.append(AblateEntry(layer, meas, entry_scale, sparsity, _scales(item, source, where), entry_position,
+                                   _directions(item.get("directions"), f"{where}.directions", source)))
 
+    if method == "row_normalized" and (directions is not None or any(e.directions is not None for e in entries)):
+        raise UserError(f"{source}: method row_normalized removes one direction per layer; a direction set "
+                        "(directions with k > 1) needs method conventional or norm_preserving")
     return Plan(model=model, measurements=measurements, output=output, ablate=tuple(entries), scale=scale,
                 method=method, projected=projected, invert=invert, roles=roles, embeddings_measurement=emb_meas,
-                requantize_mxfp4=requantize, source=source)
+                requantize_mxfp4=requantize, position=position, directions=directions, source=source)
 
 
 def apply_overrides(plan: Plan, output: str | None = None, invert: bool = False, normpreserve: bool = False,
@@ -278,58 +360,85 @@ def check_plan_shapes(plan: Plan, num_indices: int, measured_hidden: int, num_la
             )
 
 
+def check_plan_contents(plan: Plan, positions: list[int], has_activations: bool) -> None:
+    """The plan asks only for token positions the measurement file holds, and for direction sets only when it keeps
+    per-prompt activations (measurement_file.measurement_contents gives both from the header)."""
+    from abliterate.measure.measurement_file import activations_error, position_error
+
+    wanted = [(f"ablate[{i}]", plan.entry_position(e), plan.entry_directions(e)) for i, e in enumerate(plan.ablate)]
+    if plan.roles.get("embeddings") and plan.embeddings_measurement is not None:
+        wanted.append(("embeddings_measurement", plan.position, plan.directions))
+    for where, position, spec in wanted:
+        if position not in positions:
+            raise position_error(f"{plan.source}: {where}", position, positions)
+        if spec is not None and spec.k > 1 and not has_activations:
+            raise activations_error(f"{plan.source}: {where}")
+
+
 @dataclass(frozen=True)
 class PreparedDirection:
     measurement: int | float
     sparsity: float
-    unit: Any  # torch float64 [H], unit length
+    unit: Any  # torch float64 [H], unit length: the first (for the mean difference, the only) direction removed
     raw_norm: float  # |direction| as measured, before projection, sparsity and normalisation (fractional: interpolated)
-    sha256: str  # hash of the unit direction's float64 bytes
+    sha256: str  # hash of the unit direction's float64 bytes (of the whole set's, for a set)
+    basis: Any = None  # a direction set: torch float64 [k, H], orthonormal rows, row 0 == unit; None for one direction
+    position: int = -1
+
+    @property
+    def vectors(self):
+        """What an edit removes: the unit direction [H], or the set's rows [k, H]."""
+        return self.unit if self.basis is None else self.basis
 
 
-def prepared_directions(plan: Plan, measurements) -> dict[tuple[int | float, float], PreparedDirection]:
-    """The unit direction of every (measurement index, sparsity) the plan uses, prepared once each.
+def prepared_directions(plan: Plan, measurements) -> dict[tuple, PreparedDirection]:
+    """The direction (or set) of every key `Plan.direction_key` gives for the plan's entries, prepared once each.
 
     A fractional index k + f (0 < f < 1) gives unit((1 - f) u_k + f u_{k+1}), where u_k and u_{k+1} are the two
     neighbours prepared exactly as an integer index is (projected if the plan says so, sparsified, normalised):
     sparsity applies to each neighbour before interpolating, so the direction moves continuously with f between
     the two directions the integer plans remove (top-k after interpolating would jump as the kept set changes).
-    Its raw_norm is (1 - f) |d_k| + f |d_{k+1}|. An index with f == 0 is exactly index k.
+    Its raw_norm is (1 - f) |d_k| + f |d_{k+1}|. An index with f == 0 is exactly index k. Directions come from
+    the key's token position (-1: the measurement file's harmful_mean / harmless_mean, today's tensors). A set
+    (k > 1) starts with that same unit direction and adds k - 1 from its source (abliterate.ablate.direction_sets).
     """
     import hashlib
 
+    from abliterate.ablate.direction_sets import prepared_set
     from abliterate.directions import DegenerateDirectionError, interpolate_units, prepare_direction
 
-    wanted: list[tuple[int | float, float, str]] = [
-        (e.measurement, e.sparsity, f"ablate[{i}].measurement = {e.measurement}") for i, e in enumerate(plan.ablate)
-    ]
+    wanted = [(plan.direction_key(e), e.measurement, e.sparsity, plan.entry_position(e), plan.entry_directions(e),
+               f"ablate[{i}].measurement = {e.measurement}") for i, e in enumerate(plan.ablate)]
     if plan.roles.get("embeddings") and plan.embeddings_measurement is not None:
-        wanted.append((plan.embeddings_measurement, 1.0, f"embeddings_measurement = {plan.embeddings_measurement}"))
-    integral: dict[tuple[int, float], tuple[Any, float]] = {}  # (index, sparsity) -> (unit, raw norm)
+        wanted.append((plan.embeddings_key(), plan.embeddings_measurement, 1.0, plan.position, plan.directions,
+                       f"embeddings_measurement = {plan.embeddings_measurement}"))
+    integral: dict[tuple, tuple[Any, float]] = {}  # (index, sparsity, position) -> (unit, raw norm)
 
-    def at(index: int, sparsity: float, where: str):
-        if (index, sparsity) not in integral:
-            raw = measurements.direction(index)
+    def at(index: int, sparsity: float, position: int, where: str):
+        if (index, sparsity, position) not in integral:
+            raw = measurements.direction(index, position, where=f"{plan.source}: {where}")
+            harmless = measurements.harmless_mean_at(position)[index]
             try:
-                u = prepare_direction(raw, measurements.harmless_mean[index], plan.projected, sparsity)
+                u = prepare_direction(raw, harmless, plan.projected, sparsity)
             except DegenerateDirectionError as exc:
+                at_position = f" at position {position}" if position != -1 else ""
                 raise UserError(
-                    f"{plan.source}: {where}: the direction at measurement index {index} in {plan.measurements} "
-                    f"is unusable ({exc}); choose another index or re-measure"
+                    f"{plan.source}: {where}: the direction at measurement index {index}{at_position} in "
+                    f"{plan.measurements} is unusable ({exc}); choose another index or re-measure"
                 ) from None
             norm = float(raw.norm()) if bool(raw.isfinite().all()) else math.nan
-            integral[(index, sparsity)] = (u, norm)
-        return integral[(index, sparsity)]
+            integral[(index, sparsity, position)] = (u, norm)
+        return integral[(index, sparsity, position)]
 
-    out: dict[tuple[int | float, float], PreparedDirection] = {}
-    for index, sparsity, where in wanted:
-        if (index, sparsity) in out:
+    out: dict[tuple, PreparedDirection] = {}
+    for key, index, sparsity, position, spec, where in wanted:
+        if key in out:
             continue
         k = math.floor(index)
         f = index - k
-        u, norm = at(k, sparsity, where)
+        u, norm = at(k, sparsity, position, where)
         if f > 0:
-            u1, norm1 = at(k + 1, sparsity, where)
+            u1, norm1 = at(k + 1, sparsity, position, where)
             try:
                 u = interpolate_units(u, u1, f)
             except DegenerateDirectionError as exc:
@@ -338,8 +447,12 @@ def prepared_directions(plan: Plan, measurements) -> dict[tuple[int | float, flo
                     f"fraction {f:g} ({exc}); choose another index"
                 ) from None
             norm = (1.0 - f) * norm + f * norm1
-        digest = hashlib.sha256(u.contiguous().numpy().tobytes()).hexdigest()
-        out[(index, sparsity)] = PreparedDirection(index, sparsity, u, norm, digest)
+        basis = None
+        if spec is not None and spec.k > 1:
+            basis = prepared_set(measurements, u, index, position, spec, plan.projected, sparsity,
+                                 f"{plan.source}: {where}")
+        digest = hashlib.sha256((u if basis is None else basis).contiguous().numpy().tobytes()).hexdigest()
+        out[key] = PreparedDirection(index, sparsity, u, norm, digest, basis, position)
     return out
 
 
@@ -411,6 +524,34 @@ def _scales(item: dict, source: str, where: str) -> dict | None:
                         f"got {raw!r}")
     _check_keys(raw, SCALE_GROUPS, source, f"{where}.scales.")
     return {k: _number(raw, k, source, 1.0, prefix=f"{where}.scales.") for k in raw}
+
+
+def _position(v: Any, where: str, source: str) -> int:
+    """A token position counted from the end of the prompt: -1 the last token, -2 the one before, ..."""
+    v = _int(v, where, source)
+    if v >= 0:
+        raise UserError(f"{source}: {where} = {v} must be negative: positions count from the prompt's end (-1 = the "
+                        "last token, -2 the one before; measure.py --positions keeps them)")
+    return v
+
+
+def _directions(raw: Any, where: str, source: str) -> DirectionSet | None:
+    """`{source: mean|clusters|pca, k: N}`; a k = 1 set is the mean difference (its source named "mean")."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: {where} must be a mapping like {{source: pca, k: 3}}, got {raw!r}")
+    _check_keys(raw, DIRECTIONS_KEYS, source, f"{where}.")
+    src = raw.get("source", "mean")
+    if src not in DIRECTION_SOURCES:
+        raise UserError(f"{source}: {where}.source = {src!r} is not known; use one of {', '.join(DIRECTION_SOURCES)}")
+    k = _int(raw.get("k", 1), f"{where}.k", source)
+    if not 1 <= k <= MAX_SET:
+        raise UserError(f"{source}: {where}.k = {k} must be between 1 and {MAX_SET}")
+    if src == "mean" and k != 1:
+        raise UserError(f"{source}: {where}: source mean gives one direction, k = {k} asks for more; use source "
+                        "clusters or pca for a set")
+    return DirectionSet("mean" if k == 1 else src, k)
 
 
 def _int(v: Any, where: str, source: str) -> int:

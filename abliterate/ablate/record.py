@@ -44,13 +44,17 @@ def build_record(plan, model_type: str, measurement_sha: str, directions: dict, 
     or already in the measurement file (measure.py --projected); the plan's own `projected` may say false."""
     entries = []
     for i, e in enumerate(plan.ablate):
-        d = directions[(e.measurement, e.sparsity)]
+        d = directions[plan.direction_key(e)]
         entry = {
             "ablate_index": i, "layer": e.layer, "measurement": e.measurement, "sparsity": e.sparsity,
             "effective_scale": plan.effective_scale(e), "direction_norm": d.raw_norm, "unit_direction_sha256": d.sha256,
         }
         if e.scales is not None:  # only then: records of plans without per-role scales stay as they were
             entry["effective_scales"] = {g: plan.effective_scale(e, g) for g in e.scales}
+        if d.position != -1:  # likewise for positions and sets: absent from records of plans without them
+            entry["position"] = d.position
+        if d.basis is not None:
+            entry["directions"] = int(d.basis.shape[0])
         entries.append(entry)
     rec = {
         "format": RECORD_FORMAT,
@@ -65,7 +69,7 @@ def build_record(plan, model_type: str, measurement_sha: str, directions: dict, 
         "versions": versions(),
     }
     if plan.roles.get("embeddings") and plan.embeddings_measurement is not None:
-        d = directions[(plan.embeddings_measurement, 1.0)]
+        d = directions[plan.embeddings_key()]
         rec["embeddings_direction"] = {"measurement": plan.embeddings_measurement, "direction_norm": d.raw_norm,
                                        "unit_direction_sha256": d.sha256}
     if mxfp4:

@@ -33,7 +33,7 @@ class EditTarget:
     """The edit a tensor gets, before any direction is loaded: its role, which prepared direction, the scale."""
 
     role: architectures.TensorRole
-    direction_key: tuple[int | float, float]  # (measurement index, sparsity): a key of plan.prepared_directions
+    direction_key: tuple  # Plan.direction_key: a key of plan.prepared_directions
     scale: float  # the effective scale for this tensor's scale group (Plan.effective_scale)
 
 
@@ -89,11 +89,12 @@ def _make_edit(role, direction, scale: float, method: str, device, norm_weight=N
     `device`; `out` (a buffer on `device`) receives it when given."""
     from abliterate.ablate import edits
 
-    r = direction.unit
+    r = direction.vectors  # the unit direction [H], or a direction set's rows [k, H]
     if norm_weight is not None:
         # The writer's output passes through a gain-carrying RMSNorm before the residual add (Gemma2/3, OLMo2...):
-        # removing r from the residual means removing unit(gain * r) from the writer's output.
-        r = edits.direction_through_norm(r, norm_weight, role.post_norm_offset)
+        # removing r from the residual means removing unit(gain * r) from the writer's output (a set: the span of
+        # gain * u_i, orthonormalised).
+        r = edits.through_norm(r, norm_weight, role.post_norm_offset)
     r = r.to(device=device, dtype=edits_dtype())
     if role.kind == "mxfp4_writes":
         role = architectures.dequantized_role(role)
@@ -186,11 +187,11 @@ def edit_target(role: architectures.TensorRole, layer: int | None, plan, entry_b
     if role.group == "embeddings":
         if plan.embeddings_measurement is None:
             return None
-        return EditTarget(role, (plan.embeddings_measurement, 1.0), plan.scale * (-1.0 if plan.invert else 1.0))
+        return EditTarget(role, plan.embeddings_key(), plan.scale * (-1.0 if plan.invert else 1.0))
     if layer not in entry_by_layer:
         return None
     e = entry_by_layer[layer]
-    return EditTarget(role, (e.measurement, e.sparsity), plan.effective_scale(e, role.scale_group))
+    return EditTarget(role, plan.direction_key(e), plan.effective_scale(e, role.scale_group))
 
 
 def check_every_layer_edited(plan, edited_layers: set, found: dict[int, list[str]], model_type: str) -> None:

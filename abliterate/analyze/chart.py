@@ -1,4 +1,4 @@
-"""The --chart PNG of analyze.py: six panels of per-index metrics, the chosen index marked in each.
+"""The --chart PNG of analyze.py: eight panels of per-index metrics, the chosen index marked in each.
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot, no window, no display needed). The figure has
 a fixed size and dpi and is saved without tight bounding boxes, so the PNG is always FIGSIZE * DPI pixels.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from abliterate.analyze.metrics import Analysis
 
-FIGSIZE = (14.0, 12.0)  # inches
+FIGSIZE = (14.0, 16.0)  # inches
 DPI = 100
 PIXELS = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))  # (width, height) of the PNG
 
@@ -20,27 +20,39 @@ def _unavailable(values: list[float]) -> bool:
     return all(isinstance(v, float) and math.isnan(v) for v in values)
 
 
+def matplotlib_colors(n: int) -> list:
+    """n distinct colours from matplotlib's qualitative tab10 map (cycled past 10)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
 def _finite(values: list[float]) -> list[float]:
     """inf (a separation without noise) cannot be drawn; show it as a gap like NaN."""
     return [v if math.isfinite(v) else math.nan for v in values]
 
 
 def draw_chart(
-    a: Analysis, path: str | Path, chosen: int | None = None, band: tuple[int, int] | None = None, title: str = ""
+    a: Analysis, path: str | Path, chosen: int | None = None, band: tuple[int, int] | None = None, title: str = "",
+    positions: dict | None = None, left: dict | None = None,
 ) -> None:
     """Write the PNG to `path` (format forced to PNG, so a temporary name without .png works)."""
-    build_figure(a, chosen, band, title).savefig(str(path), format="png", dpi=DPI)
+    build_figure(a, chosen, band, title, positions, left).savefig(str(path), format="png", dpi=DPI)
 
 
-def build_figure(a: Analysis, chosen: int | None = None, band: tuple[int, int] | None = None, title: str = ""):
-    """The matplotlib Figure (Agg canvas): `chosen` is a vertical line in every panel, `band` shaded."""
+def build_figure(a: Analysis, chosen: int | None = None, band: tuple[int, int] | None = None, title: str = "",
+                 positions: dict | None = None, left: dict | None = None):
+    """The matplotlib Figure (Agg canvas): `chosen` is a vertical line in every panel, `band` shaded. The last row:
+    AUROC per token position and the separation left after removing 1, 2, 3... directions
+    (abliterate.analyze.residual), "not in this file" where the file lacks them."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(3, 2)
+    axes = fig.subplots(4, 2)
     x = list(range(a.num_indices))
     marker = dict(marker="o", markersize=3, linewidth=1.5)
 
@@ -88,7 +100,17 @@ def build_figure(a: Analysis, chosen: int | None = None, band: tuple[int, int] |
         twin.legend(fontsize=8, loc="lower right")
     panel(axes[2, 1], [(a.rotation_deg, "angle to previous index", "darkorchid")], "degrees",
           "Rotation of the direction between consecutive indices")
+    cmap = matplotlib_colors(max(len(positions or {}), 4))
+    panel(axes[3, 0], [(v["auroc"], f"position {p}", cmap[i]) for i, (p, v) in enumerate(sorted((positions or {}).items()))]
+          or [([math.nan] * a.num_indices, "token positions", "gray")], "AUROC",
+          "Separation at each kept token position (-1 = last prompt token)")
+    rows = (left or {}).get("auroc")
+    series = ([([r[k] for r in rows], f"{k} removed" if k else "before removal (mean difference)", cmap[k])
+               for k in range(len(rows[0]))] if rows else [([math.nan] * a.num_indices, "per-prompt activations",
+                                                             "gray")])
+    where = f" ({left['source']}, position {left['position']})" if left else ""
+    panel(axes[3, 1], series, "held-out AUROC", f"Separation left after removing k directions{where}")
     if title:
         fig.suptitle(title, fontsize=13)
-    fig.subplots_adjust(left=0.06, right=0.95, bottom=0.05, top=0.93, hspace=0.38, wspace=0.22)
+    fig.subplots_adjust(left=0.06, right=0.95, bottom=0.04, top=0.95, hspace=0.38, wspace=0.22)
     return fig

@@ -65,6 +65,33 @@ def format_table(a: Analysis, suggestion: Suggestion | None = None) -> list[str]
     return lines
 
 
+def format_sets_table(positions: dict, left: list[list[float]] | None, left_position: int, source: str) -> list[str]:
+    """AUROC per (index, position) and the held-out separation left after removing k = 0, 1, 2... directions
+    (abliterate.analyze.residual); [] when the file has neither."""
+    if not positions and left is None:
+        return []
+    shown = sorted(positions)[-6:]  # at most 6 positions fit beside the left columns
+    ks = len(left[0]) if left else 0
+    header = "idx " + "".join(f"{p:>7}" for p in shown)
+    if ks:
+        header += "  |" + "".join(f"{'left' + str(k):>7}" for k in range(ks))
+    lines = [header]
+    for k in range(len(left) if left else len(positions[shown[0]]["auroc"])):
+        cells = "".join(_cell(positions[p]["auroc"][k], 7, ".3f") for p in shown)
+        if ks:
+            cells += "  |" + "".join(_cell(v, 7, ".3f") for v in left[k])
+        lines.append(f"{k:>3} {cells}")
+    if shown:
+        lines.append(f"columns {shown[0]}..{shown[-1]}: AUROC along each token position's own direction (-1 = the "
+                     "last prompt token)")
+    if ks:
+        lines.append(f"leftK: held-out AUROC along the next direction ({source} set, position {left_position}) "
+                     f"once K are removed;")
+        lines.append("  0.5 = nothing left; near left0 = one direction is not enough")
+    assert all(len(line) <= TABLE_WIDTH for line in lines), "table layout exceeds its width"
+    return lines
+
+
 def _clean(value):
     """JSON has no NaN/inf: unavailable values become null, infinities the strings 'inf'/'-inf'."""
     if isinstance(value, float):
@@ -79,7 +106,8 @@ def _clean(value):
     return value
 
 
-def analysis_document(a: Analysis, source: str, metadata: dict, suggestion: Suggestion | None) -> dict:
+def analysis_document(a: Analysis, source: str, metadata: dict, suggestion: Suggestion | None,
+                      positions: dict | None = None, left: dict | None = None) -> dict:
     """Every number of the analysis, as a JSON-ready dict (null = not available in the file)."""
     from abliterate.analyze import metrics
 
@@ -95,6 +123,10 @@ def analysis_document(a: Analysis, source: str, metadata: dict, suggestion: Sugg
         "definitions": (metrics.__doc__ or "").split("The suggestion rule")[0].strip(),
         "indices": [{"index": k, **a.row(k)} for k in range(a.num_indices)],
         "suggestion": suggestion.to_dict() if suggestion else None,
+        # {position: {"auroc": [per index], "cohens_d": [...]}}; {} for files without positions
+        "positions": {str(p): v for p, v in (positions or {}).items()},
+        # {"source", "position", "auroc": [index][k]} (analyze.residual); null without per-prompt activations
+        "separation_left": left,
     }
     assert set(METRICS) <= set(doc["indices"][0])
     return _clean(doc)

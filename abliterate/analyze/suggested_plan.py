@@ -75,6 +75,8 @@ def render_plan(model: str, measurements: Path, output: Path, s: Suggestion, a: 
     ]
     if s.projected:
         lines.append("projected: true")
+    if s.position != -1:
+        lines.append(f"position: {s.position}")
     lines += [
         "ablate:",
     ]

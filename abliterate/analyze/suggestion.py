@@ -54,6 +54,7 @@ class Suggestion:
     along: list[float]  # a_j = (d_j . r-hat) / (d_k . r-hat) for j = 0..L (rule 3)
     reasons: list[str]
     projected: bool = False  # rule 5: the plan removes the direction projected against the harmless mean
+    position: int = -1  # rule 6: the token position whose direction separates best at the chosen index
 
     @property
     def layers(self) -> list[int]:
@@ -133,7 +134,33 @@ def suggest(m: Measurements, a: Analysis | None = None) -> Suggestion:
     projected, why = _projection_rule(a.harmless_shift[k], bool(m.metadata.get("projected")))
     if why:
         reasons.append(why)
-    return Suggestion(k, first, last, criterion, band, along, reasons, projected)
+    position, why = _position_rule(m, k)
+    if why:
+        reasons.append(why)
+    return Suggestion(k, first, last, criterion, band, along, reasons, projected, position)
+
+
+def _position_rule(m: Measurements, k: int) -> tuple[int, str]:
+    """Rule 6: at the chosen index, the kept token position with the best AUROC (within AUROC_TOLERANCE: the
+    larger Cohen's d); the last token (-1) unless another beats it by more than TIE_TOLERANCE in d."""
+    from abliterate.analyze.residual import by_position
+
+    table = by_position(m)
+    if len(table) < 2 or -1 not in table:
+        return -1, ""
+    auc = {p: v["auroc"][k] for p, v in table.items() if not math.isnan(v["auroc"][k])}
+    d = {p: v["cohens_d"][k] for p, v in table.items() if not math.isnan(v["cohens_d"][k])}
+    if -1 not in auc or -1 not in d:
+        return -1, ""
+    best_auc = max(auc.values())
+    contenders = [p for p in auc if auc[p] >= best_auc - AUROC_TOLERANCE and p in d]
+    best = max(contenders, key=lambda p: (d[p], p))
+    if best == -1 or d[best] <= d[-1] * (1 + TIE_TOLERANCE) or auc[best] < auc[-1]:
+        return -1, (f"Position: the last prompt token (-1) separates at least as well as the other kept positions "
+                    f"{sorted(p for p in table if p != -1)} at index {k} (AUROC {_fmt(auc[-1])}, d {_fmt(d[-1], '.2f')}).")
+    return best, (f"Position: token {best} from the prompt's end separates better than the last token at index {k} "
+                  f"(AUROC {_fmt(auc[best])} vs {_fmt(auc[-1])}, d {_fmt(d[best], '.2f')} vs {_fmt(d[-1], '.2f')}), "
+                  f"so the plan takes its direction there (position: {best}).")
 
 
 def _projection_rule(shift: float, file_projected: bool) -> tuple[bool, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from abliterate import __version__
 from abliterate.analyze.metrics import analyze
 from abliterate.analyze.suggestion import suggest
-from abliterate.analyze.report import analysis_document, format_table
+from abliterate.analyze.report import analysis_document, format_sets_table, format_table
 from abliterate.cli import UserError, atomic_output_file, check_new_output_file, run_command
 from abliterate.measure.measurement_file import LAYER_CONVENTION, load_measurements
 from abliterate.analyze.suggested_plan import model_reference, plan_paths, render_plan
@@ -25,6 +25,10 @@ One table row per measurement index:
   quality     SNR x purity (legacy files: peerQ, the peer tool's relative estimate)
   AUROC, d    separation of the per-prompt projections on r (needs measure.py's per-prompt statistics)
   rot deg     angle between r at this index and at the previous one
+A second table (files from measure.py with token positions): the AUROC at each kept token position (-P..-1,
+counted from the prompt's end), and leftK: the held-out separation left once K directions are removed (the
+mean difference, then --left-source's), so you see whether one direction is enough (needs the per-prompt
+activations measure.py keeps). Formulas: abliterate/analyze/residual.py.
 "-" marks a number the file cannot give. Formulas: abliterate/analysis.py.
 
 Layer convention: {LAYER_CONVENTION}.
@@ -50,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="FOLDER_OR_HUB_ID",
                    help="the plan's input model (default: the model the measurement file names; "
                         "needed for legacy files, which name none)")
+    p.add_argument("--left-source", choices=("pca", "clusters"), default="pca",
+                   help="the directions after the mean difference in the separation-left columns: principal axes "
+                        "(default) or k-means clusters of the harmful prompts, as a plan's directions: source")
+    p.add_argument("--left-position", type=int, default=-1, metavar="P",
+                   help="token position of the separation-left columns (default -1, the last prompt token)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     return p
 
@@ -91,21 +100,34 @@ def _main(argv=None) -> int:
 
     a = analyze(m)
     s = suggest(m, a)
+    from abliterate.analyze.residual import LEFT_K, by_position, separation_left
+
+    positions = by_position(m)
+    if args.left_position != -1:
+        m.harmful_mean_at(args.left_position, where=f"--left-position {args.left_position}")
+    left_rows = separation_left(m, args.left_position, LEFT_K, args.left_source, progress=True)
+    left = None if left_rows is None else {"source": args.left_source, "position": args.left_position,
+                                           "auroc": left_rows}
     name = m.metadata.get("model") or args.model or "unknown model"
     print(f"{source}: {name}, {a.num_layers} decoder layers, hidden size {a.hidden_size}")
     if a.num_indices == a.num_layers:
         print(f"(legacy file: measurement indices 0..{a.num_layers - 1}; index {a.num_layers} was not measured)")
     print("\n".join(format_table(a, s)))
+    sets_table = format_sets_table(positions, left_rows, args.left_position, args.left_source)
+    if sets_table:
+        print()
+        print("\n".join(sets_table))
 
     written = []
     if "--chart" in outputs:
         from abliterate.analyze.chart import draw_chart
 
         with atomic_output_file(outputs["--chart"]) as tmp:
-            draw_chart(a, tmp, chosen=s.measurement, band=s.band, title=f"{name}: {source.name}")
+            draw_chart(a, tmp, chosen=s.measurement, band=s.band, title=f"{name}: {source.name}",
+                       positions=positions, left=left)
         written.append(outputs["--chart"])
     if "--json" in outputs:
-        doc = analysis_document(a, str(source.resolve()), m.metadata, s)
+        doc = analysis_document(a, str(source.resolve()), m.metadata, s, positions, left)
         with atomic_output_file(outputs["--json"]) as tmp:
             tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
         written.append(outputs["--json"])

@@ -1,7 +1,9 @@
 """measure: per-layer refusal directions of a chat model from one hooked forward pass per batch.
 
 Reads harmful and harmless prompts, renders each as a one-turn chat (generation prompt appended), records the
-residual stream at the last prompt token after every decoder layer, and writes a measurement file
+residual stream at the last prompt tokens (the chat template's post-instruction tokens, --positions) after every
+decoder layer, keeps every prompt's activation there (--keep-activations, for direction sets), and writes a
+measurement file
 (safetensors + JSON metadata, or the peer tool's .pt layout) for analyze.py and sharded_ablate.py.
 """
 
@@ -63,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clip", type=float, default=None, metavar="Q",
                    help="winsorize each activation vector at its Q quantile of absolute values (0 < Q <= 1) "
                         "before averaging, taming massive-activation channels")
+    c.add_argument("--positions", type=int, default=None, metavar="P",
+                   help="keep the last P token positions of every prompt (-P..-1; plans pick one with position:). "
+                        "Default: the chat template's tokens after the user message (end of turn, assistant "
+                        "header), at most 5")
+    c.add_argument("--keep-activations", choices=("auto", "float16", "bfloat16", "none"), default="auto",
+                   help="keep every prompt's activation at every kept position and index in the file, for direction "
+                        "sets (plan key directions: clusters / pca) and analyze's separation-left table; auto "
+                        "(default) = float16 where every value fits, else bfloat16. Size: 2 bytes x P x (L+1) x "
+                        "hidden x prompts (gpt-oss-20b, 1000 prompts, P 5: 720 MB); none keeps only the means")
     c.add_argument("--no-prefix-cache", action="store_true",
                    help="run every prompt's full chat-template text; by default the prefix all prompts share (a "
                         "system preamble) runs once and is reused as a KV cache, after a check on the first batch "
@@ -77,6 +88,8 @@ def _validate_numbers(args) -> None:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.clip is not None and not 0.0 < args.clip <= 1.0:
         raise UserError(f"--clip {args.clip}: must be a quantile in (0, 1], e.g. 0.995")
+    if args.positions is not None and args.positions < 1:
+        raise UserError(f"--positions {args.positions}: must be at least 1 (1 = the last prompt token only)")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: must be at least 1")
     if args.max_length is not None and args.max_length < 2:
@@ -108,8 +121,12 @@ def _main(argv=None) -> int:
 
     model = load_model(model_id, dtype=args.dtype, device=args.device, device_map=args.device_map, quant=args.quant,
                        flash_attn=args.flash_attn, trust_remote_code=args.trust_remote_code, verbose=args.verbose)
+    from abliterate.measure.positions import default_positions
+
+    positions = args.positions or default_positions(tokenizer, harmful_ids + harmless_ids, args.system_prompt)
     options = CaptureOptions(batch_size=args.batch_size, clip=args.clip, projected=args.projected,
-                             verbose=args.verbose, prefix_cache=not args.no_prefix_cache)
+                             verbose=args.verbose, prefix_cache=not args.no_prefix_cache, positions=positions,
+                             keep_activations=args.keep_activations)
     m, info = measure_directions(model, tokenizer, harmful_ids, harmless_ids, options)
 
     import torch
@@ -161,12 +178,25 @@ def _summary(m, info, out: Path, total_seconds: float) -> None:
           f"batch {info['final_batch_size']}")
     print(f"time       {info['seconds']:.1f} s measuring ({n / max(info['seconds'], 1e-9):.1f} prompts/s), "
           f"{total_seconds:.1f} s in all")
-    print(f"best       index {k} (output of decoder layer {k - 1}): Cohen's d {score:.2f} along its direction")
+    print(f"best       index {k} (output of decoder layer {k - 1}): Cohen's d {score:.2f} along its direction "
+          "at the last token")
+    kept = m.metadata.get("activations_dtype")
+    if out.suffix.lower() == ".pt":
+        print(f"positions  {m.positions[0]}..-1 measured; the .pt layout keeps the last token (-1) only and no "
+              f"per-prompt activations; file {_size(out)}")
+    else:
+        print(f"positions  {m.positions[0]}..-1 kept ({len(m.positions)}); per-prompt activations "
+              f"{'kept as ' + kept if kept else 'not kept'}; file {_size(out)}")
     print(f"wrote      {out} ({m.num_indices} indices: {LAYER_CONVENTION.split(';')[0]}; index "
           f"{m.num_indices - 1} = last layer before the final norm)")
     if out.suffix.lower() == ".pt":
         print(f"           .pt layout: harmful_N/harmless_N/refuse_N for N in 0..{m.num_indices - 2} are our "
               f"indices N (input of decoder layer N); index {m.num_indices - 1} only under abliterate_* keys")
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def main(argv=None) -> int:

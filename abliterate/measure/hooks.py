@@ -1,8 +1,10 @@
-"""Forward hooks that keep the residual stream at each row's last prompt token, for every measurement index.
+"""Forward hooks that keep the residual stream at each row's last P prompt tokens, for every measurement index.
 
 A pre-hook on decoder layer 0 takes its input (the embedding output, index 0) and a forward hook on every decoder
-layer takes its output (index k+1 for layer k); each keeps only the last position of each row, so nothing of the
-[B, T, H] activations outlives the batch.
+layer takes its output (index k+1 for layer k); each keeps only the last `positions` positions of each row (the
+chat template's tokens after the user message), so nothing else of the [B, T, H] activations outlives the batch.
+Left-padded batches end every row at the last column; right-padded ones (the shared-prefix cache) say where each
+row ends in `rows`.
 """
 
 from __future__ import annotations
@@ -12,19 +14,22 @@ import torch
 class LastTokenHooks:
     """Context manager: while active, each forward pass fills `self.slices` (L+1 tensors [B, H], on device)."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, positions: int = 1):
         self.layers = layers
+        self.positions = positions
         self.slices: list[torch.Tensor | None] = [None] * (len(layers) + 1)
         self.rows: torch.Tensor | None = None  # each row's last-token position (right padding); None: the last
         self._handles = []
 
     def _keep(self, index: int, hidden: torch.Tensor) -> None:
+        p = self.positions
         if self.rows is None:
             # clone: a view would keep the whole [B, T, H] activation alive until the next batch
-            self.slices[index] = hidden[:, -1, :].detach().clone()
+            self.slices[index] = hidden[:, -p:, :].detach().clone()
         else:
             rows = self.rows.to(hidden.device)  # layers may sit on different devices (device_map)
-            self.slices[index] = hidden[torch.arange(hidden.shape[0], device=hidden.device), rows].detach()
+            cols = rows.unsqueeze(1) + torch.arange(1 - p, 1, device=hidden.device)  # [B, P]: ..., last - 1, last
+            self.slices[index] = hidden[torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1), cols].detach()
 
     def __enter__(self):
         def pre_hook(module, args, kwargs):
@@ -47,7 +52,8 @@ class LastTokenHooks:
         return False
 
     def collect(self) -> torch.Tensor:
-        """The last batch's activations as one CPU float64 tensor [L+1, B, H]; clears the slots."""
+        """The last batch's activations as one CPU float64 tensor [L+1, B, P, H] (P: positions -P..-1 in order);
+        clears the slots."""
         if any(s is None for s in self.slices):
             missing = [i for i, s in enumerate(self.slices) if s is None]
             raise RuntimeError(f"hooks did not fire for measurement indices {missing}")

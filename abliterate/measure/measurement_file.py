@@ -10,6 +10,21 @@ Format (DESIGN.md section 5): one safetensors file. Tensors, all indexed by *mea
     harmful_proj, harmless_proj   [L+1, N] float32   each prompt's projection on index k's unit direction
                                                      (per-prompt statistics for separation scores)
 
+Token positions and per-prompt activations (files from measure.py since direction sets; older files lack them
+and keep working: they hold position -1 only, and plans asking for more get one line saying so). P positions,
+listed in the metadata as "positions" = [-P, ..., -1] (counted from the prompt's end: -1 the last token, the
+harmful_mean / harmless_mean above; the others are the chat template's tokens after the user message):
+
+    harmful_mean_by_position, harmless_mean_by_position   [P, L+1, H] float64
+    harmful_sq_norm_by_position, harmless_sq_norm_by_position [P, L+1] float64
+    harmful_proj_by_position, harmless_proj_by_position   [P, L+1, N] float32  projections on the direction of the
+                                                          same (position, index)
+    harmful_acts, harmless_acts   [P, L+1, N, H] float16 or bfloat16 (metadata "activations_dtype")  every prompt's
+                                  activation, for direction sets (clusters, principal axes) and the separation left
+                                  after removing them. Read lazily, one (position, index) slice at a time. For
+                                  gpt-oss-20b (25 indices, H 2880) with 500 + 500 prompts and 5 positions:
+                                  5 * 25 * 1000 * 2880 * 2 bytes = 720 MB (687 MiB); everything else is under 30 MB.
+
 LAYER CONVENTION: index 0 is the embedding output; index k in 1..L is the residual stream after decoder
 layer k-1 (the input of layer k). Index L is the last decoder layer's output *before* the final norm.
 This is transformers' `hidden_states` numbering, except that its last entry there is after the final norm.
@@ -43,6 +58,16 @@ TENSOR_NAMES = (
     "harmful_proj",
     "harmless_proj",
 )
+POSITION_TENSORS = (
+    "harmful_mean_by_position",
+    "harmless_mean_by_position",
+    "harmful_sq_norm_by_position",
+    "harmless_sq_norm_by_position",
+    "harmful_proj_by_position",
+    "harmless_proj_by_position",
+)
+ACTIVATION_TENSORS = ("harmful_acts", "harmless_acts")
+ACTS_CACHE_SLICES = 16  # slices of *_acts kept after reading (gpt-oss-20b, 500 prompts: 2.9 MB each)
 
 
 @dataclass
@@ -55,6 +80,18 @@ class Measurements:
     harmful_proj: torch.Tensor | None = None  # [L+1, N_harmful]
     harmless_proj: torch.Tensor | None = None  # [L+1, N_harmless]
     metadata: dict = field(default_factory=dict)
+    harmful_mean_by_position: torch.Tensor | None = None  # [P, L+1, H], positions metadata["positions"]
+    harmless_mean_by_position: torch.Tensor | None = None
+    harmful_sq_norm_by_position: torch.Tensor | None = None  # [P, L+1]
+    harmless_sq_norm_by_position: torch.Tensor | None = None
+    harmful_proj_by_position: torch.Tensor | None = None  # [P, L+1, N]
+    harmless_proj_by_position: torch.Tensor | None = None
+    harmful_acts: torch.Tensor | None = None  # [P, L+1, N, H] compact dtype, in memory (a file's are read lazily)
+    harmless_acts: torch.Tensor | None = None
+    acts_file: str | None = None  # the file holding *_acts, read one slice at a time
+    acts_in_file: tuple = ()  # which of ACTIVATION_TENSORS that file holds
+    # the last few slices read from acts_file (stored dtype): a search's trials ask for the same ones again
+    _acts_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_indices(self) -> int:
@@ -69,8 +106,8 @@ class Measurements:
     def hidden_size(self) -> int:
         return int(self.harmful_mean.shape[1])
 
-    def direction(self, index: int) -> torch.Tensor:
-        """The (unnormalised) refusal direction at measurement index `index`, float64."""
+    def direction(self, index: int, position: int = -1, where: str | None = None) -> torch.Tensor:
+        """The (unnormalised) refusal direction at measurement index `index` (and token `position`), float64."""
         if not 0 <= index < self.num_indices:
             raise UserError(
                 f"measurement index {index} is out of range: this file has indices 0..{self.num_indices - 1} "
@@ -78,7 +115,67 @@ class Measurements:
             )
         import torch
 
-        return self.directions[index].to(torch.float64)
+        return self.directions_at(position, where)[index].to(torch.float64)
+
+    @property
+    def positions(self) -> list[int]:
+        """The token positions this file holds, counted from the prompt's end ([-1] for older files)."""
+        if self.harmful_mean_by_position is None:
+            return [-1]
+        return [int(p) for p in self.metadata.get("positions", [])]
+
+    def _position_row(self, position: int, where: str | None) -> int | None:
+        """Row of `position` in the *_by_position tensors; None for -1 (today's tensors). UserError if absent."""
+        if position == -1:
+            return None
+        if position not in self.positions:
+            raise position_error(where, position, self.positions)
+        return self.positions.index(position)
+
+    def harmful_mean_at(self, position: int = -1, where: str | None = None) -> torch.Tensor:
+        row = self._position_row(position, where)
+        return self.harmful_mean if row is None else self.harmful_mean_by_position[row]
+
+    def harmless_mean_at(self, position: int = -1, where: str | None = None) -> torch.Tensor:
+        row = self._position_row(position, where)
+        return self.harmless_mean if row is None else self.harmless_mean_by_position[row]
+
+    def directions_at(self, position: int = -1, where: str | None = None) -> torch.Tensor:
+        """[L+1, H] directions at `position`: the stored tensor at -1, else harmful - harmless mean (projected
+        against the harmless mean when the file was measured --projected, as the stored ones are)."""
+        row = self._position_row(position, where)
+        if row is None:
+            return self.directions
+        from abliterate.directions import difference_of_means, project_out
+
+        d = difference_of_means(self.harmful_mean_by_position[row], self.harmless_mean_by_position[row])
+        return project_out(d, self.harmless_mean_by_position[row]) if self.metadata.get("projected") else d
+
+    def activations(self, kind: str, position: int, index: int, where: str | None = None) -> torch.Tensor:
+        """[N, H] float64: every `kind` ("harmful" / "harmless") prompt's activation at (position, index)."""
+        import torch
+
+        row = self._position_row(position, where)
+        row = len(self.positions) - 1 if row is None else row
+        name = f"{kind}_acts"
+        held = getattr(self, name)
+        if held is not None:
+            return held[row, index].to(torch.float64)
+        if self.acts_file is not None and name in self.acts_in_file:
+            key = (name, row, index)
+            if key not in self._acts_cache:
+                from safetensors import safe_open
+
+                with safe_open(self.acts_file, framework="pt") as f:
+                    piece = f.get_slice(name)[row, index]
+                while len(self._acts_cache) >= ACTS_CACHE_SLICES:
+                    self._acts_cache.pop(next(iter(self._acts_cache)))
+                self._acts_cache[key] = piece
+            return self._acts_cache[key].to(torch.float64)
+        raise activations_error(where, name)
+
+    def has_activations(self, kind: str = "harmful") -> bool:
+        return getattr(self, f"{kind}_acts") is not None or f"{kind}_acts" in self.acts_in_file
 
     def validate(self, source: str = "measurements") -> None:
         """Shapes agree and every number is finite; raise UserError naming the tensor otherwise."""
@@ -101,6 +198,41 @@ class Measurements:
                     f"{source}: tensor {name} has NaN or inf values at measurement indices {bad[:10]}; "
                     "re-measure (try --dtype float32 or --clip)"
                 )
+        if self.harmful_mean_by_position is not None:
+            p = len(self.metadata.get("positions") or [])
+            for name in POSITION_TENSORS:
+                t = getattr(self, name)
+                if t is None or t.dim() < 2 or t.shape[0] != p or t.shape[1] != n:
+                    shape = None if t is None else tuple(t.shape)
+                    raise UserError(f"{source}: tensor {name} has shape {shape}, expected [{p} positions, {n}, ...] "
+                                    "(metadata 'positions'); the file is inconsistent, re-measure")
+                if not torch.isfinite(t).all():
+                    raise UserError(f"{source}: tensor {name} has NaN or inf values; re-measure (try --dtype float32)")
+
+
+def position_error(where: str | None, position: int, held: list[int]) -> UserError:
+    lead = f"{where}: " if where else ""
+    listed = ", ".join(str(p) for p in held)
+    return UserError(f"{lead}position {position} is not in the measurement file (it holds position(s) {listed}); "
+                     "re-measure with measure.py --positions N to keep the last N positions")
+
+
+def activations_error(where: str | None, name: str = "harmful_acts") -> UserError:
+    lead = f"{where}: " if where else ""
+    return UserError(f"{lead}the measurement file has no per-prompt activations ({name}), which direction sets "
+                     "need; re-measure with measure.py (it keeps them unless --keep-activations none)")
+
+
+def measurement_contents(path: str | Path) -> tuple[list[int], bool] | None:
+    """(positions held, per-prompt activations held?) of a measurement file from its header alone (no tensor
+    library), so a plan asking for more fails before anything is written; None when the header cannot tell."""
+    header = _our_header(path)
+    meta = measurement_metadata(path)
+    if header is None or meta is None:
+        return None
+    names = header.by_name()
+    positions = [int(p) for p in meta.get("positions") or []] if "harmful_mean_by_position" in names else [-1]
+    return positions, all(n in names for n in ACTIVATION_TENSORS)
 
 
 def save_measurements(m: Measurements, path: str | Path) -> None:
@@ -108,7 +240,7 @@ def save_measurements(m: Measurements, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {}
-    for name in TENSOR_NAMES:
+    for name in TENSOR_NAMES + POSITION_TENSORS + ACTIVATION_TENSORS:
         t = getattr(m, name)
         if t is not None:
             tensors[name] = t.detach().cpu().contiguous()
@@ -196,7 +328,7 @@ def _load_safetensors(p: Path) -> Measurements:
         with safe_open(str(p), framework="pt") as f:
             meta_raw = (f.metadata() or {}).get("abliterate")
             keys = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in keys if k in TENSOR_NAMES}
+            tensors = {k: f.get_tensor(k) for k in keys if k in TENSOR_NAMES + POSITION_TENSORS}
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
         raise UserError(f"{p}: cannot read it as safetensors ({exc}); the file is truncated or corrupt, re-measure") from None
     if meta_raw is None or "harmful_mean" not in tensors or "harmless_mean" not in tensors:
@@ -210,7 +342,8 @@ def _load_safetensors(p: Path) -> Measurements:
         raise UserError(f"{p}: its 'abliterate' metadata is not valid JSON; the file is corrupt, re-measure") from None
     if "directions" not in tensors:
         tensors["directions"] = tensors["harmful_mean"].double() - tensors["harmless_mean"].double()
-    m = Measurements(metadata=meta, **tensors)
+    acts = tuple(k for k in ACTIVATION_TENSORS if k in keys)
+    m = Measurements(metadata=meta, acts_file=str(p) if acts else None, acts_in_file=acts, **tensors)
     m.validate(str(p))
     return m
 

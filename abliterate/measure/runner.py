@@ -1,19 +1,23 @@
-"""Capture the residual stream at the last prompt token, layer by layer, with forward hooks.
+"""Capture the residual stream at the last prompt tokens, layer by layer, with forward hooks.
 
 One forward pass per batch through the decoder stack (no `generate`, no language-model head, no
 `output_hidden_states` tuple; the only KV cache is that of the chat-template prefix all prompts share, run once,
 see prefix_cache): a pre-hook on decoder layer 0 takes its input (the embedding output, index 0) and a
-forward hook on every decoder layer takes its output (index k+1 for layer k). Each hook keeps only the last
-position of the batch, which is every row's last prompt token because prompts are left-padded. The last index
+forward hook on every decoder layer takes its output (index k+1 for layer k). Each hook keeps only the last P
+positions of each row (`CaptureOptions.positions`, the chat template's tokens after the user message; see
+abliterate.measure.positions): the batch's last P columns when prompts are left-padded, each row's own last P
+tokens when the shared-prefix cache runs them right-padded. The shared prefix is cut short enough that every
+prompt keeps at least P tokens of its own in the batch, so the P positions are always real tokens. The last index
 is therefore the last layer's output *before* the final norm (see measurements.LAYER_CONVENTION).
 
 Statistics, per class (harmful / harmless):
   - float64 running sums of the activations (exact means, whatever the batch order),
   - float64 running sums of squared norms,
-  - a per-prompt buffer of the last-token activations, float32 on CPU, [L+1, N, H], kept only for the run:
-    each prompt's projection on its index's final unit direction needs the direction, which is known only after
-    both classes are done. The buffer is the one thing that grows with the number of prompts; --verbose prints
-    its size (e.g. gpt-oss-20b, 25 indices x 2880 x 4 bytes = 288 KB per prompt). Past SPILL_BYTES (both classes
+  - a per-prompt buffer of the activations, float32 on CPU, [P, L+1, N, H]: each prompt's projection on its
+    index's final unit direction needs the direction, which is known only after both classes are done, and the
+    file keeps the buffer in a compact dtype (--keep-activations). The buffer is the one thing that grows with the
+    number of prompts; --verbose prints its size (e.g. gpt-oss-20b, 5 positions x 25 indices x 2880 x 4 bytes =
+    1.44 MB per prompt). Past SPILL_BYTES (both classes
     together) it lives in a memory-mapped temporary file instead of RAM, deleted when the run ends, so RAM use
     stays flat however many prompts are measured.
 Prompts are sorted by token length (longest first, so a CUDA out-of-memory shows up on the first batch) to cut
@@ -48,6 +52,8 @@ class CaptureOptions:
     verbose: bool = False
     progress: bool = True
     prefix_cache: bool = True  # run the prompts' shared chat-template prefix once (abliterate.measure.prefix_cache)
+    positions: int = 1  # the last P token positions captured (measure.positions.default_positions)
+    keep_activations: str = "auto"  # dtype the file keeps the per-prompt activations in (statistics.KEEP_CHOICES)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -93,7 +99,8 @@ class Runner:
         """Run the prefix every prompt shares once and continue it for each batch (see prefix_cache)."""
         from abliterate.measure import prefix_cache
 
-        n = prefix_cache.shared_prefix_length(token_ids)
+        # every prompt keeps its last P tokens out of the cached prefix: they are the positions the hooks take
+        n = min(prefix_cache.shared_prefix_length(token_ids), min(len(x) for x in token_ids) - self.options.positions)
         if n < prefix_cache.MIN_PREFIX:
             return
         try:
@@ -171,7 +178,7 @@ class Runner:
         bar = tqdm(total=len(order), desc=desc, unit="prompt", file=sys.stderr, disable=not self.options.progress,
                    dynamic_ncols=True)
         start = 0
-        with LastTokenHooks(self.layers) as hooks, bar:  # closing the bar first keeps an error on its own line
+        with LastTokenHooks(self.layers, self.options.positions) as hooks, bar:  # closing the bar first keeps an error on its own line
             while start < len(order):
                 rows = order[start:start + self.batch_size]
                 t0 = time.perf_counter()
@@ -221,29 +228,35 @@ def measure_directions(model, tokenizer, harmful_ids: list[list[int]], harmless_
     runner = Runner(model, tokenizer.pad_token_id, options)
     hidden = int(text_config(model).hidden_size)
     n_total = len(harmful_ids) + len(harmless_ids)
-    buffer_bytes = 4 * runner.num_indices * n_total * hidden
+    p = options.positions
+    shortest = min(len(x) for x in list(harmful_ids) + list(harmless_ids))
+    if not 1 <= p <= shortest:
+        raise UserError(f"--positions {p}: must be between 1 and the shortest rendered prompt's length ({shortest} "
+                        "tokens)")
+    buffer_bytes = 4 * p * runner.num_indices * n_total * hidden
     with contextlib.ExitStack() as stack:
         spill = None
         if buffer_bytes > SPILL_BYTES:
             spill = stack.enter_context(tempfile.TemporaryDirectory(prefix="abliterate-acts-"))
         where = f"memory-mapped in {spill} (deleted at the end)" if spill else "in RAM"
         if spill or options.verbose:
-            print(f"per-prompt activation buffer: {runner.num_indices} indices x {n_total} prompts x {hidden} float32 "
+            print(f"per-prompt activation buffer: {p} positions x {runner.num_indices} indices x {n_total} prompts x "
+                  f"{hidden} float32 "
                   f"= {buffer_bytes / 2**20:.1f} MiB, {where}", file=sys.stderr)
         if options.verbose:
             print(f"decoder layers: {len(runner.layers)} (run by {type(runner.text_model).__name__})",
                   file=sys.stderr)
         harmful = ClassStats(runner.num_indices, hidden, len(harmful_ids), options.clip,
-                             os.path.join(spill, "harmful.f32") if spill else None)
+                             os.path.join(spill, "harmful.f32") if spill else None, p)
         harmless = ClassStats(runner.num_indices, hidden, len(harmless_ids), options.clip,
-                              os.path.join(spill, "harmless.f32") if spill else None)
+                              os.path.join(spill, "harmless.f32") if spill else None, p)
         t0 = time.perf_counter()
         if options.prefix_cache:
             runner.use_shared_prefix(list(harmful_ids) + list(harmless_ids))
         runner.run(harmful_ids, harmful, "harmful")
         runner.run(harmless_ids, harmless, "harmless")
         seconds = time.perf_counter() - t0
-        m = finish_measurements(harmful, harmless, options.projected, options.clip)
+        m = finish_measurements(harmful, harmless, options.projected, options.clip, options.keep_activations)
         del harmful.buffer, harmless.buffer  # release the mapping before the folder goes
     m.metadata.update({"num_layers": len(runner.layers), "batch_size": options.batch_size})
     info = {

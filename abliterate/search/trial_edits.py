@@ -4,7 +4,7 @@ The same `Plan` that sharded_ablate streams, with the same decisions and math: e
 `architectures.classify` (the loaded model's names are the on-disk keys for the families in the table; fused
 in-memory experts have their own rows), `tensor_edits.edit_target` decides what is edited and with which scale,
 `plan.prepared_directions` gives the directions (fractional indices included), writers behind a post-sublayer
-norm are edited along `edits.direction_through_norm`, and `edits.edit_tensor` edits each tensor on its own device
+norm are edited along `edits.through_norm`, and `edits.edit_tensor` edits each tensor on its own device
 in float32. The result is then rounded through the dtype the ablated folder would store (a bf16 checkpoint loaded
 in float32 gets the bf16 values sharded_ablate writes), so the trial model is the folder's model, loaded.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from abliterate.ablate.architectures import classify
-from abliterate.ablate.edits import column_edit as make_column_edit, direction_through_norm, edit_tensor
+from abliterate.ablate.edits import column_edit as make_column_edit, edit_tensor, through_norm
 from abliterate.ablate.plan import check_plan_shapes, prepared_directions
 from abliterate.ablate.tensor_edits import check_every_layer_edited, edit_target, role_name
 from abliterate.cli import UserError
@@ -137,10 +137,10 @@ class TrialEditor:
                     value = self._params[name].detach()
                     stored = self._remember(name, value)
                     self._applied.append(name)
-                    r = self._direction_for(target.role, directions[target.direction_key].unit)
+                    r = self._direction_for(target.role, directions[target.direction_key].vectors)
                     edit_in_place(value, target.role, r, target.scale, plan.method, stored)
                 for site, key, scale, bias_scale in hook_specs:
-                    r = self._direction_for(site.weight_role, directions[key].unit)
+                    r = self._direction_for(site.weight_role, directions[key].vectors)
                     module = self.model.get_submodule(site.module_name)
                     bias = self._params.get(site.bias_name) if site.bias_name else None
                     self._handles.append(register(module, site, r, scale, bias_scale, bias))
@@ -152,10 +152,10 @@ class TrialEditor:
         return dict(sorted(counts.items()))
 
     def _direction_for(self, role, r: torch.Tensor) -> torch.Tensor:
-        """r, or the direction through the role's post-sublayer norm gain (edits.direction_through_norm)."""
+        """r (a direction [H] or a set [k, H]), or it through the role's post-sublayer norm gain (edits.through_norm)."""
         if role.post_norm is None:
             return r
-        return direction_through_norm(r, self._params[role.post_norm].detach(), role.post_norm_offset)
+        return through_norm(r, self._params[role.post_norm].detach(), role.post_norm_offset)
 
     def _hook_specs(self, plan, entry_by_layer: dict, counts: Counter, layers: set) -> list[tuple]:
         """(site, direction key, writer scale, bias scale) of every hook this plan needs; UserError for a plan a

@@ -10,7 +10,8 @@ edited module's result without touching the weight:
 - a reader G (router; input in hidden space) edited to G' = G - s (G r) r^T: G'x = G(x - s r (r . x)).
 
 u is the plan's direction (through the post-sublayer norm's gain where the architecture has one, as
-edits.direction_through_norm gives it), computed in float32 on the output's device. The norm-preserving method
+edits.through_norm gives it), computed in float32 on the output's device. A direction set U [k, H] (orthonormal
+rows) is the same formula with u (u . y) read as U^T (U y): y - U^T (s (U y) + (s_b - s) (U b)). The norm-preserving method
 rescales every weight column by its own norm, which no hook on the output can reproduce: a trial of that method
 on a hooked module is refused with one line (the search then searches the conventional method only).
 
@@ -154,6 +155,7 @@ class ProjectOutput:
     """Forward hook: y -> y - u (s (u . y) + c) on the module's output (output[0] when it is a tuple), in float32."""
 
     def __init__(self, u: torch.Tensor, scale: float, offset: torch.Tensor | float = 0.0):
+        # u: one unit direction [H], or a direction set [k, H] (orthonormal rows; offset then [k] or 0)
         self.u, self.scale, self.offset = u.to(torch.float32), float(scale), offset
         self._on: dict = {}
 
@@ -166,6 +168,9 @@ class ProjectOutput:
     def project(self, y: torch.Tensor) -> torch.Tensor:
         u, off = self._direction(y.device)
         y32 = y.to(torch.float32)
+        if u.dim() == 2:  # a set: y - U^T (s (U y) + c)
+            coeff = (y32 @ u.T).mul_(self.scale).add_(off)
+            return (y32 - coeff @ u).to(y.dtype)
         coeff = (y32 @ u).mul_(self.scale).add_(off)
         return torch.addcmul(y32, coeff.unsqueeze(-1), u, value=-1.0).to(y.dtype)
 
@@ -192,5 +197,6 @@ def register(module, site: HookSite, u: torch.Tensor, scale: float, bias_scale: 
         return module.register_forward_pre_hook(ProjectInput(u, scale), with_kwargs=True)
     offset = 0.0
     if bias is not None and bias_scale != scale:
-        offset = (bias_scale - scale) * (bias.detach().to(torch.float32) @ u.to(bias.device, torch.float32))
+        u32 = u.to(bias.device, torch.float32)
+        offset = (bias_scale - scale) * (bias.detach().to(torch.float32) @ (u32.T if u32.dim() == 2 else u32))
     return module.register_forward_hook(ProjectOutput(u, scale, offset))
