@@ -117,6 +117,33 @@ def test_per_layer_scope_gives_each_layer_its_own_output_direction(tmp_path):
     assert {e.measurement for e in old.ablate} == {4.37}
 
 
+class FixedTrialInts(FixedTrial):
+    def suggest_int(self, name, lo, hi):
+        assert lo <= self.values[name] <= hi
+        return self.values[name]
+
+
+def test_position_and_direction_set_parameters(tmp_path):
+    space = make_space(8, 9, ("attention_output", "mlp_output"), suggestion(4, 1, 6), positions=(-3, -2, -1),
+                       sets=True)
+    assert space.positions == (-1, -2, -3) and space.to_dict()["positions"] == [-1, -2, -3]
+    values = {"direction_index": 4.0, "direction_scope": "global", "projected": False, "method": "conventional",
+              "position": -2, "set_k": 3, "set_source": "pca"}
+    for g in ("attention_output", "mlp_output"):
+        values.update({f"{g}.peak": 1.0, f"{g}.position": 0.5, f"{g}.floor": 1.0, f"{g}.width": 0.5})
+    plan = params_to_plan(suggest_parameters(FixedTrialInts(values), space), space, ctx(tmp_path))
+    assert plan.position == -2 and (plan.directions.source, plan.directions.k) == ("pca", 3)
+    assert parse_plan(plan_to_dict(plan), "round trip", tmp_path) == plan
+    values.update(method="row_normalized")  # one direction per layer: the set is dropped, the position kept
+    plan = params_to_plan(suggest_parameters(FixedTrialInts(values), space), space, ctx(tmp_path))
+    assert plan.directions is None and plan.position == -2
+    values.update(method="conventional", set_k=1)
+    assert params_to_plan(dict(values), space, ctx(tmp_path)).directions is None
+    # every seed removes one direction at the last position: today's plans
+    for _, seed in seed_parameters(space, suggestion(4, 1, 6)):
+        assert seed["position"] == -1 and seed["set_k"] == 1
+
+
 def test_a_window_between_layers_gives_no_plan(tmp_path):
     space = SearchSpace(4, ("mlp_output",), (1.0, 2.0), {})
     params = {"direction_index": 1.0, "mlp_output.peak": 1.0, "mlp_output.position": 0.5,

@@ -110,7 +110,8 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
         notes.append(f"note: {hooked}: a trial edits those weights through forward hooks, exact only for the "
                      "conventional method, so the search tries that method only")
     space = make_space(L, measurements.num_indices, groups, suggestion,
-                       ("conventional",) if hooked else METHODS)
+                       ("conventional",) if hooked else METHODS, tuple(measurements.positions),
+                       measurements.has_activations("harmful"))
     seeds = seed_parameters(space, suggestion)
     ctx = PlanContext(plan_model, o.measurements.resolve(), plan_output, moe)
     identity = {

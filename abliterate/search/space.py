@@ -18,6 +18,10 @@ Parameters (Optuna names in quotes; every one has a fixed range, so a study is r
 - "direction_scope": "global" (every edited layer removes the direction of "direction_index") or "per_layer"
   (layer n removes the direction measured at its own output, index n + 1: the peer's per-layer mode; the
   sampled index is then unused, kept so that TPE sees a fixed set of parameters).
+- "position" (the token position the directions come from, among those the measurement file keeps; only when it
+  keeps more than the last) and "set_k" / "set_source" (remove k = 1..MAX_SET_K directions at once, their source
+  clusters or pca; only when the file keeps per-prompt activations; k = 1 is the mean difference whatever the
+  source, and method row_normalized, which removes one direction, ignores the set), plan-wide.
 - "projected" (false/true) and "method" (conventional/norm_preserving/row_normalized), plan-wide. A model whose weights are
   edited through hooks (bitsandbytes --quant, MXFP4 experts kept quantized: abliterate.search.trial_hooks) can
   take only the conventional method; its space holds that one.
@@ -36,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from abliterate.ablate.architectures import METHODS
-from abliterate.ablate.plan import ROLE_DEFAULTS, AblateEntry, Plan
+from abliterate.ablate.plan import ROLE_DEFAULTS, AblateEntry, DirectionSet, Plan
 
 SEARCHED_GROUPS = ("attention_output", "mlp_output", "router")
 MIN_WEIGHT = 0.01  # a kernel weight below this is no edit (and no entry)
@@ -47,6 +51,8 @@ WIDTH_RANGE = (0.1, 0.7)  # x L
 INDEX_MARGIN = 0.10  # the candidate band is widened by max(1, this x L) indices on each side
 DIGITS = 3
 DIRECTION_SCOPES = ("global", "per_layer")
+MAX_SET_K = 3  # the largest direction set a trial removes
+SET_SOURCES = ("clusters", "pca")
 
 
 @dataclass(frozen=True)
@@ -58,12 +64,15 @@ class SearchSpace:
     index_range: tuple[float, float]
     ranges: dict = field(default_factory=dict)  # "g.peak" -> (lo, hi) etc.
     methods: tuple[str, ...] = METHODS  # the edit methods a trial may use
+    positions: tuple[int, ...] = (-1,)  # token positions a trial may take its directions from
+    sets: bool = False  # the file keeps per-prompt activations: a trial may remove a direction set
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["groups"] = list(self.groups)
         d["methods"] = list(self.methods)
         d["index_range"] = list(self.index_range)
+        d["positions"] = list(self.positions)
         d["ranges"] = {k: list(v) for k, v in sorted(self.ranges.items())}
         return d
 
@@ -79,7 +88,8 @@ class PlanContext:
 
 
 def make_space(num_layers: int, num_indices: int, groups: tuple[str, ...], suggestion,
-               methods: tuple[str, ...] = METHODS) -> SearchSpace:
+               methods: tuple[str, ...] = METHODS, positions: tuple[int, ...] = (-1,),
+               sets: bool = False) -> SearchSpace:
     """The ranges for a model with `num_layers` decoder layers and a file with `num_indices` indices.
 
     `suggestion` is analyze's `Suggestion` (measurement, first_layer, last_layer); the ranges always hold it."""
@@ -92,7 +102,8 @@ def make_space(num_layers: int, num_indices: int, groups: tuple[str, ...], sugge
     index_range = (float(max(1, min(lo - margin, suggestion.measurement))),
                    float(min(top, max(hi + margin, suggestion.measurement))))
     methods = tuple(m for m in METHODS if m in methods)
-    space = SearchSpace(L, tuple(g for g in SEARCHED_GROUPS if g in groups), index_range, {}, methods)
+    positions = tuple(sorted(set(positions) | {-1}, reverse=True))  # -1 (the last token) first: today's meaning
+    space = SearchSpace(L, tuple(g for g in SEARCHED_GROUPS if g in groups), index_range, {}, methods, positions, sets)
     ranges = {}
     for g in space.groups:
         ranges[f"{g}.peak"] = PEAK_RANGE
@@ -100,13 +111,13 @@ def make_space(num_layers: int, num_indices: int, groups: tuple[str, ...], sugge
         ranges[f"{g}.floor"] = FLOOR_RANGE
         ranges[f"{g}.width"] = WIDTH_RANGE
     # Grow the ranges to hold every seed, so that the informed guesses are points of the space.
-    draft = SearchSpace(L, space.groups, index_range, ranges, methods)
+    draft = SearchSpace(L, space.groups, index_range, ranges, methods, positions, sets)
     for _, seed in seed_parameters(draft, suggestion, clip=False):
         for name, value in seed.items():
             if name in ranges:
                 a, b = ranges[name]
                 ranges[name] = (min(a, value), max(b, value))
-    return SearchSpace(L, space.groups, index_range, ranges, methods)
+    return SearchSpace(L, space.groups, index_range, ranges, methods, positions, sets)
 
 
 def suggest_parameters(trial, space: SearchSpace) -> dict:
@@ -117,6 +128,11 @@ def suggest_parameters(trial, space: SearchSpace) -> dict:
     for name, (a, b) in sorted(space.ranges.items()):
         params[name] = trial.suggest_float(name, a, b)
     params["direction_scope"] = trial.suggest_categorical("direction_scope", list(DIRECTION_SCOPES))
+    if len(space.positions) > 1:
+        params["position"] = trial.suggest_categorical("position", list(space.positions))
+    if space.sets:
+        params["set_k"] = trial.suggest_int("set_k", 1, MAX_SET_K)
+        params["set_source"] = trial.suggest_categorical("set_source", list(SET_SOURCES))
     params["projected"] = trial.suggest_categorical("projected", [False, True])
     params["method"] = trial.suggest_categorical("method", list(space.methods))
     return params
@@ -158,8 +174,12 @@ def params_to_plan(params: dict, space: SearchSpace, ctx: PlanContext, source: s
     roles["router"] = "router" in space.groups and ctx.moe
     for g in ("attention_output", "mlp_output"):
         roles[g] = g in space.groups
+    k = int(params.get("set_k", 1))
+    directions = (DirectionSet(params["set_source"], k)
+                  if k > 1 and params["method"] != "row_normalized" else None)
     return Plan(model=ctx.model, measurements=ctx.measurements, output=ctx.output, ablate=tuple(entries),
-                method=params["method"], projected=bool(params["projected"]), roles=roles, source=source)
+                method=params["method"], projected=bool(params["projected"]), roles=roles, source=source,
+                position=int(params.get("position", -1)), directions=directions)
 
 
 def band_kernel(first: int, last: int, num_layers: int) -> tuple[float, float]:
@@ -183,6 +203,10 @@ def seed_parameters(space: SearchSpace, suggestion, clip: bool = True) -> list[t
             peak, pos, floor, wid = kernel or (1.0, position, 1.0, width)
             p.update({f"{g}.peak": peak, f"{g}.position": pos, f"{g}.floor": floor, f"{g}.width": wid})
         p["direction_scope"] = "global"
+        if len(space.positions) > 1:
+            p["position"] = -1
+        if space.sets:
+            p.update({"set_k": 1, "set_source": SET_SOURCES[0]})
         p["projected"] = projected
         p["method"] = method
         return {name: (round(v, 6) if isinstance(v, float) else v) for name, v in p.items()}
