@@ -98,6 +98,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                 for b, i in enumerate(rows):
                     token = int(next_ids[b])
                     done = token in eos
+                    ended = "eos" if done else "budget"
                     if not done:
                         generated[i].append(token)
                         done = len(generated[i]) >= max_new_tokens
@@ -106,7 +107,8 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                         _, parts, whole = _judged_text(tokenizer, generated[i], harmony, rendered[i], final=False)
                         refused = marker_refusal(labeller, parts.answer, chunk[i], whole)
                     if done or refused:
-                        answer = _answer(tokenizer, chunk[i], generated[i], harmony, rendered[i], refused)
+                        answer = _answer(tokenizer, chunk[i], generated[i], harmony, rendered[i], refused,
+                                         "marker" if refused else ended, token)
                         results[start + i] = answer
                         failures += _failed(answer, labeller)
                     else:
@@ -155,6 +157,13 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values
 
 
-def _answer(tokenizer, prompt: str, ids: list[int], harmony: bool, rendered: str, stopped_early: bool) -> dict:
-    """evaluate's answer row (what `label_answers` judges), plus `stopped_early`."""
-    return {**answer_row(tokenizer, prompt, ids, harmony, rendered), "stopped_early": stopped_early}
+def _answer(tokenizer, prompt: str, ids: list[int], harmony: bool, rendered: str, stopped_early: bool,
+            ended: str = "budget", last: int | None = None) -> dict:
+    """evaluate's answer row (what `label_answers` judges), plus `stopped_early`, the generated `ids`, and how the
+    row `ended` ("marker", "eos" with the `eos_id` it ended on, or "budget"): the one-pass score
+    (abliterate.search.one_pass) teacher-forces these ids, and knows from `ended` when they are the whole row."""
+    row = {**answer_row(tokenizer, prompt, ids, harmony, rendered), "stopped_early": stopped_early,
+           "ids": list(ids), "ended": ended}
+    if ended == "eos":
+        row["eos_id"] = last
+    return row

@@ -96,14 +96,23 @@ class Scorer:
     def score(self, finished: Sequence[tuple[float, int]] = (), kl_max: float = 0.1,
               kl_prune: float = KL_PRUNE_FACTOR, early_stop: bool = True) -> TrialScore:
         """KL, then answers, with the pruning rules of the module docstring against `finished` trials."""
-        from abliterate.search.generation import greedy_answers
-
         started = time.perf_counter()
         n = len(self.harmful)
         kl = self.kl()
         if kl > kl_prune * kl_max and any(other_kl < kl for other_kl, _ in finished):
             return TrialScore(kl, n, None, 0, "kl", {}, time.perf_counter() - started)
-        front = list(finished)
+        return self.answers(kl, finished, early_stop, started)
+
+    def answers(self, kl: float, finished: Sequence[tuple[float, int]] = (), early_stop: bool = True,
+                started: float | None = None, dominance: bool = True) -> TrialScore:
+        """The answers part of `score` for a trial whose KL is known. `dominance=False` keeps the per-row stops
+        but never stops the whole trial (the multi-fidelity search's calibration and audit trials need their
+        refusal count even when they are dominated)."""
+        from abliterate.search.generation import greedy_answers
+
+        started = time.perf_counter() if started is None else started
+        n = len(self.harmful)
+        front = list(finished) if dominance else []
         if early_stop and dominated(kl, 0, front):  # a finished trial with less KL already refuses nothing
             return TrialScore(kl, n, None, 0, "dominated", {}, time.perf_counter() - started)
         stop = (lambda failures: dominated(kl, failures, front)) if early_stop and front else None
@@ -118,3 +127,11 @@ class Scorer:
         if gen.stopped:
             return TrialScore(kl, n, None, gen.failures, "dominated", labels, seconds, tokens, samples)
         return TrialScore(kl, n, gen.failures, gen.failures, None, labels, seconds, tokens, samples)
+
+    def base_harmful_answers(self, early_stop: bool = True) -> list[dict]:
+        """The unedited model's labelled answers to the harmful prompts, with the same budget and per-row stops a
+        trial's get (the multi-fidelity search teacher-forces their openings: abliterate.search.one_pass)."""
+        from abliterate.search.generation import greedy_answers
+
+        return greedy_answers(self.model, self.tokenizer, self.harmful, self.max_new_tokens, self.labeller,
+                              self.batch_size, self.system, early_stop=early_stop).answers
