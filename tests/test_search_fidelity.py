@@ -73,6 +73,24 @@ def test_openings_called_kept_are_the_ones_generation_reproduces(llama):
     assert kept and changed  # both kinds were seen
 
 
+def test_the_shared_prefix_runs_once_and_gives_the_plain_pass_numbers(llama):
+    folder, _, tok = llama
+    model = load_model(str(folder))
+    system = "You are a careful assistant. Answer briefly, plainly and politely, in one or two sentences."
+    scorer = Scorer(model, tok, PROMPTS, PROMPTS, AnswerLabeller(), max_new_tokens=6, batch_size=4, system=system)
+    rows = openings(tok, scorer.base_harmful_answers(), system)
+    cached = OnePass(model, tok, rows, scorer.kl_prompts, scorer.base_logprobs, len(PROMPTS), 4, system)
+    plain = OnePass(model, tok, rows, scorer.kl_prompts, scorer.base_logprobs, len(PROMPTS), 4, system)
+    plain.prefix = []
+    assert "runs once per trial" in cached.prefix_note and len(cached.prefix) > 20
+    with torch.no_grad():
+        for p in model.model.layers[0].self_attn.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    a, b = cached.score(), plain.score()
+    assert a.kl > 0 and a.kl == pytest.approx(b.kl, rel=1e-4, abs=1e-9)
+    assert a.margins == pytest.approx(b.margins, abs=1e-4) and a.certain_failures == b.certain_failures
+
+
 def test_a_prompt_counts_its_kept_opening_as_a_refusal_only_where_the_base_failed(llama):
     _, model, tok = llama
     scorer = Scorer(model, tok, PROMPTS, PROMPTS[:2], AnswerLabeller(), max_new_tokens=4, batch_size=8)

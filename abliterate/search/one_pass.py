@@ -20,6 +20,12 @@ when every m_t > 0, so min_t m_t says how close the trial is to still giving the
 and the raw one-pass rate is mean_i q_i. It is a ranking signal, not a rate: abliterate.search.fidelity maps it
 onto generated refusal rates with a line fitted to the trials that were confirmed by generation.
 
+The chat-template prefix every row shares (GPT-OSS's system preamble, Llama's date header) runs once per trial as
+a batch of one, and each batch continues its KV cache with the rows' own tokens, left-padded after the prefix
+(the padding masked, positions counting real tokens). Before the first trial both ways run on the base model and
+must agree (PREFIX_TOLERANCE); otherwise, and where a sliding window could lose prefix tokens to the padding, the
+pass runs plainly.
+
 One part is exact rather than predicted (up to float rounding, hence CERTAIN_MARGIN): when the base's whole row
 lies inside the opening (a refusal marker stop, an end-of-sequence token or the token budget within
 OPENING_TOKENS) and the trial keeps every token of it as its greedy choice, the trial's generated row is the same
@@ -40,6 +46,8 @@ TEMPERATURE = 1.0  # nats of margin that move keeps_i from 0.5 to 0.73
 # A margin this small could flip between the batched generation and this pass by float rounding alone.
 CERTAIN_MARGIN = {"float32": 1e-3, "float64": 1e-6}
 CERTAIN_MARGIN_HALF = 0.1
+MIN_PREFIX = 8  # a shorter shared prefix is not worth a cache
+PREFIX_TOLERANCE = 1e-3  # largest |difference| of logits with and without the cached prefix, over their scale
 
 
 @dataclass
@@ -105,6 +113,74 @@ class OnePass:
         self.batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
         self.keeps = prompting.forward_takes(model, "logits_to_keep")
         self.n_kl = len(kl_ids)
+        self.prefix: list[int] = []
+        self.prefix_note = self._check_prefix([x for x, *_ in items])
+
+    def _check_prefix(self, all_ids: list[list[int]]) -> str:
+        """Use the shared prefix when it is long enough and reproduces the plain pass on the (unedited) model;
+        a line saying what was decided."""
+        from abliterate.loading import text_config
+        from abliterate.measure.prefix_cache import shared_prefix_length
+
+        n = shared_prefix_length(all_ids)
+        if n < MIN_PREFIX:
+            return f"one-pass score: no shared prompt prefix to cache ({n} tokens)"
+        window = getattr(text_config(self.model.config), "sliding_window", None)
+        width = max(len(x) for x in all_ids)
+        if window and width > int(window):
+            return f"one-pass score: rows up to {width} tokens exceed the {window}-token sliding window; no prefix cache"
+        chunk = self.batches[0][:4]
+        try:
+            plain = self._logits(chunk, None)
+            self.prefix = all_ids[0][:n]
+            cached = self._logits(chunk, self._prefix_cache())
+        except Exception as exc:  # model-specific caches: any failure means the plain pass
+            self.prefix = []
+            return f"one-pass score: the shared {n}-token prefix could not be cached ({type(exc).__name__})"
+        scale = float(plain.abs().max().clamp_min(1e-30))
+        err = float((cached.float() - plain.float()).abs().max()) / scale
+        if err > PREFIX_TOLERANCE:
+            self.prefix = []
+            return f"one-pass score: with the shared prefix cached the logits differ by {err:.1e}; no prefix cache"
+        return f"one-pass score: the shared {n}-token prompt prefix runs once per trial (agrees to {err:.1e})"
+
+    def _prefix_cache(self):
+        """The current model's KV cache of the shared prefix (batch of one)."""
+        import torch
+
+        from abliterate.search.generation import _cache_of
+
+        device = prompting.input_device(self.model)
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([self.prefix], device=device), use_cache=True)
+        return _cache_of(out)
+
+    def _logits(self, chunk, prefix_cache):
+        """Logits [b, keep, V] at each row's last `keep` positions (keep = the chunk's largest), rows left-padded;
+        with `prefix_cache`, only the tokens after the shared prefix run, the padding between prefix and row."""
+        import copy
+
+        import torch
+
+        from abliterate.search.generation import _cache_keyword
+
+        device = prompting.input_device(self.model)
+        skip = len(self.prefix) if prefix_cache is not None else 0
+        rows = [x[skip:] for x, *_ in chunk]
+        width = max(len(x) for x in rows)
+        ids = torch.tensor([[self.pad] * (width - len(x)) + x for x in rows])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in rows])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + skip  # left padding: count real tokens, as generate does
+        keep = max(k for _, k, *_ in chunk)
+        extra = {"logits_to_keep": keep} if self.keeps else {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(rows))
+            extra[_cache_keyword(self.model)] = cache
+            mask = torch.cat([mask.new_ones((len(rows), skip)), mask], dim=1)
+        with torch.inference_mode():
+            return self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              position_ids=positions.to(device), **extra).logits[:, -keep:, :]
 
     def score(self) -> OnePassScore:
         import time
@@ -114,20 +190,13 @@ class OnePass:
         from abliterate.evaluate.kl import kl_divergence
 
         started = time.perf_counter()
-        device = prompting.input_device(self.model)
         kl_rows: dict[int, torch.Tensor] = {}
         min_margin: dict[int, float] = {}
         certain_margin = None
+        prefix_cache = self._prefix_cache() if self.prefix else None  # the trial's weights: once per trial
         for chunk in self.batches:
-            width = max(len(ids) for ids, *_ in chunk)
-            ids = torch.tensor([[self.pad] * (width - len(x)) + x for x, *_ in chunk])
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x, *_ in chunk])
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens, as generate does
             keep = max(k for _, k, *_ in chunk)
-            extra = {"logits_to_keep": keep} if self.keeps else {}
-            with torch.inference_mode():
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                    position_ids=positions.to(device), **extra).logits[:, -keep:, :]
+            logits = self._logits(chunk, prefix_cache)
             if certain_margin is None:
                 certain_margin = CERTAIN_MARGIN.get(str(logits.dtype).removeprefix("torch."), CERTAIN_MARGIN_HALF)
             for b, (_, k, kind, index) in enumerate(chunk):

@@ -243,8 +243,10 @@ def _one_pass(o: SearchOptions, model, tokenizer, scorer):
           "prompts; every trial is scored by one forward pass over their openings, and only trials that may join "
           "the front are confirmed by generating their answers (--fidelity full generates every trial)",
           file=sys.stderr)
-    return OnePass(model, tokenizer, openings(tokenizer, answers, o.system), scorer.kl_prompts,
-                   scorer.base_logprobs, len(o.harmful), o.batch_size, o.system)
+    one_pass = OnePass(model, tokenizer, openings(tokenizer, answers, o.system), scorer.kl_prompts,
+                       scorer.base_logprobs, len(o.harmful), o.batch_size, o.system)
+    print(f"note: {one_pass.prefix_note}", file=sys.stderr)
+    return one_pass
 
 
 def _multi_fidelity_trial(o: SearchOptions, trial, study, editor, plan, scorer, one_pass):
