@@ -223,3 +223,12 @@ def test_the_table_and_chart_show_predicted_and_generated_numbers(tmp_path):
     chart = tmp_path / "chart.png"
     draw_pareto(rs, chart, 0, 0.1, "t")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pick_n_refuses_a_trial_that_was_not_generated():
+    from abliterate.cli import UserError
+    from abliterate.search.study import trial_record
+
+    rs = [TrialRecord(4, "predicted", 0.01, None, 0, 10, None, None, {}, {"ablate": []}, 0.1, False, 0.2)]
+    with pytest.raises(UserError, match="--pick 4: trial 4 in plan.yml was scored by the one-pass score only"):
+        trial_record(rs, 4, "plan.yml")
