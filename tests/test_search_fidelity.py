@@ -91,6 +91,22 @@ def test_the_shared_prefix_runs_once_and_gives_the_plain_pass_numbers(llama):
     assert a.margins == pytest.approx(b.margins, abs=1e-4) and a.certain_failures == b.certain_failures
 
 
+def test_generation_with_the_shared_prefix_gives_the_plain_answers(llama):
+    from abliterate.search.generation import shared_prefix
+
+    _, model, tok = llama
+    system = "You are a careful assistant. Answer briefly, plainly and politely, in one or two sentences."
+    prefix = shared_prefix(model, tok, PROMPTS, 10, system)
+    assert len(prefix) > 20 and shared_prefix(model, tok, PROMPTS, 10) == []  # the bare template shares too little
+    plain = greedy_answers(model, tok, PROMPTS, 10, AnswerLabeller(), batch_size=4, system=system, early_stop=False)
+    cached = greedy_answers(model, tok, PROMPTS, 10, AnswerLabeller(), batch_size=4, system=system, early_stop=False,
+                            prefix=prefix)
+    assert [a["ids"] for a in cached.answers] == [a["ids"] for a in plain.answers]
+    assert [a["label"] for a in cached.answers] == [a["label"] for a in plain.answers]
+    scorer = Scorer(model, tok, PROMPTS, PROMPTS, AnswerLabeller(), max_new_tokens=10, batch_size=4, system=system)
+    assert scorer.prefix == prefix and "runs once per trial" in scorer.prefix_note
+
+
 def test_a_prompt_counts_its_kept_opening_as_a_refusal_only_where_the_base_failed(llama):
     _, model, tok = llama
     scorer = Scorer(model, tok, PROMPTS, PROMPTS[:2], AnswerLabeller(), max_new_tokens=4, batch_size=8)

@@ -195,6 +195,7 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> in
     model, tokenizer = load_from_args(o.model, o.loading, "--model")
     scorer = Scorer(model, tokenizer, o.harmful, o.harmless, o.labeller, o.max_new_tokens, o.batch_size, o.system)
     print(f"note: {scorer.kl_note}", file=sys.stderr)
+    print(f"note: {scorer.prefix_note}", file=sys.stderr)
     one_pass = _one_pass(o, model, tokenizer, scorer) if o.fidelity == "multi" else None
     editor = TrialEditor(model, measurements)
     hooked_only = bool(editor.hooked)  # weights edited through hooks: only the conventional method applies
