@@ -143,6 +143,8 @@ def test_the_decision_rules_in_order():
     assert decide(0.04, 0.9).reason == "predicted dominated" and decide(0.04, 0.9).action == "skip"
     assert decide(0.04, 0.9, draw=0.05).reason == "audit"
     assert decide(0.04, 0.0).reason == "may join the front" and decide(0.04, 0.0).action == "confirm"
+    # Less KL than every confirmed trial, but predicted to refuse more than the pick (0.05, 1): never picked.
+    assert decide(0.005, 0.5).reason == "predicted above the pick" and decide(0.005, 0.15).action == "confirm"
     assert decide(0.04, 0.9, done=confirmed[:3]).reason == "calibration"  # too few confirmed yet
 
 

@@ -17,9 +17,12 @@ Decision (`decide`), in order, against the confirmed trials (KL, generated failu
 3. confirm, "calibration": fewer than MIN_CONFIRMED trials are confirmed (the seeds come first).
 4. skip, "over --kl-max": KL above --kl-max while a confirmed trial is under it: it cannot be picked.
 5. skip, "predicted dominated": even its optimistic failures, max(certain, (a + b * raw - margin) x n) rounded
-   up, are dominated by a confirmed trial; except a deterministic share (--confirm-share, drawn from the seed and
-   the trial number) that is confirmed anyway ("audit") so the calibration keeps seeing trials of every kind.
-6. confirm, "may join the front": everything else.
+   up, are dominated by a confirmed trial; or "predicted above the pick": they exceed the failures of the
+   current pick (the confirmed trial with the fewest failures under --kl-max), so the trial could join only the
+   part of the front the pick rule never takes (more refusals at less KL). Except a deterministic share
+   (--confirm-share, drawn from the seed and the trial number) that is confirmed anyway ("audit") so the
+   calibration keeps seeing trials of every kind.
+6. confirm, "may join the front": everything else (it may become the pick).
 A confirmed trial is generated with the full search's early stops (a row at its refusal marker or EOS, the whole
 trial once a confirmed trial dominates it), and may still end pruned "dominated".
 """
@@ -75,8 +78,8 @@ def calibrate(pairs: Sequence[tuple[float, float]]) -> Calibration:
 @dataclass(frozen=True)
 class Decision:
     action: str  # "prune", "skip" or "confirm"
-    reason: str  # "kl", "dominated", "over --kl-max", "predicted dominated", "audit", "calibration",
-    #              "may join the front"
+    reason: str  # "kl", "dominated", "over --kl-max", "predicted dominated", "predicted above the pick",
+    #              "audit", "calibration", "may join the front"
     predicted_rate: float  # the calibrated rate
     optimistic_failures: int
 
@@ -102,8 +105,11 @@ def decide(kl: float, raw_rate: float, certain: int, n_harmful: int, confirmed: 
         return Decision("confirm", "calibration", predicted, optimistic)
     if kl > kl_max and any(other <= kl_max for other, _ in confirmed):
         return Decision("skip", "over --kl-max", predicted, optimistic)
-    if dominated(kl, optimistic, confirmed):
+    feasible = [failures for other, failures in confirmed if other <= kl_max]
+    hopeless = ("predicted dominated" if dominated(kl, optimistic, confirmed)
+                else "predicted above the pick" if feasible and optimistic > min(feasible) else None)
+    if hopeless:
         if draw < share:
             return Decision("confirm", "audit", predicted, optimistic)
-        return Decision("skip", "predicted dominated", predicted, optimistic)
+        return Decision("skip", hopeless, predicted, optimistic)
     return Decision("confirm", "may join the front", predicted, optimistic)
