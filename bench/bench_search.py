@@ -15,6 +15,16 @@ can be given as --workdir to reuse its model) and its measurement file:
    each of those plans, evaluate's numbers on the held-out TEST split (refusal rates, KL against the base over all
    harmless prompts and over those the base answered), which the search never saw.
 Ratios and comparisons come from the same run on the same machine; nothing is a timed assertion.
+
+With --fidelity-minutes M (issue 20), instead: the same search twice from scratch, each for M minutes of wall
+time (--timeout), first `--fidelity full` (every trial generated), then the default multi-fidelity search (one
+forward pass per trial, generation only to confirm); for each, trials per minute (wall time of the trial loop
+and trial time), how many trials were confirmed, and the pick's generated refusals and KL on the search
+prompts. Then the one-pass score is computed after the fact for every complete trial of the full run (its plan
+applied again), and its Spearman rank correlation with the generated refusal rate is reported with the number of
+trials (and the same within the multi-fidelity run's confirmed trials), with a check that the certain failures
+never exceed the generated ones. `--model DIR --measurements FILE [--data-harmful F --data-harmless F]` runs it
+on any model instead of the organisms (e.g. a refusing SmolLM2).
 """
 
 from __future__ import annotations
@@ -170,6 +180,132 @@ def report(b: dict) -> str:
     return "\n".join(lines)
 
 
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); nan when either side is constant."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    a, b = ranks(xs), ranks(ys)
+    n = len(a)
+    ma, mb = sum(a) / n, sum(b) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    return cov / (va * vb) ** 0.5 if va > 0 and vb > 0 else float("nan")
+
+
+def run_fidelity(model_dir: Path, meas: Path, out_dir: Path, fidelity: str, minutes: float, extra: list[str]) -> dict:
+    """One search from scratch for `minutes` of wall time; its records and timings."""
+    import optuna
+
+    from abliterate.commands import search
+    from abliterate.search.study import STUDY_NAME, pick, records, storage_for
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = out_dir / "plan.yml"
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    code = search.main(["-m", str(model_dir), "--measurements", str(meas), "-o", str(plan), "--trials", "100000",
+                        "--timeout", str(minutes), "--fidelity", fidelity, "--output-model", str(out_dir / "out"),
+                        "--no-progress", *extra])
+    wall = time.perf_counter() - t
+    assert code == 0
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage_for(str(out_dir / "plan.study.journal")))
+    recs = records(study)
+    times = [tr.datetime_complete.timestamp() for tr in study.trials if tr.datetime_complete]
+    starts = [tr.datetime_start.timestamp() for tr in study.trials if tr.datetime_start]
+    loop = max(times) - min(starts)  # the trial loop's wall time: model loading and the base's answers excluded
+    chosen = pick(recs, 0.1)[0]
+    return {"fidelity": fidelity, "trials": len(recs), "wall_s": wall, "loop_s": loop,
+            "trials_per_min_loop": 60 * len(recs) / loop, "trial_s_sum": sum(r.seconds for r in recs),
+            "generated": sum(r.generated for r in recs), "complete": sum(r.state == "complete" for r in recs),
+            "predicted_only": sum(r.state == "predicted" for r in recs), "pruned": sum(r.state == "pruned" for r in recs),
+            "pick": {"trial": chosen.number, "refusals": chosen.failures, "n": chosen.n_harmful,
+                     "refusal_rate": chosen.refusal_rate, "kl": chosen.kl, "seed": chosen.seed},
+            "load_avg_at_start": load, "records": recs}
+
+
+def one_pass_after(model_dir: Path, meas: Path, recs, harmful: list[str], harmless: list[str], tokens: int,
+                   batch: int) -> list[tuple[float, float, int, int]]:
+    """(raw one-pass rate, generated rate, certain failures, generated failures) of every complete trial, its plan
+    applied again to a freshly loaded model."""
+    from abliterate.ablate.plan import parse_plan
+    from abliterate.evaluate.labels import AnswerLabeller
+    from abliterate.loading import load_model, load_tokenizer
+    from abliterate.measure.measurement_file import load_measurements
+    from abliterate.search.objectives import Scorer
+    from abliterate.search.one_pass import OnePass, openings
+    from abliterate.search.study import complete
+    from abliterate.search.trial_edits import TrialEditor
+
+    model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
+    scorer = Scorer(model, tok, harmful, harmless, AnswerLabeller(), tokens, batch)
+    one = OnePass(model, tok, openings(tok, scorer.base_harmful_answers()), scorer.kl_prompts, scorer.base_logprobs,
+                  len(harmful), batch)
+    editor = TrialEditor(model, load_measurements(meas))
+    out = []
+    for r in complete(recs):
+        with editor.applied(parse_plan(r.plan, f"trial {r.number}", meas.parent)):
+            s = one.score()
+        out.append((s.raw_rate, r.refusal_rate, s.certain_failures, r.failures))
+    return out
+
+
+def compare_fidelity(model_dir: Path, meas: Path, workdir: Path, minutes: float, extra: list[str],
+                     harmful_file: str | None, harmless_file: str | None) -> dict:
+    from abliterate.commands.search import spread
+    from abliterate.prompts.files import load_prompts
+    from abliterate.search.study import complete
+
+    def flag(name, default):
+        return int(extra[extra.index(name) + 1]) if name in extra else default
+
+    full = run_fidelity(model_dir, meas, workdir / "full", "full", minutes, extra)
+    multi = run_fidelity(model_dir, meas, workdir / "multi", "multi", minutes, extra)
+    harmful = spread(load_prompts(harmful_file, "harmful", "train", None), flag("--harmful-n", 64))
+    harmless = spread(load_prompts(harmless_file, "harmless", "train", None), flag("--harmless-n", 64))
+    after = one_pass_after(model_dir, meas, full["records"], harmful, harmless, flag("--max-new-tokens", 48),
+                           flag("--batch-size", 64))
+    mf_confirmed = [(r.one_pass["raw_rate"], r.refusal_rate) for r in complete(multi["records"]) if r.one_pass]
+    for run in (full, multi):
+        run.pop("records")
+    return {"model": str(model_dir), "minutes": minutes, "full": full, "multi": multi,
+            "spearman_full_run": spearman([a for a, *_ in after], [b for _, b, *_ in after]) if after else None,
+            "spearman_full_run_trials": len(after),
+            "certain_bound_violations": sum(c > g for *_, c, g in after),
+            "spearman_multi_confirmed": (spearman([a for a, _ in mf_confirmed], [b for _, b in mf_confirmed])
+                                         if len(mf_confirmed) > 2 else None),
+            "spearman_multi_confirmed_trials": len(mf_confirmed),
+            "pairs_full_run": [[round(a, 4), b] for a, b, *_ in after]}
+
+
+def fidelity_report(c: dict) -> str:
+    f, m = c["full"], c["multi"]
+    lines = [f"== {c['model']}: {c['minutes']:g} min of wall time per search, same machine, one after the other"]
+    for r in (f, m):
+        p = r["pick"]
+        lines.append(f"{r['fidelity']:>5}: {r['trials']} trials ({r['generated']} generated, {r['predicted_only']} "
+                     f"one-pass only, {r['pruned']} pruned) in {r['loop_s']:.0f} s of trial loop = "
+                     f"{r['trials_per_min_loop']:.1f} trials/min; pick: trial {p['trial']}"
+                     f"{' (seed: ' + p['seed'] + ')' if p['seed'] else ''}, refusals {p['refusals']}/{p['n']} "
+                     f"({p['refusal_rate']:.1%}), KL {p['kl']:.4f}; load average at start {r['load_avg_at_start']:.1f}")
+    lines.append(f"trials per minute, multi / full: {m['trials_per_min_loop'] / f['trials_per_min_loop']:.2f}x")
+    lines.append(f"Spearman(one-pass raw rate, generated refusal rate) over the full run's {c['spearman_full_run_trials']}"
+                 f" complete trials: {c['spearman_full_run']:.3f}; over the multi run's "
+                 f"{c['spearman_multi_confirmed_trials']} confirmed trials: {c['spearman_multi_confirmed']}; "
+                 f"certain failures above the generated ones: {c['certain_bound_violations']}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", choices=("gpt_oss", "llama"), default=["gpt_oss", "llama"])
@@ -177,12 +313,44 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--threads", type=int, default=2, help="torch threads (training fixes its own)")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--fidelity-minutes", type=float, default=None, metavar="M",
+                   help="compare --fidelity full and multi, M minutes of wall time each (module docstring)")
+    p.add_argument("--model", default=None, help="with --fidelity-minutes: this model instead of the organisms")
+    p.add_argument("--measurements", default=None, help="with --model: its measurement file")
+    p.add_argument("--data-harmful", default=None, help="with --model: harmful search prompts")
+    p.add_argument("--data-harmless", default=None, help="with --model: harmless search prompts")
+    p.add_argument("--search-args", default=None, help="with --fidelity-minutes: search flags instead of the "
+                   "organism's (one string, e.g. '--harmful-n 32 --max-new-tokens 32')")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.fidelity_minutes:
+        extra = args.search_args.split() if args.search_args is not None else list(SEARCH_ARGS)
+        data = []
+        if args.data_harmful:
+            data += ["--data-harmful", args.data_harmful]
+        if args.data_harmless:
+            data += ["--data-harmless", args.data_harmless]
+        if args.model:
+            runs = [(Path(args.model), Path(args.measurements))]
+        else:
+            runs = [(m, measured(m, workdir / f"{arch}-measurements.safetensors"))
+                    for m in (organism(workdir, arch) for arch in args.arch)]
+        comparisons = []
+        for i, (model_dir, meas) in enumerate(runs):
+            with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
+                comparisons.append(compare_fidelity(model_dir, meas, Path(tmp), args.fidelity_minutes, extra + data,
+                                                    args.data_harmful, args.data_harmless))
+        print(f"\ncores: {os.cpu_count()}, torch threads: {args.threads}, load average: "
+              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        for c in comparisons:
+            print(fidelity_report(c))
+        if args.json:
+            Path(args.json).write_text(json.dumps(comparisons, indent=2) + "\n", encoding="utf-8")
+        return 0
     results = [bench_one(arch, workdir, args.trials) for arch in args.arch]
     print(f"\ncores: {os.cpu_count()}, torch threads: {args.threads}, load average: "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -61,6 +61,12 @@ def test_seeds_are_points_of_the_space_and_the_first_is_the_suggestion(tmp_path)
     assert {e.measurement for e in plan.ablate} == {6} and plan.projected
     assert all(e.scales == {"attention_output": 1.0, "mlp_output": 1.0} for e in plan.ablate)
     assert plan.roles["router"] is False
+    # The strong peaked seed (second): weight 1.4 at the suggested index's layer (5), 0.5 at the window's edge.
+    assert names[1] == "strong peaked kernel"
+    strong = params_to_plan(seeds[1][1], space, ctx(tmp_path))
+    weights = {e.layer: e.scales["mlp_output"] for e in strong.ablate}
+    assert max(weights.values()) == weights[5] == pytest.approx(1.4, abs=1e-3)
+    assert weights[5] > weights[3] > weights[min(weights)] >= 0.5 - 1e-3 and len(weights) > 8
 
 
 def test_index_range_holds_the_suggestion_and_widens_the_band():

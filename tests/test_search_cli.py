@@ -83,7 +83,7 @@ def test_a_rerun_continues_the_study_and_pick_writes_that_trial(run_cli, measure
 
 
 @pytest.mark.parametrize("case", ["missing", "other_model", "trials0", "klneg", "nofolder", "unwritable", "rdb",
-                                  "journal"])
+                                  "journal", "share"])
 def test_bad_input_exits_2_and_writes_nothing(run_cli, measured, tiny_model, tmp_path, case, monkeypatch):
     folder, meas = measured
     out = tmp_path / "plan.yml"
@@ -91,7 +91,8 @@ def test_bad_input_exits_2_and_writes_nothing(run_cli, measured, tiny_model, tmp
     expect = {"missing": "does not exist", "other_model": "belongs to another one", "trials0": "--trials 0",
               "klneg": "--kl-max -0.5", "nofolder": "does not exist; create it", "unwritable": "not writable",
               "rdb": "--storage nope://x: cannot open the study storage",
-              "journal": "is not writable; create it or give another journal file path"}[case]
+              "journal": "is not writable; create it or give another journal file path",
+              "share": "--confirm-share 2.0: must be a share between 0 and 1"}[case]
     if case == "missing":
         args[3] = tmp_path / "nope.safetensors"
     elif case == "other_model":
@@ -102,6 +103,8 @@ def test_bad_input_exits_2_and_writes_nothing(run_cli, measured, tiny_model, tmp
         args += ["--kl-max", "-0.5"]
     elif case == "rdb":
         args += ["--storage", "nope://x"]
+    elif case == "share":
+        args += ["--confirm-share", "2"]
     elif case == "journal":
         args += ["--storage", tmp_path / "missing" / "study.journal"]
     elif case == "nofolder":
@@ -215,3 +218,52 @@ def test_an_sqlite_storage_url_holds_the_study_and_a_rerun_continues_it(run_cli,
     assert [t["number"] for t in lines(tmp_path / "plan.trials.jsonl")] == [0, 1, 2]
     code, _, err = search(run_cli, measured, out, "--trials", "3", "--storage", url, "--max-new-tokens", "7")
     assert code == 2 and "different max_new_tokens" in err, err
+
+
+def test_fidelity_full_generates_every_trial_as_before(run_cli, measured, tmp_path, monkeypatch):
+    """--fidelity full: no one-pass score is built, every trial's answers are generated (or it is KL-pruned), and a
+    trial's numbers are the Scorer's for its plan, as in the search before multi-fidelity."""
+    from abliterate.ablate.plan import parse_plan
+    from abliterate.evaluate.labels import AnswerLabeller
+    from abliterate.loading import load_model, load_tokenizer
+    from abliterate.measure.measurement_file import load_measurements
+    from abliterate.search import one_pass
+    from abliterate.search.objectives import Scorer
+    from abliterate.search.trial_edits import TrialEditor
+
+    def refuse(*a, **k):
+        raise AssertionError("--fidelity full built the one-pass score")
+
+    monkeypatch.setattr(one_pass, "OnePass", refuse)
+    out = tmp_path / "plan.yml"
+    code, stdout, err = search(run_cli, measured, out, "--trials", "3", "--fidelity", "full")
+    assert code == 0, err
+    trials = lines(tmp_path / "plan.trials.jsonl")
+    assert all(t["predicted_refusal_rate"] is None and t["confirmed"] == (t["pruned"] != "kl") for t in trials)
+    folder, meas = measured
+    model, tok = load_model(str(folder)), load_tokenizer(str(folder))
+    from abliterate.prompts.bundled import bundled_prompts
+    from abliterate.commands.search import spread
+
+    scorer = Scorer(model, tok, spread(bundled_prompts("harmful", "train"), 6),
+                    spread(bundled_prompts("harmless", "train"), 6), AnswerLabeller(), 6, 64)
+    import optuna
+    from abliterate.search.study import STUDY_NAME, records, storage_for
+
+    rec = records(optuna.load_study(study_name=STUDY_NAME, storage=storage_for(str(tmp_path / "plan.study.journal"))))[0]
+    with TrialEditor(model, load_measurements(meas)).applied(parse_plan(rec.plan, "trial 0", tmp_path)):
+        expected = scorer.score([], 0.1)
+    assert (trials[0]["refusals"], trials[0]["kl"]) == (expected.failures, pytest.approx(expected.kl, abs=1e-12))
+
+
+def test_the_default_search_picks_a_confirmed_trial(run_cli, measured, tmp_path):
+    out = tmp_path / "plan.yml"
+    code, _, err = search(run_cli, measured, out, "--trials", "8")
+    assert code == 0, err
+    assert "multi-fidelity search" in err
+    trials = lines(tmp_path / "plan.trials.jsonl")
+    chosen = int(out.read_text().split("# Trial ")[1].split()[0])
+    by = {t["number"]: t for t in trials}
+    assert by[chosen]["confirmed"] and by[chosen]["state"] == "complete" and by[chosen]["refusals"] is not None
+    assert all(t["predicted_refusal_rate"] is not None for t in trials if t["pruned"] is None)
+    assert all(t["refusals"] is None for t in trials if not t["confirmed"])

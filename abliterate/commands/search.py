@@ -2,7 +2,8 @@
 
 Loads the model once; each trial turns a few parameters (direction index, a layer-weight kernel per role group,
 projected, method) into a plan, applies it in memory, scores it (refusals on harmful train prompts, KL on
-harmless ones) and undoes it exactly. An Optuna study (multi-objective TPE, seeded with analyze's suggestion)
+harmless ones) and undoes it exactly. By default a trial is first scored in one forward pass (its KL and a
+predicted refusal rate); only trials that may join the front have their answers generated. An Optuna study (multi-objective TPE, seeded with analyze's suggestion)
 chooses the trials and is stored beside the plan, so a rerun continues it.
 """
 
@@ -21,8 +22,10 @@ EPILOG = """\
 outputs (beside -o PLAN.yml):
   PLAN.yml            the chosen plan for sharded_ablate.py; its comments name the trial, its refusals and KL,
                       and the rule that picked it (fewest refusals with KL <= --kl-max, then the lowest KL)
-  PLAN.trials.jsonl   one line per finished trial: number, parameters, refusal rate, KL, seconds
-  PLAN.pareto.png     refusals against KL for every trial, the Pareto front joined, the chosen trial marked
+  PLAN.trials.jsonl   one line per finished trial: number, parameters, generated and predicted refusal rate,
+                      whether generation confirmed it, KL, seconds
+  PLAN.pareto.png     refusals against KL for every trial (generated, or predicted for trials not confirmed),
+                      the Pareto front of the confirmed trials joined, the chosen trial marked
   PLAN.study.journal  the Optuna study (rerun with the same -o to continue it up to --trials in total)
 
 quantized models: with --quant 4bit|8bit (bitsandbytes, CUDA) or GPT-OSS MXFP4 experts kept quantized, a
@@ -65,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampler seed (default 0; give each parallel process its own)")
     s.add_argument("--storage", default=None, metavar="URL_OR_FILE",
                    help="an Optuna storage URL or journal file for the study (default: PLAN.study.journal)")
+    s.add_argument("--fidelity", choices=("multi", "full"), default="multi",
+                   help="multi (default): every trial is scored by one forward pass (its KL, and how likely it "
+                        "still opens the base's answers to the harmful prompts); only trials that may join the "
+                        "front are confirmed by generating their answers, and only confirmed trials are picked. "
+                        "full: every trial's answers are generated (the slower search of earlier versions)")
+    s.add_argument("--confirm-share", type=float, default=0.1, metavar="SHARE",
+                   help="with --fidelity multi, the share of trials predicted to be dominated that are confirmed "
+                        "anyway, to keep the prediction honest (default 0.1)")
     s.add_argument("--no-early-stop", action="store_true",
                    help="generate every answer to the end: no per-row stop at a refusal marker, no stop for a "
                         "dominated trial (the --kl-prune skip still applies)")
@@ -102,6 +113,8 @@ def _check_args(args) -> None:
     for flag, value in (("--kl-max", args.kl_max), ("--kl-prune", args.kl_prune), ("--timeout", args.timeout)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"{flag} {value}: must be a positive number")
+    if not (math.isfinite(args.confirm_share) and 0 <= args.confirm_share <= 1):
+        raise UserError(f"--confirm-share {args.confirm_share}: must be a share between 0 and 1")
     if args.kl_prune < 1:
         raise UserError(f"--kl-prune {args.kl_prune}: must be at least 1 (a factor of --kl-max)")
     if args.pick is not None and args.pick < 0:
@@ -146,7 +159,8 @@ def _main(argv=None) -> int:
         kl_max=args.kl_max, kl_prune=args.kl_prune, harmful=harmful, harmless=harmless,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system, seed=args.seed,
         pick=args.pick, storage=args.storage, output_model=args.output_model, labeller=labeller, loading=args,
-        early_stop=not args.no_early_stop, progress=not args.no_progress)
+        early_stop=not args.no_early_stop, progress=not args.no_progress, fidelity=args.fidelity,
+        confirm_share=args.confirm_share)
     result = run_search(options, config, m)
     _summary(result, options)
     return 0
@@ -159,9 +173,11 @@ def _summary(r, o) -> None:
         print(note, file=sys.stderr)
     recs = r.records
     pruned = sum(x.state == "pruned" for x in recs)
+    predicted = sum(x.state == "predicted" for x in recs)
     timed = [x.seconds for x in recs if x.seconds > 0]
     per_trial = f", {sum(timed) / len(timed):.2f} s per trial on average" if timed else ""
-    print(f"study      {len(recs)} finished trials ({r.ran} run now, {pruned} pruned){per_trial}; "
+    one_pass = f", {predicted} scored by the one-pass score only" if predicted else ""
+    print(f"study      {len(recs)} finished trials ({r.ran} run now, {pruned} pruned{one_pass}){per_trial}; "
           f"{r.seconds:.1f} s in all")
     c = r.chosen
     print(f"chosen     trial {c.number}: refusals {c.failures}/{c.n_harmful} ({c.refusal_rate:.1%}), KL {c.kl:.4g}")

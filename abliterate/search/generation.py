@@ -66,9 +66,14 @@ def marker_refusal(labeller, answer: str, prompt: str, whole_text: bool) -> bool
 
 def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, labeller=None,
                    batch_size: int = 64, system: str | None = None,
-                   stop: Callable[[int], bool] | None = None, early_stop: bool = True) -> GenerationResult:
+                   stop: Callable[[int], bool] | None = None, early_stop: bool = True,
+                   prefix: Sequence[int] = ()) -> GenerationResult:
     """Greedy answers of `prompts` (see the module docstring). `labeller` enables the per-row marker stop;
-    `stop(failures)` returning True ends everything (answers then hold only the finished rows)."""
+    `stop(failures)` returning True ends everything (answers then hold only the finished rows). `prefix`: token
+    ids every rendered prompt starts with, run once (a batch of one) and continued by each batch as a KV cache,
+    the rows left-padded after it (the caller checks that this reproduces the plain answers: `prefix_agrees`)."""
+    import copy
+
     import torch
 
     harmony = is_harmony(tokenizer)
@@ -79,17 +84,34 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     results: dict[int, dict] = {}
     failures = 0
     steps = 0
+    shared = None
+    if prefix:
+        with torch.inference_mode():  # the model as it is now (a trial's edit): once per call
+            shared = _cache_of(model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True))
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         rendered = [prompting.render(tokenizer, prompting.user_messages(p, system)) for p in chunk]
-        batch = prompting.encode(tokenizer, rendered, device=device)
-        mask = batch["attention_mask"]
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        if shared is None:
+            batch = prompting.encode(tokenizer, rendered, device=device)
+            ids, mask, skip, extra = batch["input_ids"], batch["attention_mask"], 0, {}
+        else:
+            skip = len(prefix)
+            own = [x[skip:] for x in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+            width = max(len(x) for x in own)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in own], device=device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in own], device=device)
+            cache = copy.deepcopy(shared)
+            cache.batch_repeat_interleave(len(own))
+            extra = {cache_kw: cache}
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + skip
+        if skip:  # the mask covers the cached prefix too, so later steps append to one mask of the whole row
+            mask = torch.cat([mask.new_ones((mask.shape[0], skip)), mask], dim=1)
         rows = list(range(len(chunk)))  # batch row -> index in chunk, for the rows still answering
         generated: list[list[int]] = [[] for _ in chunk]
         with torch.inference_mode():
-            out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
-                        **last_only)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only,
+                        **extra)
             cache = _cache_of(out)
             next_ids = out.logits[:, -1, :].argmax(-1)
             last_pos = positions[:, -1]
@@ -98,6 +120,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                 for b, i in enumerate(rows):
                     token = int(next_ids[b])
                     done = token in eos
+                    ended = "eos" if done else "budget"
                     if not done:
                         generated[i].append(token)
                         done = len(generated[i]) >= max_new_tokens
@@ -106,7 +129,8 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                         _, parts, whole = _judged_text(tokenizer, generated[i], harmony, rendered[i], final=False)
                         refused = marker_refusal(labeller, parts.answer, chunk[i], whole)
                     if done or refused:
-                        answer = _answer(tokenizer, chunk[i], generated[i], harmony, rendered[i], refused)
+                        answer = _answer(tokenizer, chunk[i], generated[i], harmony, rendered[i], refused,
+                                         "marker" if refused else ended, token)
                         results[start + i] = answer
                         failures += _failed(answer, labeller)
                     else:
@@ -134,6 +158,24 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     return GenerationResult([results[k] for k in sorted(results)], False, failures, steps)
 
 
+def shared_prefix(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, system: str | None = None,
+                  min_length: int = 8) -> list[int]:
+    """The token ids every rendered prompt starts with, when long enough to be worth a cache and safe: no sliding
+    window that the padding after the prefix could push prefix tokens out of. [] otherwise."""
+    from abliterate.loading import text_config
+    from abliterate.measure.prefix_cache import shared_prefix_length
+
+    rendered = [prompting.render(tokenizer, prompting.user_messages(p, system)) for p in prompts]
+    ids = [list(x) for x in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+    n = shared_prefix_length(ids)
+    if n < min_length:
+        return []
+    window = getattr(text_config(model.config), "sliding_window", None)
+    if window and max(len(x) for x in ids) + max_new_tokens > int(window):
+        return []
+    return ids[0][:n]
+
+
 def _failed(answer: dict, labeller) -> int:
     """Label a finished answer in place (evaluate's judge); 1 when it is not an answer (refusal, degenerate).
     A marker stop is a failure even without a labeller to judge the rest."""
@@ -155,6 +197,13 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values
 
 
-def _answer(tokenizer, prompt: str, ids: list[int], harmony: bool, rendered: str, stopped_early: bool) -> dict:
-    """evaluate's answer row (what `label_answers` judges), plus `stopped_early`."""
-    return {**answer_row(tokenizer, prompt, ids, harmony, rendered), "stopped_early": stopped_early}
+def _answer(tokenizer, prompt: str, ids: list[int], harmony: bool, rendered: str, stopped_early: bool,
+            ended: str = "budget", last: int | None = None) -> dict:
+    """evaluate's answer row (what `label_answers` judges), plus `stopped_early`, the generated `ids`, and how the
+    row `ended` ("marker", "eos" with the `eos_id` it ended on, or "budget"): the one-pass score
+    (abliterate.search.one_pass) teacher-forces these ids, and knows from `ended` when they are the whole row."""
+    row = {**answer_row(tokenizer, prompt, ids, harmony, rendered), "stopped_early": stopped_early,
+           "ids": list(ids), "ended": ended}
+    if ended == "eos":
+        row["eos_id"] = last
+    return row

@@ -7,6 +7,8 @@
   away from the very edits that stop over-refusal (evaluate reports this KL as "base answered" too). When the
   base answers fewer than half of them, every prompt counts (the rule would leave too few). The base's answers
   (greedy, the same token budget) and log-probabilities are computed once, before any edit, and reused.
+- Generation runs the chat-template prefix every harmful prompt shares once per trial (abliterate.search.generation,
+  `prefix`), when a few of the unedited model's answers are the same tokens with and without it.
 - Refusals: the share of harmful search prompts whose short greedy answer is not an answer (labelled refusal or
   degenerate, as evaluate labels them: a broken model is not a compliant one).
 
@@ -26,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 KL_PRUNE_FACTOR = 4.0
+PREFIX_PROBE = 4  # harmful prompts answered with and without the cached prefix before it is trusted
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Scorer:
         self.harmful, self.harmless = list(harmful), list(harmless)
         self.max_new_tokens, self.batch_size, self.system = max_new_tokens, batch_size, system
         self.kl_prompts, self.kl_note = self._prompts_the_base_answers()
+        self.prefix, self.prefix_note = self._shared_prefix()
         # The unedited model's distributions, computed once: every trial's KL is against these.
         self.base_logprobs = next_token_logprobs(model, tokenizer, self.kl_prompts, batch_size, system,
                                                  progress=False)
@@ -86,6 +90,24 @@ class Scorer:
         return answered, (f"KL on the {n} of {total} harmless prompts the base answers (the {total - n} it refuses "
                           "or breaks are left out: changing those is the point)")
 
+    def _shared_prefix(self) -> tuple[list[int], str]:
+        """The chat-template prefix every harmful prompt shares, run once per trial's generation, when a few
+        prompts' greedy answers on the unedited model are the same tokens with and without it; and a line."""
+        from abliterate.search.generation import greedy_answers, shared_prefix
+
+        prefix = shared_prefix(self.model, self.tokenizer, self.harmful, self.max_new_tokens, self.system)
+        if not prefix:
+            return [], "generation: no shared prompt prefix worth caching"
+        probe = self.harmful[:PREFIX_PROBE]
+        try:
+            runs = [greedy_answers(self.model, self.tokenizer, probe, self.max_new_tokens, None, self.batch_size,
+                                   self.system, early_stop=False, prefix=p).answers for p in ((), prefix)]
+        except Exception as exc:  # model-specific caches: any failure means plain generation
+            return [], f"generation: the shared prompt prefix could not be cached ({type(exc).__name__})"
+        if [a["ids"] for a in runs[0]] != [a["ids"] for a in runs[1]]:
+            return [], "generation: answers differ with the shared prompt prefix cached; generating plainly"
+        return prefix, f"generation: the shared {len(prefix)}-token prompt prefix runs once per trial"
+
     def kl(self) -> float:
         from abliterate.evaluate.model_eval import kl_divergence, next_token_logprobs
 
@@ -96,19 +118,28 @@ class Scorer:
     def score(self, finished: Sequence[tuple[float, int]] = (), kl_max: float = 0.1,
               kl_prune: float = KL_PRUNE_FACTOR, early_stop: bool = True) -> TrialScore:
         """KL, then answers, with the pruning rules of the module docstring against `finished` trials."""
-        from abliterate.search.generation import greedy_answers
-
         started = time.perf_counter()
         n = len(self.harmful)
         kl = self.kl()
         if kl > kl_prune * kl_max and any(other_kl < kl for other_kl, _ in finished):
             return TrialScore(kl, n, None, 0, "kl", {}, time.perf_counter() - started)
-        front = list(finished)
+        return self.answers(kl, finished, early_stop, started)
+
+    def answers(self, kl: float, finished: Sequence[tuple[float, int]] = (), early_stop: bool = True,
+                started: float | None = None, dominance: bool = True) -> TrialScore:
+        """The answers part of `score` for a trial whose KL is known. `dominance=False` keeps the per-row stops
+        but never stops the whole trial (the multi-fidelity search's calibration and audit trials need their
+        refusal count even when they are dominated)."""
+        from abliterate.search.generation import greedy_answers
+
+        started = time.perf_counter() if started is None else started
+        n = len(self.harmful)
+        front = list(finished) if dominance else []
         if early_stop and dominated(kl, 0, front):  # a finished trial with less KL already refuses nothing
             return TrialScore(kl, n, None, 0, "dominated", {}, time.perf_counter() - started)
         stop = (lambda failures: dominated(kl, failures, front)) if early_stop and front else None
         gen = greedy_answers(self.model, self.tokenizer, self.harmful, self.max_new_tokens, self.labeller,
-                             self.batch_size, self.system, stop=stop, early_stop=early_stop)
+                             self.batch_size, self.system, stop=stop, early_stop=early_stop, prefix=self.prefix)
         labels: dict[str, int] = {}
         for a in gen.answers:
             labels[a["label"]] = labels.get(a["label"], 0) + 1
@@ -118,3 +149,11 @@ class Scorer:
         if gen.stopped:
             return TrialScore(kl, n, None, gen.failures, "dominated", labels, seconds, tokens, samples)
         return TrialScore(kl, n, gen.failures, gen.failures, None, labels, seconds, tokens, samples)
+
+    def base_harmful_answers(self, early_stop: bool = True) -> list[dict]:
+        """The unedited model's labelled answers to the harmful prompts, with the same budget and per-row stops a
+        trial's get (the multi-fidelity search teacher-forces their openings: abliterate.search.one_pass)."""
+        from abliterate.search.generation import greedy_answers
+
+        return greedy_answers(self.model, self.tokenizer, self.harmful, self.max_new_tokens, self.labeller,
+                              self.batch_size, self.system, early_stop=early_stop, prefix=self.prefix).answers

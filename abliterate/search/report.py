@@ -56,12 +56,17 @@ def _fmt(v) -> str:
 
 
 def trials_lines(rs: list[TrialRecord]) -> str:
-    """One JSON object per finished trial: number, state, parameters, refusal rate, KL, seconds."""
+    """One JSON object per finished trial: number, state (complete, predicted: scored by the one pass only, or
+    pruned), parameters, the generated refusal rate (null unless confirmed), the predicted one (null under
+    --fidelity full), whether generation confirmed the trial, KL, seconds."""
     out = []
     for r in rs:
+        one = r.one_pass or {}
         out.append(json.dumps({
             "number": r.number, "state": r.state, "pruned": r.pruned, "seed": r.seed, "params": r.params,
             "refusal_rate": r.refusal_rate, "refusals": r.failures, "refusals_at_least": r.failures_at_least,
+            "predicted_refusal_rate": r.predicted, "one_pass_raw": one.get("raw_rate"),
+            "confirmed": r.generated, "decision": one.get("decision"),
             "n_harmful": r.n_harmful, "kl": r.kl, "seconds": round(r.seconds, 3),
             "layers": [e["layer"] for e in (r.plan or {}).get("ablate", [])],
         }, sort_keys=False, allow_nan=False))
@@ -99,6 +104,16 @@ def draw_pareto(rs: list[TrialRecord], path: str | Path, chosen: int | None, kl_
     pruned = [r for r in pruned if r.pruned != "kl"]
     seeds = [r for r in done if r.seed]
     others = [r for r in done if not r.seed]
+    predicted = [r for r in rs if r.state == "predicted" and r.predicted is not None and r.kl is not None]
+    if predicted:
+        ax.scatter([x(r) for r in predicted], [r.predicted for r in predicted], s=22, facecolors="none",
+                   edgecolors="tab:purple", alpha=0.7, label="not confirmed: predicted by the one-pass score")
+    checked = [r for r in done if r.predicted is not None]
+    if checked:  # confirmed trials: a thin line from the prediction to the generated rate
+        for r in checked:
+            ax.plot([x(r), x(r)], [r.predicted, r.refusal_rate], color="tab:purple", linewidth=0.6, alpha=0.5)
+        ax.scatter([x(r) for r in checked], [r.predicted for r in checked], s=10, color="tab:purple", marker="_",
+                   alpha=0.7, label="confirmed trial's prediction (line to its generated rate)")
     ax.scatter([x(r) for r in others], [r.refusal_rate for r in others], s=22, color="tab:blue", alpha=0.7,
                label="trial")
     if seeds:
@@ -122,7 +137,7 @@ def draw_pareto(rs: list[TrialRecord], path: str | Path, chosen: int | None, kl_
     ax.set_xscale("log")
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("KL(base || trial), harmless prompts, first answer token (log scale)")
-    ax.set_ylabel("refusal rate, harmful search prompts (refusals + degenerate)")
+    ax.set_ylabel("refusal rate, harmful search prompts (refusals + degenerate; generated unless marked)")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title or f"{len(rs)} trials", fontsize=11)

@@ -43,6 +43,8 @@ class SearchOptions:
     loading: object = None  # the argparse namespace with the shared model-loading flags
     early_stop: bool = True
     progress: bool = True
+    fidelity: str = "multi"  # "multi": one-pass score for all, generation to confirm (search.fidelity); "full"
+    confirm_share: float = 0.1  # the audit share of the multi-fidelity confirm rule
 
 
 @dataclass
@@ -194,6 +196,8 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> in
     model, tokenizer = load_from_args(o.model, o.loading, "--model")
     scorer = Scorer(model, tokenizer, o.harmful, o.harmless, o.labeller, o.max_new_tokens, o.batch_size, o.system)
     print(f"note: {scorer.kl_note}", file=sys.stderr)
+    print(f"note: {scorer.prefix_note}", file=sys.stderr)
+    one_pass = _one_pass(o, model, tokenizer, scorer) if o.fidelity == "multi" else None
     editor = TrialEditor(model, measurements)
     hooked_only = bool(editor.hooked)  # weights edited through hooks: only the conventional method applies
     if hooked_only:
@@ -214,9 +218,12 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> in
         trial.set_user_attr("plan", plan_to_dict(plan))
         if hooked_only and plan.method != "conventional":
             return unscored("method needs float weights")
+        if one_pass is not None:
+            return _multi_fidelity_trial(o, trial, study, editor, plan, scorer, one_pass)
         finished = st.finished_points(study)
         with editor.applied(plan):
             score = scorer.score(finished, o.kl_max, o.kl_prune, early_stop=o.early_stop)
+        trial.set_user_attr("generated", score.pruned != "kl")
         trial.set_user_attr("score", score.to_dict())
         trial.set_constraint(st.CONSTRAINT, score.kl - o.kl_max)
         if score.pruned:
@@ -226,6 +233,58 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> in
     refresh = lambda: _write_trials(o, study)  # noqa: E731  (the table stays current if the run is killed)
     timeout = o.timeout_min * 60 if o.timeout_min else None
     return st.run_trials(study, o.trials, run_one, o.kl_max, timeout, o.progress, refresh)
+
+
+def _one_pass(o: SearchOptions, model, tokenizer, scorer):
+    """The one-pass scorer: the base's harmful answers generated and labelled once, their openings to teacher-force."""
+    from abliterate.search.one_pass import OnePass, openings
+
+    answers = scorer.base_harmful_answers(o.early_stop)
+    failed = sum(a["label"] != "answer" for a in answers)
+    print(f"note: multi-fidelity search: the base fails (refuses or breaks) {failed} of {len(answers)} harmful "
+          "prompts; every trial is scored by one forward pass over their openings, and only trials that may join "
+          "the front are confirmed by generating their answers (--fidelity full generates every trial)",
+          file=sys.stderr)
+    one_pass = OnePass(model, tokenizer, openings(tokenizer, answers, o.system), scorer.kl_prompts,
+                       scorer.base_logprobs, len(o.harmful), o.batch_size, o.system)
+    print(f"note: {one_pass.prefix_note}", file=sys.stderr)
+    return one_pass
+
+
+def _multi_fidelity_trial(o: SearchOptions, trial, study, editor, plan, scorer, one_pass):
+    """Score a trial by the one pass; generate its answers only when abliterate.search.fidelity says so."""
+    from abliterate.search import fidelity
+    from abliterate.search import study as st
+
+    recs = st.records(study)
+    confirmed = [(r.kl, r.failures) for r in st.complete(recs)]
+    cal = fidelity.calibrate(st.calibration_pairs(recs))
+    n = len(o.harmful)
+    with editor.applied(plan):
+        one = one_pass.score()
+        d = fidelity.decide(one.kl, one.raw_rate, one.certain_failures, n, confirmed, cal, o.kl_max, o.kl_prune,
+                            fidelity.audit_draw(o.seed, trial.number), o.confirm_share)
+        score = None
+        if d.action == "confirm":
+            score = scorer.answers(one.kl, confirmed, o.early_stop, dominance=d.reason == "may join the front")
+    trial.set_user_attr("one_pass", {**one.to_dict(), "predicted_rate": round(d.predicted_rate, 6),
+                                     "optimistic_failures": d.optimistic_failures, "decision": d.reason,
+                                     "calibration": cal.to_dict()})
+    trial.set_user_attr("generated", score is not None)
+    trial.set_constraint(st.CONSTRAINT, one.kl - o.kl_max)
+    if score is None:
+        trial.set_user_attr("score", {"kl": one.kl, "n_harmful": n, "failures": None,
+                                      "failures_at_least": one.certain_failures,
+                                      "pruned": d.reason if d.action == "prune" else None, "seconds": one.seconds})
+        if d.action == "prune":
+            return "pruned", None
+        return "complete", (d.predicted_rate, one.kl)  # the sampler learns from the prediction
+    score.seconds += one.seconds
+    score.failures_at_least = max(score.failures_at_least, one.certain_failures)
+    trial.set_user_attr("score", score.to_dict())
+    if score.pruned:
+        return "pruned", None
+    return "complete", (score.refusal_rate, score.kl)
 
 
 def _write_trials(o: SearchOptions, study) -> None:

@@ -18,6 +18,11 @@ running) and marks a trial it asked for beyond that as failed ("over budget"), s
 overshoot. A trial left RUNNING by a process that died on this machine is marked failed when the next search
 starts here.
 
+Fidelity (abliterate.search.fidelity): in the default multi-fidelity search a trial whose answers were not
+generated is told COMPLETE with (its predicted refusal rate, its KL), so the sampler learns from it, but its
+record's state is "predicted" (user attribute `generated` false): the front, the pick and the plan use only
+generated ("complete") trials.
+
 Pick rule (`pick`): among finished trials with KL <= --kl-max, the fewest refusals, then the lowest KL, then the
 earlier trial. When none is that close to the base model, the trial with the lowest KL (the one nearest to the
 constraint) and a warning: raise --kl-max or run more trials.
@@ -55,6 +60,10 @@ class TrialRecord:
     params: dict
     plan: dict | None
     seconds: float
+    # Multi-fidelity (abliterate.search.fidelity): was the trial's answers generated, its one-pass numbers.
+    generated: bool = True
+    predicted: float | None = None  # the calibrated one-pass refusal rate (None under --fidelity full)
+    one_pass: dict | None = None  # raw_rate, certain_failures, decision, calibration, seconds
 
     @property
     def refusal_rate(self) -> float | None:
@@ -226,14 +235,27 @@ def records(study) -> list[TrialRecord]:
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         score = t.user_attrs.get("score") or {}
+        one = t.user_attrs.get("one_pass")
+        generated = t.user_attrs.get("generated")
+        if generated is None:  # a trial of a study run before the attribute existed: the full search's
+            generated = t.state == TrialState.COMPLETE or score.get("pruned") == "dominated"
+        # A trial scored by the one pass only is COMPLETE for the sampler (its values are the predicted rate and
+        # the KL) but not for the front, the pick or the plan.
+        state = ("pruned" if t.state == TrialState.PRUNED else "complete" if generated else "predicted")
         out.append(TrialRecord(
-            number=t.number, state="complete" if t.state == TrialState.COMPLETE else "pruned",
-            kl=score.get("kl"), failures=score.get("failures") if t.state == TrialState.COMPLETE else None,
+            number=t.number, state=state,
+            kl=score.get("kl"), failures=score.get("failures") if state == "complete" else None,
             failures_at_least=int(score.get("failures_at_least") or 0), n_harmful=int(score.get("n_harmful") or 0),
             pruned=score.get("pruned") if t.state == TrialState.PRUNED else None, seed=t.user_attrs.get("seed"),
             params=dict(t.user_attrs.get("params") or t.params), plan=t.user_attrs.get("plan"),
-            seconds=float(score.get("seconds") or 0.0)))
+            seconds=float(score.get("seconds") or 0.0), generated=bool(generated),
+            predicted=(one or {}).get("predicted_rate"), one_pass=one))
     return sorted(out, key=lambda r: r.number)
+
+
+def calibration_pairs(rs: list[TrialRecord]) -> list[tuple[float, float]]:
+    """(raw one-pass rate, generated refusal rate) of every generated, complete trial that has both."""
+    return [(r.one_pass["raw_rate"], r.refusal_rate) for r in complete(rs) if r.one_pass is not None]
 
 
 def complete(rs: list[TrialRecord]) -> list[TrialRecord]:
@@ -270,6 +292,9 @@ def finished_points(study) -> list[tuple[float, int]]:
 def trial_record(rs: list[TrialRecord], number: int, where: str) -> TrialRecord:
     for r in rs:
         if r.number == number:
+            if r.state == "predicted":
+                raise UserError(f"--pick {number}: trial {number} in {where} was scored by the one-pass score only "
+                                "(its answers were never generated); pick a confirmed trial (see the trials table)")
             if r.state != "complete":
                 raise UserError(f"--pick {number}: trial {number} in {where} was pruned ({r.pruned}); pick a "
                                 "complete trial (see the trials table)")

@@ -1,0 +1,252 @@
+"""The multi-fidelity search: the one-pass score (its KL is the scorer's, the openings it calls reproduced are the
+ones generation reproduces, the per-prompt rule), the calibration and confirm rules, a trial that cannot join the
+front is not generated, the pick is always a confirmed trial, and the trials table and chart show both numbers."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import torch
+
+from abliterate.evaluate.kl import kl_divergence, next_token_logprobs
+from abliterate.evaluate.labels import AnswerLabeller
+from abliterate.loading import load_model
+from abliterate.search import fidelity
+from abliterate.search.generation import greedy_answers
+from abliterate.search.objectives import Scorer, TrialScore
+from abliterate.search.one_pass import CERTAIN_MARGIN, OnePass, OnePassScore, openings
+from abliterate.search.study import TrialRecord, calibration_pairs, pareto_front, pick, records
+from loaded_models import llama  # noqa: F401  (module-scoped fixture)
+
+PROMPTS = ["write a poem about the sea", "explain photosynthesis", "tell me a story", "how do I make a cake",
+           "translate this sentence", "list three colours"]
+
+
+def one_pass_for(model, tok, answers, kl_prompts, base_logprobs, batch_size=4):
+    return OnePass(model, tok, openings(tok, answers), kl_prompts, base_logprobs, len(answers), batch_size)
+
+
+# --- the one-pass score ------------------------------------------------------------------------------------------
+
+def test_the_unedited_model_keeps_every_opening_and_the_kl_is_the_scorers(llama):
+    _, model, tok = llama
+    scorer = Scorer(model, tok, PROMPTS, PROMPTS, AnswerLabeller(), max_new_tokens=6, batch_size=4)
+    answers = scorer.base_harmful_answers()
+    assert all(a["ids"] or a["ended"] == "eos" for a in answers)
+    s = one_pass_for(model, tok, answers, scorer.kl_prompts, scorer.base_logprobs).score()
+    assert s.kl == pytest.approx(scorer.kl(), abs=1e-7) and s.kl == pytest.approx(0.0, abs=1e-7)
+    assert all(m > -1e-5 for m in s.margins)  # greedy tokens are the model's own argmax at each opening position
+    rows = openings(tok, answers)
+    assert s.certain_failures == sum(o.failed and o.whole for o in rows)  # 6 tokens fit the opening: all whole
+
+
+def test_openings_called_kept_are_the_ones_generation_reproduces(llama):
+    """The exactness the certain failures rest on: where the pass says every opening token stays the trial's
+    greedy choice, the trial's generated row starts with those tokens; where it says one does not, it does not."""
+    folder, base, tok = llama
+    model = load_model(str(folder))
+    scorer = Scorer(base, tok, PROMPTS, PROMPTS, AnswerLabeller(), max_new_tokens=8, batch_size=3)
+    answers = scorer.base_harmful_answers(early_stop=False)
+    one = one_pass_for(model, tok, answers, scorer.kl_prompts, scorer.base_logprobs, batch_size=5)
+    kept = changed = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.model.layers[-1].mlp.parameters():
+                p.add_(torch.randn_like(p) * 0.02 * (seed + 1))
+        s = one.score()
+        plain = next_token_logprobs(model, tok, scorer.kl_prompts, 4, progress=False)  # the full search's KL
+        assert s.kl > 0 and s.kl == pytest.approx(float(kl_divergence(scorer.base_logprobs, plain).mean()), rel=1e-5)
+        trial = greedy_answers(model, tok, PROMPTS, 8, AnswerLabeller(), batch_size=3, early_stop=False).answers
+        for row, mine, margin in zip(one.rows, trial, s.margins):
+            produced = mine["ids"] + ([mine["eos_id"]] if mine["ended"] == "eos" else [])
+            if margin > CERTAIN_MARGIN["float32"]:
+                assert produced[:len(row.tokens)] == row.tokens
+                kept += 1
+            elif margin < -CERTAIN_MARGIN["float32"]:
+                assert produced[:len(row.tokens)] != row.tokens
+                changed += 1
+    assert kept and changed  # both kinds were seen
+
+
+def test_the_shared_prefix_runs_once_and_gives_the_plain_pass_numbers(llama):
+    folder, _, tok = llama
+    model = load_model(str(folder))
+    system = "You are a careful assistant. Answer briefly, plainly and politely, in one or two sentences."
+    scorer = Scorer(model, tok, PROMPTS, PROMPTS, AnswerLabeller(), max_new_tokens=6, batch_size=4, system=system)
+    rows = openings(tok, scorer.base_harmful_answers(), system)
+    cached = OnePass(model, tok, rows, scorer.kl_prompts, scorer.base_logprobs, len(PROMPTS), 4, system)
+    plain = OnePass(model, tok, rows, scorer.kl_prompts, scorer.base_logprobs, len(PROMPTS), 4, system)
+    plain.prefix = []
+    assert "runs once per trial" in cached.prefix_note and len(cached.prefix) > 20
+    with torch.no_grad():
+        for p in model.model.layers[0].self_attn.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    a, b = cached.score(), plain.score()
+    assert a.kl > 0 and a.kl == pytest.approx(b.kl, rel=1e-4, abs=1e-9)
+    assert a.margins == pytest.approx(b.margins, abs=1e-4) and a.certain_failures == b.certain_failures
+
+
+def test_generation_with_the_shared_prefix_gives_the_plain_answers(llama):
+    from abliterate.search.generation import shared_prefix
+
+    _, model, tok = llama
+    system = "You are a careful assistant. Answer briefly, plainly and politely, in one or two sentences."
+    prefix = shared_prefix(model, tok, PROMPTS, 10, system)
+    assert len(prefix) > 20 and shared_prefix(model, tok, PROMPTS, 10) == []  # the bare template shares too little
+    plain = greedy_answers(model, tok, PROMPTS, 10, AnswerLabeller(), batch_size=4, system=system, early_stop=False)
+    cached = greedy_answers(model, tok, PROMPTS, 10, AnswerLabeller(), batch_size=4, system=system, early_stop=False,
+                            prefix=prefix)
+    assert [a["ids"] for a in cached.answers] == [a["ids"] for a in plain.answers]
+    assert [a["label"] for a in cached.answers] == [a["label"] for a in plain.answers]
+    scorer = Scorer(model, tok, PROMPTS, PROMPTS, AnswerLabeller(), max_new_tokens=10, batch_size=4, system=system)
+    assert scorer.prefix == prefix and "runs once per trial" in scorer.prefix_note
+
+
+def test_a_prompt_counts_its_kept_opening_as_a_refusal_only_where_the_base_failed(llama):
+    _, model, tok = llama
+    scorer = Scorer(model, tok, PROMPTS, PROMPTS[:2], AnswerLabeller(), max_new_tokens=4, batch_size=8)
+    answers = scorer.base_harmful_answers()
+    one = one_pass_for(model, tok, answers, scorer.kl_prompts, scorer.base_logprobs)
+    first = one.score()
+    for row in one.rows:
+        row.failed = not row.failed
+    flipped = one.score()
+    assert flipped.raw_rate == pytest.approx(1.0 - first.raw_rate, abs=1e-9)
+    assert first.certain_failures + flipped.certain_failures == sum(o.whole for o in one.rows)
+
+
+# --- calibration and the confirm rule ----------------------------------------------------------------------------
+
+def test_calibration_fits_a_line_and_trusts_it_only_as_far_as_it_was_right():
+    assert fidelity.calibrate([(0.2, 0.1), (0.4, 0.3)]).margin == 1.0  # too few points: no trust
+    exact = fidelity.calibrate([(0.2, 0.1), (0.4, 0.3), (0.6, 0.5), (0.8, 0.7)])
+    assert exact.slope == pytest.approx(1.0) and exact.intercept == pytest.approx(-0.1)
+    assert exact.margin == fidelity.MIN_MARGIN and exact.rate(0.05) == 0.0  # clipped to [0, 1]
+    noisy = fidelity.calibrate([(0.2, 0.1), (0.4, 0.5), (0.6, 0.5), (0.8, 0.7)])
+    assert noisy.margin > fidelity.MIN_MARGIN
+    assert fidelity.calibrate([(0.2, 0.7), (0.4, 0.5), (0.6, 0.3)]).margin == 1.0  # ranks backwards: no trust
+
+
+def test_the_decision_rules_in_order():
+    cal = fidelity.calibrate([(x / 10, x / 10) for x in range(10)])
+    confirmed = [(0.01, 3), (0.05, 1), (0.02, 2), (0.5, 0), (0.2, 0), (0.03, 2)]  # (KL, failures) of 10 prompts
+    decide = lambda kl, raw, certain=0, draw=0.5, done=confirmed: fidelity.decide(  # noqa: E731
+        kl, raw, certain, 10, done, cal, kl_max=0.1, kl_prune=4.0, draw=draw, share=0.1)
+    assert decide(0.6, 0.0).reason == "kl" and decide(0.6, 0.0).action == "prune"
+    assert decide(0.06, 0.0, certain=1).reason == "dominated"  # (0.05, 1) dominates it whatever generation says
+    assert decide(0.15, 0.0).reason == "over --kl-max"  # cannot be picked: a confirmed trial is under 0.1
+    assert decide(0.04, 0.9).reason == "predicted dominated" and decide(0.04, 0.9).action == "skip"
+    assert decide(0.04, 0.9, draw=0.05).reason == "audit"
+    assert decide(0.04, 0.0).reason == "may join the front" and decide(0.04, 0.0).action == "confirm"
+    # Less KL than every confirmed trial, but predicted to refuse more than the pick (0.05, 1): never picked.
+    assert decide(0.005, 0.5).reason == "predicted above the pick" and decide(0.005, 0.15).action == "confirm"
+    assert decide(0.04, 0.9, done=confirmed[:3]).reason == "calibration"  # too few confirmed yet
+
+
+class FakeOnePass:
+    def __init__(self, kl, raw, certain=0):
+        self.result = OnePassScore(kl, raw, certain, 10, 0.01)
+
+    def score(self):
+        return self.result
+
+
+class FakeScorer:
+    def __init__(self, failures):
+        self.failures, self.calls = failures, []
+
+    def answers(self, kl, finished=(), early_stop=True, started=None, dominance=True):
+        self.calls.append(dominance)
+        return TrialScore(kl, 10, self.failures, self.failures, None, {}, 0.5)
+
+
+def confirmed_study(points):
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for raw, failures, kl in points:
+        t = study.ask()
+        t.set_user_attr("generated", True)
+        t.set_user_attr("one_pass", {"raw_rate": raw, "predicted_rate": raw})
+        t.set_user_attr("score", {"kl": kl, "n_harmful": 10, "failures": failures, "failures_at_least": failures,
+                                  "pruned": None, "seconds": 1.0})
+        study.tell(t, (failures / 10, kl))
+    return study
+
+
+def test_a_trial_that_cannot_join_the_front_is_not_generated_and_is_never_picked():
+    from abliterate.search.runner import SearchOptions, _multi_fidelity_trial
+
+    study = confirmed_study([(x / 10, x, 0.01 * (x + 1)) for x in range(2, 8)])  # generated rate = raw
+    o = SearchOptions("m", Path("m.safetensors"), Path("plan.yml"), harmful=["h"] * 10, confirm_share=0.0)
+    editor = SimpleNamespace(applied=lambda plan: contextlib.nullcontext())
+
+    def run(one, scorer):
+        trial = study.ask()
+        state, values = _multi_fidelity_trial(o, trial, study, editor, None, scorer, one)
+        if state == "complete":
+            study.tell(trial, values)
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return trial.number
+
+    hopeless = FakeScorer(failures=9)
+    skipped = run(FakeOnePass(kl=0.05, raw=0.9), hopeless)  # predicted 9/10 where (0.03, 2/10) is confirmed
+    assert hopeless.calls == []
+    promising = FakeScorer(failures=1)
+    confirmed = run(FakeOnePass(kl=0.005, raw=0.1), promising)
+    assert promising.calls == [True]  # generated, with the dominated-trial stop
+    rs = {r.number: r for r in records(study)}
+    assert rs[skipped].state == "predicted" and not rs[skipped].generated and rs[skipped].failures is None
+    assert rs[skipped].predicted == pytest.approx(0.9) and rs[skipped].one_pass["decision"] == "predicted dominated"
+    assert rs[confirmed].state == "complete" and rs[confirmed].failures == 1 and rs[confirmed].generated
+    assert (0.1, 0.1) in calibration_pairs(list(rs.values())) and len(calibration_pairs(list(rs.values()))) == 7
+    # The sampler saw the skipped trial's prediction as its value; the front and the pick never do.
+    assert study.trials[skipped].values == pytest.approx([0.9, 0.05])
+    assert skipped not in [r.number for r in pareto_front(list(rs.values()))]
+
+
+def test_the_pick_is_a_confirmed_trial_even_when_a_prediction_looks_better():
+    def rec(number, state, kl, failures, predicted=None):
+        return TrialRecord(number, state, kl, failures, failures or 0, 10, None, None, {}, {"ablate": []}, 1.0,
+                           generated=state == "complete", predicted=predicted)
+
+    rs = [rec(0, "complete", 0.05, 3, 0.3), rec(1, "predicted", 0.01, None, 0.0), rec(2, "complete", 0.2, 0, 0.1)]
+    chosen, _, feasible = pick(rs, 0.1)
+    assert chosen.number == 0 and feasible
+    assert [r.number for r in pareto_front(rs)] == [0, 2]
+
+
+# --- the trials table and the chart ------------------------------------------------------------------------------
+
+def test_the_table_and_chart_show_predicted_and_generated_numbers(tmp_path):
+    import json
+
+    from abliterate.search.report import draw_pareto, trials_lines
+
+    one = {"raw_rate": 0.42, "certain_failures": 1, "decision": "may join the front", "predicted_rate": 0.3}
+    rs = [TrialRecord(0, "complete", 0.05, 3, 3, 10, None, "analyze suggestion", {"x": 1.0}, {"ablate": []}, 1.0,
+                      True, 0.3, one),
+          TrialRecord(1, "predicted", 0.02, None, 1, 10, None, None, {"x": 2.0}, {"ablate": []}, 0.1, False, 0.8,
+                      {**one, "decision": "predicted dominated", "predicted_rate": 0.8}),
+          TrialRecord(2, "complete", 0.08, 2, 2, 10, None, None, {"x": 3.0}, {"ablate": []}, 1.0)]  # --fidelity full
+    rows = [json.loads(x) for x in trials_lines(rs).splitlines()]
+    assert [(r["refusal_rate"], r["predicted_refusal_rate"], r["confirmed"]) for r in rows] == [
+        (0.3, 0.3, True), (None, 0.8, False), (0.2, None, True)]
+    assert rows[1]["state"] == "predicted" and rows[1]["decision"] == "predicted dominated"
+    assert rows[0]["one_pass_raw"] == 0.42 and rows[2]["one_pass_raw"] is None
+    chart = tmp_path / "chart.png"
+    draw_pareto(rs, chart, 0, 0.1, "t")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pick_n_refuses_a_trial_that_was_not_generated():
+    from abliterate.cli import UserError
+    from abliterate.search.study import trial_record
+
+    rs = [TrialRecord(4, "predicted", 0.01, None, 0, 10, None, None, {}, {"ablate": []}, 0.1, False, 0.2)]
+    with pytest.raises(UserError, match="--pick 4: trial 4 in plan.yml was scored by the one-pass score only"):
+        trial_record(rs, 4, "plan.yml")
