@@ -61,9 +61,17 @@ def test_seeds_are_points_of_the_space_and_the_first_is_the_suggestion(tmp_path)
     assert {e.measurement for e in plan.ablate} == {6} and plan.projected
     assert all(e.scales == {"attention_output": 1.0, "mlp_output": 1.0} for e in plan.ablate)
     assert plan.roles["router"] is False
-    # The strong peaked seed (second): weight 1.4 at the suggested index's layer (5), 0.5 at the window's edge.
-    assert names[1] == "strong peaked kernel"
-    strong = params_to_plan(seeds[1][1], space, ctx(tmp_path))
+    # The per-layer seed (second): each layer its own output's direction, attention peaked at 3/4 of the depth.
+    assert names[1] == "per-layer directions, late kernels"
+    per_layer = params_to_plan(seeds[1][1], space, ctx(tmp_path))
+    assert all(e.measurement == e.layer + 1 for e in per_layer.ablate) and per_layer.projected
+    attention = {e.layer: e.scales["attention_output"] for e in per_layer.ablate}
+    # peak 1.3 at 0.75 x 11 = 8.25, falling to 0.3 x 1.3 at 0.35 x 12 = 4.2 layers away
+    assert max(attention, key=attention.get) == 8 and attention[8] == pytest.approx(1.3 - 0.91 * 0.25 / 4.2, abs=1e-3)
+    assert 11 in attention  # the kernels reach the last layer
+    # The strong peaked seed (third): weight 1.4 at the suggested index's layer (5), 0.5 at the window's edge.
+    assert names[2] == "strong peaked kernel"
+    strong = params_to_plan(seeds[2][1], space, ctx(tmp_path))
     weights = {e.layer: e.scales["mlp_output"] for e in strong.ablate}
     assert max(weights.values()) == weights[5] == pytest.approx(1.4, abs=1e-3)
     assert weights[5] > weights[3] > weights[min(weights)] >= 0.5 - 1e-3 and len(weights) > 8
@@ -117,6 +125,11 @@ def test_per_layer_scope_gives_each_layer_its_own_output_direction(tmp_path):
     assert plan.method == "row_normalized" and plan.projected
     assert [e.measurement for e in plan.ablate] == [e.layer + 1 for e in plan.ablate] and len(plan.ablate) > 3
     assert parse_plan(plan_to_dict(plan), "round trip", tmp_path) == plan
+    # where the file keeps the final norm's output, the last layer takes it (index L + 1), as the peer does
+    final = make_space(8, 9, ("attention_output", "mlp_output"), suggestion(4, 1, 6), final_norm=True)
+    plan = params_to_plan(suggest_parameters(FixedTrial(values), final), final, ctx(tmp_path))
+    assert {e.layer: e.measurement for e in plan.ablate}[7] == 9
+    assert all(e.measurement == e.layer + 1 for e in plan.ablate if e.layer < 7)
     # a point from before the scope existed means one global index
     del values["direction_scope"]
     old = params_to_plan(dict(values), space, ctx(tmp_path))

@@ -32,8 +32,8 @@ from abliterate.ablate.preflight import (check_device_name, check_free_space, ch
 from abliterate.ablate.resume import MARKER_DIR, clean_partial, seal_shard, shard_done, shard_key, sync_file
 from abliterate.ablate.tensor_edits import bind_edits, keeps_layout, plan_tensor_edits
 from abliterate.ablate.warnings import directions_projected, emit, measurement_warnings, plan_warnings
-from abliterate.measure.measurement_file import (load_measurements, measurement_contents, measurement_metadata,
-                                                 measurement_shape)
+from abliterate.measure.measurement_file import (final_norm_in_file, load_measurements, measurement_contents,
+                                                 measurement_metadata, measurement_shape)
 from abliterate.ablate.model_folder import INDEX_NAME, ModelFolder, open_model_folder, resolve_model_path
 from abliterate.ablate.plan import Plan, check_plan_against, check_plan_contents, check_plan_shapes
 from abliterate.ablate.record import RECORD_NAME, build_record, file_sha256, model_card, record_bytes
@@ -76,7 +76,7 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     folder = open_model_folder(root)
     shape = measurement_shape(plan.measurements)
     if shape is not None:
-        check_plan_shapes(plan, *shape, folder.num_layers, folder.hidden_size)
+        check_plan_shapes(plan, *shape, folder.num_layers, folder.hidden_size, final_norm_in_file(plan.measurements))
     contents = measurement_contents(plan.measurements)
     if contents is not None:  # token positions and direction sets the file cannot give: before any byte is copied
         check_plan_contents(plan, *contents)

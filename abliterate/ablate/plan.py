@@ -327,14 +327,17 @@ def check_plan_against(plan: Plan, measurements, num_layers: int,
                        hidden_size: int) -> dict[tuple[int, float], PreparedDirection]:
     """Model-dependent checks: layer and measurement ranges, hidden sizes, usable directions. Returns the
     prepared directions (`prepared_directions`), so the caller that edits does not prepare them again."""
-    check_plan_shapes(plan, measurements.num_indices, measurements.hidden_size, num_layers, hidden_size)
+    check_plan_shapes(plan, measurements.num_indices, measurements.hidden_size, num_layers, hidden_size,
+                      measurements.has_final_norm)
     # Degenerate directions fail here, before the edited tensors are written.
     return prepared_directions(plan, measurements)
 
 
-def check_plan_shapes(plan: Plan, num_indices: int, measured_hidden: int, num_layers: int, hidden_size: int) -> None:
+def check_plan_shapes(plan: Plan, num_indices: int, measured_hidden: int, num_layers: int, hidden_size: int,
+                      final_norm: bool = False) -> None:
     """The checks that need only the measurement file's shape (L+1 indices, hidden size) and the model's config:
-    layer and measurement index ranges, hidden sizes."""
+    layer and measurement index ranges, hidden sizes. `final_norm`: the file keeps index L+1 (after the final
+    norm) too."""
     src = plan.source
     if measured_hidden != hidden_size:
         raise UserError(
@@ -342,16 +345,23 @@ def check_plan_shapes(plan: Plan, num_indices: int, measured_hidden: int, num_la
             f"has hidden_size {hidden_size}; measure this model (the file belongs to another one)"
         )
     last_index = num_indices - 1
+    top = num_indices if final_norm else last_index  # entries may use the final norm's index; embeddings not
     for i, e in enumerate(plan.ablate):
         if e.layer >= num_layers:
             raise UserError(
                 f"{src}: ablate[{i}].layer = {e.layer} is out of range; this model has layers 0..{num_layers - 1}"
             )
-        if e.measurement > last_index:
+        if e.measurement > top:
+            more = ("" if final_norm else f"; index {num_indices} (after the final norm) needs a file from a newer "
+                    "measure.py, which keeps the final norm's output")
             raise UserError(
                 f"{src}: ablate[{i}].measurement = {e.measurement} is out of range; the measurement file has "
-                f"indices 0..{last_index} (0 = embedding output, k = after decoder layer k-1)"
+                f"indices 0..{top} (0 = embedding output, k = after decoder layer k-1, "
+                f"{num_indices} = after the final norm){more}"
             )
+        if e.measurement > last_index and plan.entry_directions(e) is not None:
+            raise UserError(f"{src}: ablate[{i}]: a direction set at index {e.measurement} (after the final norm) "
+                            f"is not available; use an index up to {last_index} for sets")
     if plan.roles.get("embeddings") and plan.embeddings_measurement is not None:
         if not 0 <= plan.embeddings_measurement <= last_index:
             raise UserError(
@@ -417,7 +427,7 @@ def prepared_directions(plan: Plan, measurements) -> dict[tuple, PreparedDirecti
     def at(index: int, sparsity: float, position: int, where: str):
         if (index, sparsity, position) not in integral:
             raw = measurements.direction(index, position, where=f"{plan.source}: {where}")
-            harmless = measurements.harmless_mean_at(position)[index]
+            harmless = measurements.harmless_mean_for(index, position)
             try:
                 u = prepare_direction(raw, harmless, plan.projected, sparsity)
             except DegenerateDirectionError as exc:

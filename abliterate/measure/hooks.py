@@ -14,22 +14,29 @@ import torch
 class LastTokenHooks:
     """Context manager: while active, each forward pass fills `self.slices` (L+1 tensors [B, H], on device)."""
 
-    def __init__(self, layers, positions: int = 1):
+    def __init__(self, layers, positions: int = 1, final_norm=None):
         self.layers = layers
         self.positions = positions
+        # The text model's final norm: its output (what the head reads) is kept too, as the "index L+1" of a
+        # measurement file (measurement_file: harmful_final_norm); the peer takes its last index there.
+        self.final_norm = final_norm
+        self.final: torch.Tensor | None = None  # [B, P, H] of the running batch
+        self.last_final: torch.Tensor | None = None  # CPU float64 [B, P, H] of the last collected batch
         self.slices: list[torch.Tensor | None] = [None] * (len(layers) + 1)
         self.rows: torch.Tensor | None = None  # each row's last-token position (right padding); None: the last
         self._handles = []
 
     def _keep(self, index: int, hidden: torch.Tensor) -> None:
+        self.slices[index] = self._last_positions(hidden)
+
+    def _last_positions(self, hidden: torch.Tensor) -> torch.Tensor:
         p = self.positions
         if self.rows is None:
             # clone: a view would keep the whole [B, T, H] activation alive until the next batch
-            self.slices[index] = hidden[:, -p:, :].detach().clone()
-        else:
-            rows = self.rows.to(hidden.device)  # layers may sit on different devices (device_map)
-            cols = rows.unsqueeze(1) + torch.arange(1 - p, 1, device=hidden.device)  # [B, P]: ..., last - 1, last
-            self.slices[index] = hidden[torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1), cols].detach()
+            return hidden[:, -p:, :].detach().clone()
+        rows = self.rows.to(hidden.device)  # layers may sit on different devices (device_map)
+        cols = rows.unsqueeze(1) + torch.arange(1 - p, 1, device=hidden.device)  # [B, P]: ..., last - 1, last
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1), cols].detach()
 
     def __enter__(self):
         def pre_hook(module, args, kwargs):
@@ -43,6 +50,12 @@ class LastTokenHooks:
                 self._keep(index, hidden)
 
             self._handles.append(layer.register_forward_hook(hook))
+        if self.final_norm is not None:
+            def final_hook(module, args, output):
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                self.final = self._last_positions(hidden)
+
+            self._handles.append(self.final_norm.register_forward_hook(final_hook))
         return self
 
     def __exit__(self, *exc):
@@ -59,4 +72,6 @@ class LastTokenHooks:
             raise RuntimeError(f"hooks did not fire for measurement indices {missing}")
         out = torch.stack([s.to("cpu", torch.float64) for s in self.slices])
         self.slices = [None] * len(self.slices)
+        self.last_final = None if self.final is None else self.final.to("cpu", torch.float64)
+        self.final = None
         return out

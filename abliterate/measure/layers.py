@@ -48,3 +48,15 @@ def find_decoder_layers(model):
     name = min(found, key=lambda s: (s.count("."), s))  # the outermost text stack
     owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     return owner, model.get_submodule(name)
+
+
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
+
+
+def find_final_norm(text_model):
+    """The text model's final norm (what the head reads comes out of it), or None when it has none by a usual name."""
+    for name in FINAL_NORM_NAMES:
+        module = getattr(text_model, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None

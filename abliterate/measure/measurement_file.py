@@ -67,6 +67,7 @@ POSITION_TENSORS = (
     "harmless_proj_by_position",
 )
 ACTIVATION_TENSORS = ("harmful_acts", "harmless_acts")
+FINAL_NORM_TENSORS = ("harmful_final_norm", "harmless_final_norm")
 ACTS_CACHE_SLICES = 16  # slices of *_acts kept after reading (gpt-oss-20b, 500 prompts: 2.9 MB each)
 
 
@@ -86,6 +87,9 @@ class Measurements:
     harmless_sq_norm_by_position: torch.Tensor | None = None
     harmful_proj_by_position: torch.Tensor | None = None  # [P, L+1, N]
     harmless_proj_by_position: torch.Tensor | None = None
+    # [P, H] class means of the final norm's output (what the head reads) at each kept position: "index L+1"
+    harmful_final_norm: torch.Tensor | None = None
+    harmless_final_norm: torch.Tensor | None = None
     harmful_acts: torch.Tensor | None = None  # [P, L+1, N, H] compact dtype, in memory (a file's are read lazily)
     harmless_acts: torch.Tensor | None = None
     acts_file: str | None = None  # the file holding *_acts, read one slice at a time
@@ -106,16 +110,44 @@ class Measurements:
     def hidden_size(self) -> int:
         return int(self.harmful_mean.shape[1])
 
+    @property
+    def has_final_norm(self) -> bool:
+        """The file keeps the final norm's output too: index L+1 (num_indices) is usable."""
+        return self.harmful_final_norm is not None and self.harmless_final_norm is not None
+
     def direction(self, index: int, position: int = -1, where: str | None = None) -> torch.Tensor:
-        """The (unnormalised) refusal direction at measurement index `index` (and token `position`), float64."""
-        if not 0 <= index < self.num_indices:
-            raise UserError(
-                f"measurement index {index} is out of range: this file has indices 0..{self.num_indices - 1} "
-                f"({LAYER_CONVENTION})"
-            )
+        """The (unnormalised) refusal direction at measurement index `index` (and token `position`), float64.
+        Index L+1 is the final norm's output, in files that keep it."""
         import torch
 
+        if index == self.num_indices and self.has_final_norm:
+            from abliterate.directions import difference_of_means, project_out
+
+            row = self._final_row(position, where)
+            harmless = self.harmless_final_norm[row].to(torch.float64)
+            d = difference_of_means(self.harmful_final_norm[row], harmless)
+            return project_out(d, harmless) if self.metadata.get("projected") else d
+        if not 0 <= index < self.num_indices:
+            final = f", and {self.num_indices} (after the final norm)" if self.has_final_norm else ""
+            raise UserError(
+                f"measurement index {index} is out of range: this file has indices 0..{self.num_indices - 1}{final} "
+                f"({LAYER_CONVENTION})"
+            )
         return self.directions_at(position, where)[index].to(torch.float64)
+
+    def harmless_mean_for(self, index: int, position: int = -1, where: str | None = None) -> torch.Tensor:
+        """The harmless mean at `index` and `position` (index L+1: after the final norm)."""
+        if index == self.num_indices and self.has_final_norm:
+            return self.harmless_final_norm[self._final_row(position, where)]
+        return self.harmless_mean_at(position, where)[index]
+
+    def _final_row(self, position: int, where: str | None) -> int:
+        """Row of `position` in the *_final_norm tensors, which follow metadata "positions" ([-1] in one-position
+        files)."""
+        held = self.positions
+        if position not in held:
+            raise position_error(where, position, held)
+        return held.index(position)
 
     @property
     def positions(self) -> list[int]:
@@ -198,6 +230,11 @@ class Measurements:
                     f"{source}: tensor {name} has NaN or inf values at measurement indices {bad[:10]}; "
                     "re-measure (try --dtype float32 or --clip)"
                 )
+        for name in FINAL_NORM_TENSORS:
+            t = getattr(self, name)
+            if t is not None and (tuple(t.shape) != (len(self.positions), h) or not torch.isfinite(t).all()):
+                raise UserError(f"{source}: tensor {name} has shape {tuple(t.shape)} or non-finite values, expected "
+                                f"[{len(self.positions)} positions, {h}]; the file is inconsistent, re-measure")
         if self.harmful_mean_by_position is not None:
             p = len(self.metadata.get("positions") or [])
             for name in POSITION_TENSORS:
@@ -208,6 +245,12 @@ class Measurements:
                                     "(metadata 'positions'); the file is inconsistent, re-measure")
                 if not torch.isfinite(t).all():
                     raise UserError(f"{source}: tensor {name} has NaN or inf values; re-measure (try --dtype float32)")
+
+
+def final_norm_in_file(path: str | Path) -> bool:
+    """The measurement file keeps the final norm's output (index L+1), from its header alone."""
+    header = _our_header(path)
+    return header is not None and all(n in header.by_name() for n in FINAL_NORM_TENSORS)
 
 
 def position_error(where: str | None, position: int, held: list[int]) -> UserError:
@@ -240,7 +283,7 @@ def save_measurements(m: Measurements, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {}
-    for name in TENSOR_NAMES + POSITION_TENSORS + ACTIVATION_TENSORS:
+    for name in TENSOR_NAMES + POSITION_TENSORS + ACTIVATION_TENSORS + FINAL_NORM_TENSORS:
         t = getattr(m, name)
         if t is not None:
             tensors[name] = t.detach().cpu().contiguous()
@@ -328,7 +371,7 @@ def _load_safetensors(p: Path) -> Measurements:
         with safe_open(str(p), framework="pt") as f:
             meta_raw = (f.metadata() or {}).get("abliterate")
             keys = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in keys if k in TENSOR_NAMES + POSITION_TENSORS}
+            tensors = {k: f.get_tensor(k) for k in keys if k in TENSOR_NAMES + POSITION_TENSORS + FINAL_NORM_TENSORS}
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
         raise UserError(f"{p}: cannot read it as safetensors ({exc}); the file is truncated or corrupt, re-measure") from None
     if meta_raw is None or "harmful_mean" not in tensors or "harmless_mean" not in tensors:

@@ -37,7 +37,7 @@ import torch
 
 from abliterate.cli import UserError
 from abliterate.measure.hooks import LastTokenHooks
-from abliterate.measure.layers import find_decoder_layers, text_config
+from abliterate.measure.layers import find_decoder_layers, find_final_norm, text_config
 from abliterate.measure.measurement_file import Measurements
 from abliterate.measure.statistics import ClassStats, finish_measurements
 
@@ -90,6 +90,8 @@ class Runner:
         self.padded_tokens = 0  # token positions run through the model, padding and the shared prefix included
         self.prefix = None  # a prefix_cache.SharedPrefix while it is in use
         self.prefix_checked = False
+        self.final_norm = find_final_norm(self.text_model)
+        self.final_sums: dict[str, torch.Tensor] = {}  # class -> float64 [P, H] sum of the final norm's outputs
 
     @property
     def num_indices(self) -> int:
@@ -138,6 +140,7 @@ class Runner:
         finally:
             hooks.rows = None
         acts = hooks.collect()
+        final = hooks.last_final  # the check below runs two rows again: this batch's final-norm states stay
         self.tokens_seen += sum(len(x) for x in batch)
         self.padded_tokens += len(batch) * max(len(x) - n for x in batch)
         if not self.prefix_checked:
@@ -152,6 +155,7 @@ class Runner:
                                   f"(relative error {err:.1e}); measuring without the cache")
                 self.prefix = None
                 return self._forward_plain(hooks, batch, count=False)
+            hooks.last_final = final
         return acts
 
     def _forward_plain(self, hooks: LastTokenHooks, batch: list[list[int]], count: bool = True) -> torch.Tensor:
@@ -178,7 +182,7 @@ class Runner:
         bar = tqdm(total=len(order), desc=desc, unit="prompt", file=sys.stderr, disable=not self.options.progress,
                    dynamic_ncols=True)
         start = 0
-        with LastTokenHooks(self.layers, self.options.positions) as hooks, bar:  # closing the bar first keeps an error on its own line
+        with LastTokenHooks(self.layers, self.options.positions, self.final_norm) as hooks, bar:  # closing the bar first keeps an error on its own line
             while start < len(order):
                 rows = order[start:start + self.batch_size]
                 t0 = time.perf_counter()
@@ -193,6 +197,9 @@ class Runner:
                     continue
                 _check_finite(acts, desc)
                 stats.add(acts, rows)
+                if hooks.last_final is not None:
+                    total = hooks.last_final.sum(0)
+                    self.final_sums[desc] = self.final_sums[desc] + total if desc in self.final_sums else total
                 if self.options.verbose:
                     width = max(len(token_ids[i]) for i in rows)
                     tqdm.write(f"  {desc} batch [{len(rows)} x {width} tokens] -> acts {tuple(acts.shape)}, "
@@ -257,6 +264,9 @@ def measure_directions(model, tokenizer, harmful_ids: list[list[int]], harmless_
         runner.run(harmless_ids, harmless, "harmless")
         seconds = time.perf_counter() - t0
         m = finish_measurements(harmful, harmless, options.projected, options.clip, options.keep_activations)
+        if {"harmful", "harmless"} <= set(runner.final_sums):
+            m.harmful_final_norm = runner.final_sums["harmful"] / len(harmful_ids)
+            m.harmless_final_norm = runner.final_sums["harmless"] / len(harmless_ids)
         del harmful.buffer, harmless.buffer  # release the mapping before the folder goes
     m.metadata.update({"num_layers": len(runner.layers), "batch_size": options.batch_size})
     info = {

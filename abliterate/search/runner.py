@@ -113,7 +113,7 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
                      "conventional method, so the search tries that method only")
     space = make_space(L, measurements.num_indices, groups, suggestion,
                        ("conventional",) if hooked else METHODS, tuple(measurements.positions),
-                       measurements.has_activations("harmful"))
+                       measurements.has_activations("harmful"), measurements.has_final_norm)
     seeds = seed_parameters(space, suggestion)
     ctx = PlanContext(plan_model, o.measurements.resolve(), plan_output, moe)
     identity = {

@@ -16,8 +16,10 @@ Parameters (Optuna names in quotes; every one has a fixed range, so a study is r
   at the edge makes the kernel a triangle, a floor of 1 a flat band). Weights below MIN_WEIGHT are dropped; a
   layer where every group drops is left out of the plan.
 - "direction_scope": "global" (every edited layer removes the direction of "direction_index") or "per_layer"
-  (layer n removes the direction measured at its own output, index n + 1: the peer's per-layer mode; the
-  sampled index is then unused, kept so that TPE sees a fixed set of parameters).
+  (layer n removes the direction measured at its own output, index n + 1: the peer's per-layer mode; the last
+  layer's output is read through the final norm, so where the file keeps it the last layer takes index L+1, the
+  final norm's output, as the peer does; the sampled index is then unused, kept so that TPE sees a fixed set of
+  parameters).
 - "position" (the token position the directions come from, among those the measurement file keeps; only when it
   keeps more than the last) and "set_k" / "set_source" (remove k = 1..MAX_SET_K directions at once, their source
   clusters or pca; only when the file keeps per-prompt activations; k = 1 is the mean difference whatever the
@@ -56,6 +58,14 @@ DIGITS = 3
 DIRECTION_SCOPES = ("global", "per_layer")
 MAX_SET_K = 3  # the largest direction set a trial removes
 SET_SOURCES = ("clusters", "pca")
+# Per-layer seeds (each layer its own output's direction, the last layer the final norm's): the peer's shape, an
+# attention kernel peaked at three quarters of the depth and a weaker MLP kernel peaked near the end, reaching the
+# last layer. On the refusing SmolLM2 this family, with the final norm's direction for the last layer, left 8-17%
+# refused at KL 0.01-0.04 where one global direction left 33-72% (bench/gap_study.py).
+PER_LAYER_KERNELS = {"attention_output": (1.3, 0.75, 0.3, 0.35), "mlp_output": (0.8, 0.9, 0.3, 0.3),
+                     "router": (0.8, 0.9, 0.3, 0.3)}
+PER_LAYER_BROAD = {"attention_output": (1.4, 0.7, 0.7, 0.55), "mlp_output": (1.0, 0.8, 0.1, 0.3),
+                   "router": (1.0, 0.8, 0.1, 0.3)}
 STRONG_PEAK = 1.4  # the strong seeds' kernel: this weight at the peak ...
 STRONG_EDGE = 0.5  # ... this weight at the window's edge ...
 STRONG_REACH = 0.3  # ... and a half-width of at least this x L
@@ -72,6 +82,7 @@ class SearchSpace:
     methods: tuple[str, ...] = METHODS  # the edit methods a trial may use
     positions: tuple[int, ...] = (-1,)  # token positions a trial may take its directions from
     sets: bool = False  # the file keeps per-prompt activations: a trial may remove a direction set
+    final_norm: bool = False  # the file keeps index L+1 (after the final norm): the per-layer scope's last layer
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -95,7 +106,7 @@ class PlanContext:
 
 def make_space(num_layers: int, num_indices: int, groups: tuple[str, ...], suggestion,
                methods: tuple[str, ...] = METHODS, positions: tuple[int, ...] = (-1,),
-               sets: bool = False) -> SearchSpace:
+               sets: bool = False, final_norm: bool = False) -> SearchSpace:
     """The ranges for a model with `num_layers` decoder layers and a file with `num_indices` indices.
 
     `suggestion` is analyze's `Suggestion` (measurement, first_layer, last_layer); the ranges always hold it."""
@@ -109,7 +120,8 @@ def make_space(num_layers: int, num_indices: int, groups: tuple[str, ...], sugge
                    float(min(top, max(hi + margin, suggestion.measurement))))
     methods = tuple(m for m in METHODS if m in methods)
     positions = tuple(sorted(set(positions) | {-1}, reverse=True))  # -1 (the last token) first: today's meaning
-    space = SearchSpace(L, tuple(g for g in SEARCHED_GROUPS if g in groups), index_range, {}, methods, positions, sets)
+    space = SearchSpace(L, tuple(g for g in SEARCHED_GROUPS if g in groups), index_range, {}, methods, positions, sets,
+                        final_norm)
     ranges = {}
     for g in space.groups:
         ranges[f"{g}.peak"] = PEAK_RANGE
@@ -117,13 +129,13 @@ def make_space(num_layers: int, num_indices: int, groups: tuple[str, ...], sugge
         ranges[f"{g}.floor"] = FLOOR_RANGE
         ranges[f"{g}.width"] = WIDTH_RANGE
     # Grow the ranges to hold every seed, so that the informed guesses are points of the space.
-    draft = SearchSpace(L, space.groups, index_range, ranges, methods, positions, sets)
+    draft = SearchSpace(L, space.groups, index_range, ranges, methods, positions, sets, final_norm)
     for _, seed in seed_parameters(draft, suggestion, clip=False):
         for name, value in seed.items():
             if name in ranges:
                 a, b = ranges[name]
                 ranges[name] = (min(a, value), max(b, value))
-    return SearchSpace(L, space.groups, index_range, ranges, methods, positions, sets)
+    return SearchSpace(L, space.groups, index_range, ranges, methods, positions, sets, final_norm)
 
 
 def suggest_parameters(trial, space: SearchSpace) -> dict:
@@ -172,8 +184,8 @@ def params_to_plan(params: dict, space: SearchSpace, ctx: PlanContext, source: s
         scales = {g: weights[g][layer] for g in space.groups}
         if not any(scales.values()):
             continue
-        entries.append(AblateEntry(layer=layer, measurement=layer + 1 if per_layer else index, scale=1.0,
-                                   scales=scales))
+        own = layer + 2 if layer == space.num_layers - 1 and space.final_norm else layer + 1
+        entries.append(AblateEntry(layer=layer, measurement=own if per_layer else index, scale=1.0, scales=scales))
     if not entries:
         return None
     roles = dict(ROLE_DEFAULTS)
@@ -202,13 +214,15 @@ def seed_parameters(space: SearchSpace, suggestion, clip: bool = True) -> list[t
     position, width = band_kernel(suggestion.first_layer, suggestion.last_layer, L)
     k = float(suggestion.measurement)
 
-    def point(index: float, projected: bool, method: str = "conventional", kernel=None) -> dict:
+    def point(index: float, projected: bool, method: str = "conventional", kernel=None, scope: str = "global") -> dict:
+        """`kernel`: one (peak, position, floor, width) for every group, or a mapping group -> such a tuple."""
         lo, hi = space.index_range
         p = {"direction_index": min(max(index, lo), hi) if clip else index}
         for g in space.groups:
-            peak, pos, floor, wid = kernel or (1.0, position, 1.0, width)
+            chosen = kernel.get(g, kernel.get("attention_output")) if isinstance(kernel, dict) else kernel
+            peak, pos, floor, wid = chosen or (1.0, position, 1.0, width)
             p.update({f"{g}.peak": peak, f"{g}.position": pos, f"{g}.floor": floor, f"{g}.width": wid})
-        p["direction_scope"] = "global"
+        p["direction_scope"] = scope
         if len(space.positions) > 1:
             p["position"] = -1
         if space.sets:
@@ -227,7 +241,12 @@ def seed_parameters(space: SearchSpace, suggestion, clip: bool = True) -> list[t
     strong_reach = max(reach, STRONG_REACH * L)
     strong = (STRONG_PEAK, min(max(peak_pos, 0.0), 1.0), STRONG_EDGE / STRONG_PEAK, strong_reach / L)
     proj = bool(suggestion.projected)
-    seeds = [("analyze suggestion", point(k, proj)), ("strong peaked kernel", point(k, proj, kernel=strong)),
+    seeds = [("analyze suggestion", point(k, proj)),
+             ("per-layer directions, late kernels", point(k, True, kernel=PER_LAYER_KERNELS, scope="per_layer")),
+             ("strong peaked kernel", point(k, proj, kernel=strong)),
+             ("per-layer directions, broad kernels", point(k, True, kernel=PER_LAYER_BROAD, scope="per_layer")),
+             ("per-layer directions, row_normalized", point(k, True, "row_normalized", kernel=PER_LAYER_KERNELS,
+                                                            scope="per_layer")),
              ("projection flipped", point(k, not proj)), ("index +1", point(k + 1, proj)),
              ("index -1", point(k - 1, proj)), ("peaked kernel", point(k, proj, kernel=tapered)),
              ("strong peaked kernel, projection flipped", point(k, not proj, kernel=strong)),

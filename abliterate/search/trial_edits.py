@@ -112,7 +112,7 @@ class TrialEditor:
         if self._applied or self._handles:
             raise RuntimeError("TrialEditor.apply: a plan is already applied; call restore() first")
         m = self.measurements
-        check_plan_shapes(plan, m.num_indices, m.hidden_size, self.num_layers, self.hidden_size)
+        check_plan_shapes(plan, m.num_indices, m.hidden_size, self.num_layers, self.hidden_size, m.has_final_norm)
         directions = prepared_directions(plan, m)
         entry_by_layer = {e.layer: e for e in plan.ablate}
         targets, layers, counts = [], set(), Counter()
