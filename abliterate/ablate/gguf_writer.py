@@ -1,0 +1,91 @@
+"""Writing one output GGUF part: the header, the untouched bytes copied in runs, the edited tensors streamed.
+
+When no tensor changes type (the usual case), the output's data section is the input's with the edited tensors'
+byte ranges replaced: every run of untouched tensors and padding between two edited tensors is one kernel copy
+(copy_file_range), at the same offset from the data start. When a tensor is written as Q8_0 instead (no encoder
+for its type) the later tensors move: each untouched tensor is then copied on its own to its new offset.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from abliterate.ablate import gguf_codec
+from abliterate.ablate.gguf_edit import edit_gguf_tensor, read_vector
+from abliterate.ablate.gguf_file import GGUFPart, OutputLayout, type_name
+from abliterate.ablate.safetensors_io import copy_range
+
+
+class PartWriter:
+    """Writes the parts of one model; keeps, per edited tensor, what quantization left along r (`residuals`)."""
+
+    def __init__(self, plan, model, work, directions: dict, crash, progress: bool):
+        self.plan, self.model, self.work, self.directions = plan, model, work, directions
+        self.crash, self.progress = crash, progress
+        self.residuals: list[dict] = []
+
+    def write(self, part: GGUFPart, layout: OutputLayout, tmp: Path) -> int:
+        """Write `part` edited as planned to `tmp`; returns the bytes written."""
+        edits = self.work.edits.get(part.path.name, {})
+        order = sorted(range(len(part.tensors)), key=lambda i: part.tensors[i].offset)
+        edited_bytes = sum(part.tensors[i].nbytes for i in order if part.tensors[i].name in edits)
+        bar = tqdm(total=edited_bytes, desc=f"edit {part.path.name}", unit="B", unit_scale=True,
+                   disable=not self.progress or not edits, file=sys.stderr, leave=False)
+        with open(part.path, "rb") as src, open(tmp, "wb") as dst:
+            dst.write(layout.header)
+            cursor = part.data_start  # same_data: input bytes up to here are written
+            for i in order:
+                t = part.tensors[i]
+                begin = part.data_start + t.offset
+                if t.name not in edits:
+                    if not layout.same_data:
+                        dst.seek(layout.data_start + layout.offsets[i])
+                        copy_range(src, dst, begin, t.nbytes)
+                    continue
+                if layout.same_data and begin > cursor:
+                    dst.seek(layout.data_start + (cursor - part.data_start))
+                    copy_range(src, dst, cursor, begin - cursor)
+                dst.seek(layout.data_start + layout.offsets[i])
+                self._edit(part, t, layout.types[i], edits[t.name], dst)
+                bar.update(t.nbytes)
+                cursor = begin + t.nbytes
+                self.crash.tick()
+            if layout.same_data and part.size > cursor:
+                dst.seek(layout.data_start + (cursor - part.data_start))
+                copy_range(src, dst, cursor, part.size - cursor)
+            dst.truncate(layout.size)
+        bar.close()
+        return layout.size
+
+    def _edit(self, part: GGUFPart, t, out_type: int, te, dst) -> None:
+        import torch
+
+        from abliterate.ablate.edits import direction_through_norm
+
+        target = te.target
+        role = target.role
+        r = self.directions[target.direction_key].unit
+        if role.post_norm:
+            norm_part, norm = self.model.find(role.post_norm)
+            if norm is None:
+                raise RuntimeError(f"{role.post_norm} (the norm after {t.name}) is in no part of the model")
+            gain = torch.from_numpy(read_vector(norm_part.tensor_bytes(norm), norm.type_id, norm.shape[-1]))
+            r = direction_through_norm(r, gain, role.post_norm_offset)
+        r = r.to(torch.float32)
+        written = {"n": 0}
+
+        def write(data: bytes) -> None:
+            dst.write(data)
+            written["n"] += len(data)
+
+        res = edit_gguf_tensor(part.tensor_bytes(t), t.type_id, t.shape, role, r, target.scale, self.plan.method,
+                               out_type, write)
+        expected = gguf_codec.row_nbytes(out_type, t.shape[-1]) * (t.nbytes // gguf_codec.row_nbytes(t.type_id,
+                                                                                                     t.shape[-1]))
+        if written["n"] != expected:
+            raise RuntimeError(f"internal error: {t.name} was written as {written['n']} bytes, expected {expected}")
+        self.residuals.append({"tensor": t.name, "type": t.type_name, "written_type": type_name(out_type),
+                               "scale": target.scale, **res.record()})
