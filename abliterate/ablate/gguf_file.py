@@ -228,7 +228,7 @@ def plan_layout(part: GGUFPart, extra_kv: list[tuple[str, object]], new_types: d
     for i, t in enumerate(part.tensors):
         if i > 0 and (moved or types[i - 1] != part.tensors[i - 1].type_id):
             moved = True
-        offsets.append(align(offsets[-1] + nbytes[-1], part.alignment) if moved else t.offset)
+        offsets.append(align(offsets[i - 1] + nbytes[i - 1], part.alignment) if moved else t.offset)
     src = part.reader.data
     header = bytearray(bytes(src[:8]))  # magic and version
     header += struct.pack("<QQ", len(part.tensors), part.kv_count + len(extra_kv))
