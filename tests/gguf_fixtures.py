@@ -41,13 +41,29 @@ def _meta(w: GGUFWriter, arch: str, hidden: int, layers: int, ff: int, vocab: in
         w.add_expert_used_count(2)
     # Arrays of strings, floats and ints, in the key order llama.cpp's converter writes them.
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_token_list(_tokens(vocab))
+    if vocab >= 258:
+        w.add_token_merges(["Ġ t", "h e"])
     w.add_token_types([1] * vocab)
     w.add_token_scores([float(-i) for i in range(vocab)])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w.add_bos_token_id(258 if vocab >= 260 else 1)
+    w.add_eos_token_id(259 if vocab >= 260 else 2)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     w.add_array("test.ints", [3, 1, 4, 1, 5])
+
+
+def _tokens(vocab: int) -> list[str]:
+    """Placeholder tokens, or (vocab >= 258) GPT-2's byte-level alphabet: every text tokenizes, so transformers'
+    GGUF tokenizer can run prompts through the model."""
+    if vocab < 258:
+        return [f"t{i}" for i in range(vocab)]
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, n = [], 0
+    for b in range(256):
+        chars.append(chr(b) if b in keep else chr(256 + n))
+        n += b not in keep
+    extra = ["Ġt", "he", "<s>", "</s>"]
+    return chars + extra + [f"<unused{i}>" for i in range(vocab - 256 - len(extra))]
 
 
 def write_gguf(path: Path, arch: str, tensors: list[tuple[str, np.ndarray, Q]], hidden: int, layers: int,
