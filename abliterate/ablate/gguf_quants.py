@@ -1,0 +1,453 @@
+"""Encode float32 values into a GGUF tensor type (numpy only): the `gguf` package's encoders plus our K-quants.
+
+The GGUF ablation dequantizes an edited tensor, edits it in float32 and must write it back in its own type.
+The `gguf` package (gguf-py) encodes F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, TQ1_0/TQ2_0 and MXFP4 but only
+decodes the K-quants that Q4_K_M / Q5_K_M / Q6_K files use for the tensors we edit; this module adds vectorized
+encoders for Q4_K, Q5_K and Q6_K in the bit layout that `gguf.quants.dequantize` and llama.cpp's ggml-quants.c
+read. Everything else is delegated to the package, and a type nobody encodes raises `UnencodableType`.
+
+K-quant facts (super-blocks of QK_K = 256 values; checked against gguf/quants.py's decoders):
+    Q4_K (144 B): d f16, dmin f16, 12 B of 6-bit (scale, min) pairs for 8 sub-blocks of 32, 128 B of nibbles;
+                  value = d*sc*q - dmin*m, q in 0..15
+    Q5_K (176 B): as Q4_K plus 32 B of fifth bits (qh) before the nibbles, q in 0..31
+    Q6_K (210 B): 128 B low nibbles, 64 B high 2-bit pairs, 16 int8 scales (sub-blocks of 16), d f16;
+                  value = d*sc*(q - 32), q in 0..63
+Choosing the scales follows the idea of llama.cpp's reference quantizers (our own code): per sub-block, a
+weighted least-squares search over a ladder of candidate step sizes (make_qkx2 / make_qx style), then the
+sub-block scales quantized to 6 (8) bits against the super-block's f16 d (and dmin), then the final integer
+codes. Two additions over the reference, both so that values already on a K-quant grid come back unchanged:
+integer step candidates in the search, and a refit of each sub-block's integer scale (and min) against the
+final f16 d/dmin, kept only where it lowers the error.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES
+
+QK_K = 256
+# super-blocks per vectorized chunk: small enough for the float64 temporaries (512 KiB each) to stay in cache
+_CHUNK = 256
+
+
+class UnencodableType(ValueError):
+    """No encoder (ours or the gguf package's) exists for this GGUF tensor type."""
+
+
+def dequantize(data: np.ndarray, qtype: T) -> np.ndarray:
+    """GGUF tensor data -> float32 values, by the gguf package (it decodes every type we encode)."""
+    return gguf.quants.dequantize(data, qtype)
+
+
+def can_encode(qtype: T) -> bool:
+    """True when `quantize` can write this type (our K-quant encoders or the package's)."""
+    return qtype in _OWN_ENCODERS or _package_encodes(qtype)
+
+
+def quantize(values: np.ndarray, qtype: T) -> np.ndarray:
+    """float32 [..., n] -> the tensor's data exactly as gguf.quants.quantize lays it out ([..., n_bytes] uint8;
+    F32 / F16 keep their float dtype). n must be a multiple of the type's block size."""
+    qtype = T(qtype)
+    encoder = _OWN_ENCODERS.get(qtype)
+    if encoder is None:
+        if not _package_encodes(qtype):
+            raise UnencodableType(f"no encoder for GGUF tensor type {qtype.name} (type {int(qtype)})")
+        return gguf.quants.quantize(np.asarray(values, dtype=np.float32), qtype)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.ndim == 0 or values.shape[-1] % QK_K:
+        raise ValueError(f"{qtype.name} needs rows that are a multiple of {QK_K} values, got shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"cannot encode non-finite values (NaN or inf) as {qtype.name}")
+    type_size = GGML_QUANT_SIZES[qtype][1]
+    blocks = values.reshape(-1, QK_K)
+    out = np.empty((blocks.shape[0], type_size), dtype=np.uint8)
+    for start in range(0, blocks.shape[0], _CHUNK):
+        out[start:start + _CHUNK] = encoder(blocks[start:start + _CHUNK].astype(np.float64))
+    return out.reshape(*values.shape[:-1], values.shape[-1] // QK_K * type_size)
+
+
+_PACKAGE_PROBED: dict[T, bool] = {}
+
+
+def _package_encodes(qtype: T) -> bool:
+    """Ask the installed gguf package once per type: encode one block of zeros (it raises NotImplementedError
+    for types it only decodes), so a newer package's new encoders are used without a list to keep in sync."""
+    if qtype not in _PACKAGE_PROBED:
+        block = GGML_QUANT_SIZES.get(qtype, (0, 0))[0]
+        ok = False
+        if block:
+            try:
+                with np.errstate(all="ignore"):
+                    gguf.quants.quantize(np.zeros((1, block), dtype=np.float32), qtype)
+                ok = True
+            except NotImplementedError:
+                ok = False
+        _PACKAGE_PROBED[qtype] = ok
+    return _PACKAGE_PROBED[qtype]
+
+
+# --------------------------------------------------------------------------------------------- shared pieces
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    """The f16 a super-block stores, saturated (never inf)."""
+    return np.clip(x, -65504.0, 65504.0).astype(np.float16)
+
+
+def _wsums(w: np.ndarray, x: np.ndarray, q: np.ndarray, buf: np.ndarray | None = None):
+    """Per sub-block sum(w q), sum(w q^2), sum(w q x): the moments every least-squares fit here needs."""
+    wq = np.multiply(w, q, out=buf)
+    return _rowsum(wq), np.einsum("...k,...k->...", wq, q), np.einsum("...k,...k->...", wq, x)
+
+
+def _rowsum(a: np.ndarray) -> np.ndarray:
+    """Sum over the last (short) axis: a matrix product with ones is about twice as fast as .sum(-1) here."""
+    return a @ np.ones(a.shape[-1])
+
+
+def _round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Nearest integer (ties to even, as llama.cpp's nearest_int) clamped to lo..hi, in place."""
+    np.rint(v, out=v)
+    np.maximum(v, lo, out=v)
+    return np.minimum(v, hi, out=v)
+
+
+def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, ladder, integer_tops):
+    """Per sub-block (last axis): step s >= 0, offset m >= 0 so that x ~ s*q - m with q in 0..nmax, and
+    whether that is exact (the values were already on a grid).
+
+    Candidate steps: range/nmax from min(x, 0) (evaluated as is), the ladder range/top for top in `ladder`
+    (llama.cpp make_qkx2's nmax + rmin + rdelta*k), and (x.max - x.min)/k for k in `integer_tops`, anchored
+    at the true minimum: values already on a grid get exact codes from one of these. Each candidate's codes get
+    the weighted least-squares (s, c) of x ~ s*q + c; the lowest weighted squared error wins. A fit with
+    c > 0 cannot be stored (the offset is subtracted): its codes are shifted up by ceil(c/s) where they still
+    fit in 0..nmax (same values), else it is refitted with c = 0 as the reference does. Errors come from the
+    moments, so a candidate costs one rounding pass over the values.
+    """
+    lo = np.minimum(x.min(-1), 0.0)
+    lo_true = x.min(-1)
+    hi = x.max(-1)
+    flat = hi - lo <= 0
+    sw = w.sum(-1)
+    swx = (w * x).sum(-1)
+    swxx = (w * x * x).sum(-1)
+
+    def err(s, c, sl, sl2, sxl):  # sum w (s*q + c - x)^2 from the moments
+        return s * s * sl2 + 2 * s * c * sl - 2 * s * sxl + c * c * sw - 2 * c * swx + swxx
+
+    rng = np.where(flat, 1.0, hi - lo)
+    s0 = rng / nmax
+    x_lo = x - lo[..., None]
+    x_lo_true = x - lo_true[..., None]
+    q = np.empty_like(x)
+    buf = np.empty_like(x)
+    _round_clip(np.divide(x_lo, s0[..., None], out=q), 0, nmax)
+    best_s, best_c = s0, lo
+    best_e = err(s0, lo, *_wsums(w, x, q, buf))
+    rng_true = np.where(hi > lo_true, hi - lo_true, 1.0)
+    candidates = [(top, x_lo, hi - lo, rng) for top in ladder]
+    candidates += [(float(k), x_lo_true, hi - lo_true, rng_true) for k in integer_tops]
+    for top, shifted, top_value, span in candidates:
+        factor = top / span
+        _round_clip(np.multiply(shifted, factor[..., None], out=q), 0, nmax)
+        q_max = _round_clip(top_value * factor, 0, nmax)  # codes grow with x: the largest code, without a pass
+        sl, sl2, sxl = _wsums(w, x, q, buf)
+        det = sw * sl2 - sl * sl
+        ok = det > 0
+        det = np.where(ok, det, 1.0)
+        s = (sw * sxl - swx * sl) / det
+        c = (sl2 * swx - sl * sxl) / det
+        e = err(s, c, sl, sl2, sxl)
+        # (a c that is positive by rounding noise alone must not shift the codes: the 1e-6 steps of slack)
+        shift = np.maximum(np.ceil(c / np.where(s > 0, s, 1.0) - 1e-6), 0.0)
+        pos = c > 0
+        movable = pos & (s > 0) & (q_max + shift <= nmax)
+        c = np.where(movable, c - shift * s, c)
+        clamp = pos & ~movable
+        s_alone = sxl / np.where(sl2 > 0, sl2, 1.0)
+        e = np.where(clamp, err(s_alone, 0.0, sl, sl2, sxl), e)
+        s = np.where(clamp, s_alone, s)
+        c = np.where(clamp, 0.0, c)
+        better = ok & (e < best_e) & (s > 0)
+        best_s = np.where(better, s, best_s)
+        best_c = np.where(better, c, best_c)
+        best_e = np.where(better, e, best_e)
+    best_s = np.where(flat, 0.0, best_s)
+    exact = flat | (best_e <= 1e-10 * swxx)
+    return best_s, np.maximum(-best_c, 0.0), exact  # the offset as the positive number the format stores
+
+
+def _on_grid(r: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Ratios to a unit that are all integers (within 1e-3: random data never is) inside lo..hi."""
+    return (np.abs(r - np.rint(r)) < 1e-3) & (r > lo - 0.5) & (r < hi + 0.5)
+
+
+def _super_unit(v: np.ndarray, peak: np.ndarray, peak_codes, lo: int, hi: int, on_grid_rows: np.ndarray):
+    """Per super-block: the f16 unit its sub-block values v [nb, k] are coded against, the codes, and whether
+    every v is exactly on that unit's grid.
+
+    The reference choice maps `peak` (the sub-block value of largest magnitude) to peak_codes[0]. Values that
+    are already on a grid whose peak code was something else (after our refit, or an importance-matrix file)
+    would lose their grid that way, so for the rows in `on_grid_rows` (super-blocks whose sub-blocks were
+    fitted exactly) that the first choice leaves off its integer grid, the other peak codes are tried and the
+    first that puts every v on its grid is kept.
+    """
+    def unit_for(p, code):
+        return _f16(p / code).astype(np.float64)
+
+    def exact(vals, unit):
+        return (unit != 0) & _on_grid(vals / np.where(unit != 0, unit, 1.0)[:, None], lo, hi).all(-1)
+
+    unit = unit_for(peak, peak_codes[0])
+    found = exact(v, unit)
+    rows = on_grid_rows[~found[on_grid_rows]]
+    if rows.size:
+        vr, pr, ur, fr = v[rows], peak[rows], unit[rows], found[rows]
+        for code in peak_codes[1:]:
+            u = unit_for(pr, code)
+            take = ~fr & exact(vr, u)
+            ur = np.where(take, u, ur)
+            fr |= take
+        unit[rows], found[rows] = ur, fr
+    live = (peak != 0) & (unit != 0)
+    codes = np.where(live[:, None], np.clip(np.rint(v / np.where(live, unit, 1.0)[:, None]), lo, hi), 0.0)
+    return np.where(live, unit, 0.0), codes, found | (peak == 0)
+
+
+_SHIFTS = np.arange(-2, 9, dtype=np.float64)
+
+
+def _shifted_offset_unit(off: np.ndarray, step: np.ndarray, x: np.ndarray, nmax: int):
+    """For super-blocks whose steps are on a grid: dmin and the 6-bit mins when every sub-block's offset,
+    moved by a whole number of its steps (-2..8: the codes of on-grid values are only known up to such a
+    shift) that keeps its codes (x + offset) / step in 0..nmax, lies on one f16 unit's grid.
+    Returns (unit, codes, found) for the given rows (x: their values [n, 8, 32])."""
+    n = off.shape[0]
+    cand = off[:, :, None] + _SHIFTS * step[:, :, None]  # [n, 8, shifts]
+    slack = 1e-3 * step[:, :, None]
+    fits_codes = (cand >= -x.min(-1)[..., None] - slack) & (cand <= nmax * step[:, :, None] - x.max(-1)[..., None] + slack)
+    cand = np.where((cand >= -slack) & fits_codes, np.maximum(cand, 0.0), np.nan)
+    peaks = cand.reshape(n, 1, -1)  # the largest true offset is one of these
+    unit = np.zeros(n)
+    codes = np.zeros((n, 8))
+    found = np.zeros(n, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        for code in _SIX_BIT_PEAKS:
+            u = _f16(np.nan_to_num(peaks / code)).astype(np.float64)  # [n, 1, P] for the P candidate peaks
+            r = cand[:, None, :, :] / np.where(u > 0, u, np.nan)[..., None].transpose(0, 2, 1, 3)  # [n, P, 8, S]
+            fits = _on_grid(r, 0, 63)
+            every = fits.any(-1).all(-1)  # [n, P]: every sub-block has a shift on this unit's grid
+            hit = every.any(-1) & ~found
+            if not hit.any():
+                continue
+            pick = every.argmax(-1)
+            rows = np.nonzero(hit)[0]
+            rp = r[rows, pick[rows]]  # [h, 8, 5]
+            k = fits[rows, pick[rows]].argmax(-1)  # first fitting shift per sub-block
+            unit[rows] = u[rows, 0, pick[rows]]
+            codes[rows] = np.rint(np.take_along_axis(rp, k[..., None], -1)[..., 0])
+            found |= hit
+    return unit, codes, found
+
+
+_SIX_BIT_PEAKS = tuple(range(63, 15, -1))
+
+
+def _affine_codes(x, d, sc, dmin, m, nmax):
+    """Nearest codes 0..nmax for x ~ d*sc*q - dmin*m (0 where the sub-block's step is 0)."""
+    step = (d * sc)[..., None]
+    q = (x + (dmin * m)[..., None]) / np.where(step > 0, step, np.inf)
+    return _round_clip(q, 0, nmax)
+
+
+def _affine_err(w, x, q, a, b):
+    """sum w (a q - b - x)^2 per sub-block, from the moments."""
+    sl, sl2, sxl = _wsums(w, x, q)
+    sw, swx, swxx = w.sum(-1), np.einsum("...k,...k->...", w, x), np.einsum("...k,...k,...k->...", w, x, x)
+    return a * a * sl2 - 2 * a * b * sl - 2 * a * sxl + b * b * sw + 2 * b * swx + swxx
+
+
+def _encode_affine(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """Q4_K / Q5_K choice of (d, dmin, sc, m, q) for float64 super-blocks [nb, 256]."""
+    nb = blocks.shape[0]
+    x = blocks.reshape(nb, 8, 32)
+    # importance of each value as llama.cpp weighs it: the sub-block's RMS plus the value's own magnitude
+    w = np.sqrt((x * x).mean(-1, keepdims=True)) + np.abs(x)
+    ladder = [nmax + rmin + rdelta * k for k in range(nstep)]
+    step, off, exact = _fit_affine(x, w, nmax, ladder, range(nmax, nmax - 5, -1))
+    retry = _mostly_exact(exact)
+    if retry.size:  # on-grid super-blocks: the sub-blocks that span few codes need the rest of the ladder
+        s2, o2, e2 = _fit_affine(x[retry], w[retry], nmax, [], range(nmax - 5, 0, -1))
+        take = e2 & ~exact[retry]
+        step[retry] = np.where(take, s2, step[retry])
+        off[retry] = np.where(take, o2, off[retry])
+        exact[retry] |= take
+    grid_rows = np.nonzero(exact.all(-1))[0]
+    d, sc, d_exact = _super_unit(step, step.max(-1), _SIX_BIT_PEAKS, 0, 63, grid_rows)
+    dmin, m, m_exact = _super_unit(off, off.max(-1), _SIX_BIT_PEAKS, 0, 63, grid_rows)
+    retry = np.nonzero(d_exact & ~m_exact)[0]  # on-grid steps, offsets off the grid: shifted codes?
+    if retry.size:
+        unit, codes, found = _shifted_offset_unit(off[retry], step[retry], x[retry], nmax)
+        rows = retry[found]
+        dmin[rows], m[rows] = unit[found], codes[found]
+    d, dmin = d[:, None], dmin[:, None]
+
+    q = _affine_codes(x, d, sc, dmin, m, nmax)
+    e = _affine_err(w, x, q, d * sc, dmin * m)
+    sw, swx = w.sum(-1), np.einsum("...k,...k->...", w, x)
+    for _ in range(2):
+        # refit each sub-block's (step, offset) to its current codes and re-round both on the f16 units
+        sl, sl2, sxl = _wsums(w, x, q)
+        det = sw * sl2 - sl * sl
+        ok = det > 0
+        det = np.where(ok, det, 1.0)
+        s = (sw * sxl - swx * sl) / det
+        c = (sl2 * swx - sl * sxl) / det
+        sc2 = _round_clip(s / np.where(d > 0, d, np.inf), 0, 63)
+        m2 = _round_clip(-c / np.where(dmin > 0, dmin, np.inf), 0, 63)
+        q2 = _affine_codes(x, d, sc2, dmin, m2, nmax)
+        e2 = _affine_err(w, x, q2, d * sc2, dmin * m2)
+        better = ok & (e2 < e)
+        sc = np.where(better, sc2, sc)
+        m = np.where(better, m2, m)
+        q = np.where(better[..., None], q2, q)
+        e = np.where(better, e2, e)
+    return _f16(d[:, 0]), _f16(dmin[:, 0]), sc.astype(np.uint8), m.astype(np.uint8), q.astype(np.uint8).reshape(nb, QK_K)
+
+
+def _pack_scales_mins(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and mins -> the 12 bytes Q4_K / Q5_K store: bytes 0-3 and 4-7 hold sub-blocks 0-3's
+    scale and min with the top 2 bits of sub-blocks 4-7's in bits 6-7; bytes 8-11 hold 4-7's low nibbles."""
+    out = np.empty((sc.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    return out
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """Codes [nb, 256] -> 128 bytes: byte 32c + l holds value 64c + l (low nibble) and 64c + 32 + l (high)."""
+    q = (q & 0x0F).reshape(-1, 4, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _half_bytes(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, 1).view(np.uint8).reshape(-1, 2)
+
+
+def _encode_q4_k(blocks: np.ndarray) -> np.ndarray:
+    d, dmin, sc, m, q = _encode_affine(blocks, 15, -1.0, 0.1, 20)
+    return np.concatenate([_half_bytes(d), _half_bytes(dmin), _pack_scales_mins(sc, m), _nibbles(q)], axis=1)
+
+
+def _encode_q5_k(blocks: np.ndarray) -> np.ndarray:
+    d, dmin, sc, m, q = _encode_affine(blocks, 31, -0.5, 0.1, 15)
+    # byte l of qh holds the fifth bit of value 32s + l in bit s
+    high = ((q >> 4) & 1).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]
+    qh = np.bitwise_or.reduce(high, axis=1)
+    return np.concatenate([_half_bytes(d), _half_bytes(dmin), _pack_scales_mins(sc, m), qh, _nibbles(q)], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------- Q6_K
+
+
+def _fit_symmetric(x: np.ndarray, w: np.ndarray, nmax: int, tops):
+    """Per sub-block (last axis): signed step s so that x ~ s*q with q in -nmax..nmax-1, and whether that
+    is exact (the values were already on a grid).
+
+    Each candidate maps the largest-magnitude value to code `top`, gets the weighted least-squares step for
+    its codes, and the one with the largest explained energy (sum w x q)^2 / sum w q^2 wins.
+    """
+    idx = np.abs(x).argmax(-1)
+    peak = np.take_along_axis(x, idx[..., None], -1)[..., 0]
+    zero = np.abs(peak) < 1e-15
+    peak = np.where(zero, 1.0, peak)
+    best_s = np.zeros_like(peak)
+    best_gain = np.full_like(peak, -1.0)
+    q = np.empty_like(x)
+    wq = np.empty_like(x)
+    inv_peak = (1.0 / peak)[..., None]
+    for top in tops:
+        _round_clip(np.multiply(x, top * inv_peak, out=q), -nmax, nmax - 1)
+        np.multiply(w, q, out=wq)
+        sxl = np.einsum("...k,...k->...", wq, x)
+        sl2 = np.einsum("...k,...k->...", wq, q)
+        ok = sl2 > 0
+        sl2 = np.where(ok, sl2, 1.0)
+        gain = np.where(ok, sxl * sxl / sl2, -1.0)
+        better = gain > best_gain
+        best_s = np.where(better, sxl / sl2, best_s)
+        best_gain = np.where(better, gain, best_gain)
+    swxx = np.einsum("...k,...k->...", w, x * x)
+    return np.where(zero, 0.0, best_s), zero | (swxx - best_gain <= 1e-10 * swxx)
+
+
+# llama.cpp's make_qx ladder maps the peak to -(nmax + 0.1 k), k = -9..9; the integers nmax-1 .. nmax-8 of
+# either sign find exact codes for values already on a grid (the peak's code is rarely exactly -nmax once its
+# sub-block scale was rounded); sub-blocks of small scale in on-grid super-blocks need the rest of the ladder
+_Q6_TOPS = [-(32 + 0.1 * k) for k in range(-9, 10)] + [sg * float(k) for k in range(31, 23, -1) for sg in (-1, 1)]
+_Q6_WIDE_TOPS = [sg * float(k) for k in range(23, 0, -1) for sg in (-1, 1)]
+
+
+def _mostly_exact(exact: np.ndarray) -> np.ndarray:
+    """Super-blocks (rows) where at least half the sub-blocks, but not all, were fitted exactly: values
+    already on a grid, worth a wider search for the rest (random data never gets here, so it costs nothing)."""
+    n_exact = exact.sum(-1)
+    return np.nonzero((2 * n_exact >= exact.shape[-1]) & (n_exact < exact.shape[-1]))[0]
+
+
+# the reference maps the largest sub-block step to -128, the int8 end with the most room
+_INT8_PEAKS = tuple(c for k in range(128, 63, -1) for c in (-k, k) if c != 128)
+
+
+def _encode_q6_k(blocks: np.ndarray) -> np.ndarray:
+    nb = blocks.shape[0]
+    x = blocks.reshape(nb, 16, 16)
+    w = x * x  # llama.cpp's Q6_K weighting: squared magnitude
+    step, exact = _fit_symmetric(x, w, 32, _Q6_TOPS)
+    retry = _mostly_exact(exact)
+    if retry.size:
+        s2, e2 = _fit_symmetric(x[retry], w[retry], 32, _Q6_WIDE_TOPS)
+        step[retry] = np.where(e2 & ~exact[retry], s2, step[retry])
+        exact[retry] |= e2
+    peak = np.take_along_axis(step, np.abs(step).argmax(-1)[:, None], -1)[:, 0]
+    d, sc, _ = _super_unit(step, peak, _INT8_PEAKS, -128, 127, np.nonzero(exact.all(-1))[0])
+    d16 = _f16(d)
+    d = d[:, None]
+
+    swx2 = np.einsum("...k,...k->...", w, x * x)
+
+    def codes(scales):
+        unit = (d * scales)[..., None]
+        return _round_clip(x / np.where(unit != 0, unit, np.inf), -32, 31)
+
+    def err(q, a):  # sum w (a q - x)^2 from the moments
+        wq = w * q
+        return a * a * np.einsum("...k,...k->...", wq, q) - 2 * a * np.einsum("...k,...k->...", wq, x) + swx2
+
+    q = codes(sc)
+    e = err(q, d * sc)
+    for _ in range(2):
+        # refit each sub-block's step to its codes and re-round it on the f16 unit d
+        wq = w * q
+        sl2 = np.einsum("...k,...k->...", wq, q)
+        s = np.einsum("...k,...k->...", wq, x) / np.where(sl2 > 0, sl2, 1.0)
+        sc2 = _round_clip(s / np.where(d != 0, d, np.inf), -128, 127)
+        q2 = codes(sc2)
+        e2 = err(q2, d * sc2)
+        better = (sl2 > 0) & (e2 < e)
+        sc = np.where(better, sc2, sc)
+        q = np.where(better[..., None], q2, q)
+        e = np.where(better, e2, e)
+
+    u = (q + 32).astype(np.uint8).reshape(nb, 2, 4, 32)  # two halves of 128, four rows of 32
+    low = u & 0x0F
+    ql = (low[:, :, 0:2] | (low[:, :, 2:4] << 4)).reshape(nb, 128)
+    hi = (u >> 4) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+    qh = np.bitwise_or.reduce(hi, axis=2).reshape(nb, 64)
+    return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), _half_bytes(d16)], axis=1)
+
+
+_OWN_ENCODERS = {T.Q4_K: _encode_q4_k, T.Q5_K: _encode_q5_k, T.Q6_K: _encode_q6_k}
