@@ -21,7 +21,10 @@ import numpy as np
 
 from abliterate.ablate import gguf_codec
 
-BAND_VALUES = 1 << 21  # floats decoded at a time (8 MiB of float32; MXFP4's encoder needs 64 bytes per value)
+# Floats decoded at a time: 16 MiB of float32 (smaller bands cost more in per-call overhead than they save in
+# cache; bench/bench_gguf.py). gguf-py's MXFP4 encoder holds 64 bytes per value, so MXFP4 bands are smaller.
+BAND_VALUES = 1 << 22
+MXFP4_BAND_VALUES = 1 << 18
 
 
 @dataclass
@@ -48,37 +51,39 @@ class Residual:
                 "projection_max_before": self.max_before, "projection_max_after": self.max_after}
 
 
-def edit_gguf_tensor(raw: np.ndarray, type_id: int, shape: tuple[int, ...], role, r, scale: float, method: str,
-                     out_type: int, write: Callable[[bytes], None], band_values: int = BAND_VALUES) -> Residual:
-    """Edit the tensor whose raw bytes are `raw` (type `type_id`, numpy `shape`) along the unit direction `r`
-    (torch float32 [H]) and `write` its bytes in `out_type`, band by band in file order."""
+def edit_gguf_tensor(read: Callable[[int, int], np.ndarray], type_id: int, shape: tuple[int, ...], role, r,
+                     scale: float, method: str, out_type: int, write: Callable[[bytes], None],
+                     band_values: int | None = None) -> Residual:
+    """Edit one tensor (type `type_id`, numpy `shape`) along the unit direction `r` (torch float32 [H]) and `write`
+    its bytes in `out_type`, band by band in file order. `read(begin, length)` gives the tensor's raw bytes
+    [begin, begin + length) as uint8 (read with pread, not through a memory map: mapped pages the edit has read
+    would stay in the process's resident set, tensor after tensor)."""
     import torch
 
     n = shape[-1]
     rows = math.prod(shape[:-1])
     in_row = gguf_codec.row_nbytes(type_id, n)
-    flat = raw.reshape(-1)
+    if band_values is None:
+        band_values = MXFP4_BAND_VALUES if gguf_codec.type_is(out_type, "MXFP4") else BAND_VALUES
     step = max(1, band_values // max(n, 1))
-    rnp = r.to(torch.float64).numpy()
     res = Residual()
 
-    def decode(r0: int, r1: int) -> np.ndarray:
-        return gguf_codec.decode_rows(flat[r0 * in_row:r1 * in_row], type_id, n)
+    def decode(r0: int, r1: int) -> torch.Tensor:
+        return torch.from_numpy(gguf_codec.decode_rows(read(r0 * in_row, (r1 - r0) * in_row), type_id, n))
 
-    def encode(values: np.ndarray) -> np.ndarray:
+    def encode(values: torch.Tensor) -> torch.Tensor:
         """Write the band in out_type; return the values the file now holds (decoded again)."""
-        data = gguf_codec.encode_rows(values, out_type)
+        data = gguf_codec.encode_rows(values.numpy(), out_type)
         write(data)
-        return gguf_codec.decode_rows(np.frombuffer(data, dtype=np.uint8), out_type, n)
+        return torch.from_numpy(gguf_codec.decode_rows(np.frombuffer(bytearray(data), dtype=np.uint8), out_type, n))
 
     if role.hidden_axis == len(shape) - 1:  # rows are hidden-space vectors
         row_role = replace(role, hidden_axis=1, expert_axis=None)
         for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            band = torch.from_numpy(decode(r0, r1).copy())
-            edited = _edit_rows(band, row_role, r, scale, method)
-            written = encode(edited.numpy())
-            res.add(band.numpy().astype(np.float64) @ rnp, written.astype(np.float64) @ rnp)
+            band = decode(r0, min(rows, r0 + step))
+            before = (band @ r).numpy()
+            written = encode(_edit_rows(band, row_role, r, scale, method))
+            res.add(before, (written @ r).numpy())
         return res
     if role.hidden_axis != len(shape) - 2:
         raise ValueError(f"{role.key}: hidden axis {role.hidden_axis} of shape {list(shape)} is not one of the "
@@ -86,32 +91,28 @@ def edit_gguf_tensor(raw: np.ndarray, type_id: int, shape: tuple[int, ...], role
     from abliterate.ablate.edits import ColumnEdit
 
     hidden = shape[-2]
-    r64 = r.to(torch.float64)
     for g in range(rows // hidden):  # one [H, n] matrix (one expert) at a time
         base = g * hidden
+        bands = [(r0, min(hidden, r0 + step)) for r0 in range(0, hidden, step)]
         column_edit = ColumnEdit(r, n, scale, method)
         kept = None
-        for r0 in range(0, hidden, step):
-            r1 = min(hidden, r0 + step)
-            band = torch.from_numpy(decode(base + r0, base + r1).copy())
+        for r0, r1 in bands:
+            band = decode(base + r0, base + r1)
             column_edit.accumulate(band, r0)
-            if r0 == 0 and r1 == hidden:
-                kept = band  # the whole matrix fits one band: decode it once
-        after = np.zeros(n, dtype=np.float64)
-        for r0 in range(0, hidden, step):
-            r1 = min(hidden, r0 + step)
-            band = kept if kept is not None else torch.from_numpy(decode(base + r0, base + r1).copy())
-            edited = column_edit.apply(band, r0)
-            written = encode(edited.numpy())
-            after += r64[r0:r1].numpy() @ written.astype(np.float64)
-        res.add(column_edit.coeff.numpy(), after)
+            kept = band if len(bands) == 1 else None  # the whole matrix fits one band: decode it once
+        after = torch.zeros(n, dtype=torch.float64)
+        for r0, r1 in bands:
+            band = kept if kept is not None else decode(base + r0, base + r1)
+            written = encode(column_edit.apply(band, r0, out=band))
+            after += (r[r0:r1] @ written).double()
+        res.add(column_edit.coeff.numpy(), after.numpy())
     return res
 
 
 def _edit_rows(band, role, r, scale: float, method: str):
     from abliterate.ablate.edits import edit_tensor
 
-    return edit_tensor(band, role, r, scale, method)
+    return edit_tensor(band, role, r, scale, method, out=band)  # in place: the band is ours
 
 
 def read_vector(raw: np.ndarray, type_id: int, length: int) -> np.ndarray:

@@ -8,8 +8,11 @@ for its type) the later tensors move: each untouched tensor is then copied on it
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from tqdm import tqdm
 
@@ -17,6 +20,7 @@ from abliterate.ablate import gguf_codec
 from abliterate.ablate.gguf_edit import edit_gguf_tensor, read_vector
 from abliterate.ablate.gguf_file import GGUFPart, OutputLayout, type_name
 from abliterate.ablate.safetensors_io import copy_range
+from abliterate.cli import UserError
 
 
 class PartWriter:
@@ -49,7 +53,7 @@ class PartWriter:
                     dst.seek(layout.data_start + (cursor - part.data_start))
                     copy_range(src, dst, cursor, begin - cursor)
                 dst.seek(layout.data_start + layout.offsets[i])
-                self._edit(part, t, layout.types[i], edits[t.name], dst)
+                self._edit(part, t, layout.types[i], edits[t.name], src, dst)
                 bar.update(t.nbytes)
                 cursor = begin + t.nbytes
                 self.crash.tick()
@@ -60,7 +64,7 @@ class PartWriter:
         bar.close()
         return layout.size
 
-    def _edit(self, part: GGUFPart, t, out_type: int, te, dst) -> None:
+    def _edit(self, part: GGUFPart, t, out_type: int, te, src, dst) -> None:
         import torch
 
         from abliterate.ablate.edits import direction_through_norm
@@ -81,8 +85,15 @@ class PartWriter:
             dst.write(data)
             written["n"] += len(data)
 
-        res = edit_gguf_tensor(part.tensor_bytes(t), t.type_id, t.shape, role, r, target.scale, self.plan.method,
-                               out_type, write)
+        fd, start = src.fileno(), part.data_start + t.offset
+
+        def read(begin: int, length: int) -> np.ndarray:
+            data = os.pread(fd, length, start + begin)
+            if len(data) != length:
+                raise UserError(f"{part.path}: the file shrank while reading {t.name}; rerun on a complete file")
+            return np.frombuffer(bytearray(data), dtype=np.uint8)
+
+        res = edit_gguf_tensor(read, t.type_id, t.shape, role, r, target.scale, self.plan.method, out_type, write)
         expected = gguf_codec.row_nbytes(out_type, t.shape[-1]) * (t.nbytes // gguf_codec.row_nbytes(t.type_id,
                                                                                                      t.shape[-1]))
         if written["n"] != expected:
