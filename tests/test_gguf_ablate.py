@@ -169,3 +169,36 @@ def test_dry_run_lists_tensors_with_types_and_writes_nothing(tmp_path, capsys):
                       "blk.1.ffn_down.weight": "Q8_0"}
     assert "3 tensors" in lines[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "meas.safetensors", "plan.yml"]
+
+
+def test_gemma2_gguf_writers_edited_through_the_post_norm_gain(tmp_path):
+    """Gemma2/3 GGUFs store the post-sublayer norm gains as HF weight + 1: the writers are edited along
+    unit(g * r) with g the stored value, as the HF path does with 1 + weight."""
+    from abliterate.ablate.edits import direction_through_norm
+
+    hidden = 64
+    tensors = llama_tensors(hidden, 2, 128, 16, Q.F16, seed=7)
+    g = np.random.default_rng(8)
+    extra = []
+    for i in (0, 1):
+        extra += [(f"blk.{i}.post_attention_norm.weight", (1 + g.standard_normal(hidden)).astype(np.float32), Q.F32),
+                  (f"blk.{i}.post_ffw_norm.weight", (1 + g.standard_normal(hidden)).astype(np.float32), Q.F32)]
+    src = write_gguf(tmp_path / "m.gguf", "gemma2", tensors[:-2] + extra + tensors[-2:], hidden, 2, 128, 16)
+    meas = write_measurements(tmp_path / "meas.safetensors", 2, hidden, seed=9)
+    plan_path = write_plan(tmp_path / "plan.yml", src, meas, tmp_path / "out.gguf", layers=(0,), measurement=1)
+    assert main([str(plan_path), "--no-progress"]) == 0
+    _, directions = plan_directions(plan_path)
+    r = directions[(1, 1.0)].unit
+    ta, tb = tensors_by_name(src), tensors_by_name(tmp_path / "out.gguf")
+    for gguf_name, hf, norm, hf_norm in (
+            ("attn_output", "self_attn.o_proj", "post_attention_norm", "post_attention_layernorm"),
+            ("ffn_down", "mlp.down_proj", "post_ffw_norm", "post_feedforward_layernorm")):
+        stored = torch.from_numpy(dequantized(ta[f"blk.0.{norm}.weight"]).astype(np.float64))
+        role = classify(f"model.layers.0.{hf}.weight", (hidden, hidden if gguf_name == "attn_output" else 128),
+                        "gemma2", hidden)
+        assert role.post_norm == f"model.layers.0.{hf_norm}.weight" and role.post_norm_offset == 1.0
+        u = direction_through_norm(r, stored - 1, role.post_norm_offset).float()  # HF weight = stored - 1
+        before, after = dequantized(ta[f"blk.0.{gguf_name}.weight"]), dequantized(tb[f"blk.0.{gguf_name}.weight"])
+        ref = edit_tensor(torch.from_numpy(before.copy()), role, u).numpy()
+        _assert_close(after, ref, Q.F16, gguf_name)
+        assert np.abs(ref - before).max() > 100 * np.abs(after - ref).max()  # an edit, and the right one
