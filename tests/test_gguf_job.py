@@ -213,3 +213,20 @@ def test_split_set_needs_its_first_part(tmp_path, capsys):
     _split_set(tmp_path)
     line = _fail(_plan(tmp_path, tmp_path / "m-00002-of-00003.gguf"), capsys)
     assert "part 2 of a split GGUF set" in line and "m-00001-of-00003.gguf" in line
+
+
+def test_abliterating_an_abliterated_file_replaces_our_keys(tmp_path):
+    model = _model(tmp_path)
+    plan = _plan(tmp_path, model)
+    assert main([str(plan), "--no-progress"]) == 0
+    twice = tmp_path / "twice.gguf"
+    assert main([str(plan), "--no-progress", "-o", str(twice)]) == 0  # the plan's model is still m.gguf
+    plan2 = write_plan(tmp_path / "plan2.yml", tmp_path / "out.gguf", tmp_path / "meas2x64.safetensors", twice,
+                       layers=(0,), scale=0.5)
+    assert main([str(plan2), "--no-progress", "--force"]) == 0
+    a, b = fields(tmp_path / "out.gguf"), fields(twice)
+    ours = [k for k in a if k.startswith("abliterate.")]
+    assert [k for k in b if k not in ours] == [k for k in a if k not in ours]  # the rest in order, unchanged
+    assert all(b[k] == a[k] for k in a if k not in ours)
+    assert [k for k in b if k.startswith("abliterate.")] == ours
+    assert b["abliterate.plan_sha256"] != a["abliterate.plan_sha256"]

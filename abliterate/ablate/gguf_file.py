@@ -63,6 +63,7 @@ class GGUFPart:
     data_start: int
     tensors: list[GGUFTensor]
     fields: dict = field(repr=False, default_factory=dict)  # key -> python value (strings, numbers, short lists)
+    kv_offsets: list = field(repr=False, default_factory=list)  # (key, where its entry starts), in file order
     reader: object = field(repr=False, default=None)  # the GGUFReader (its memory map gives the tensor bytes)
 
     def by_name(self) -> dict[str, GGUFTensor]:
@@ -132,7 +133,8 @@ def read_part(path: Path) -> GGUFPart:
             raise UserError(f"{path}: tensor {t.name} reaches past the end of the file ({size:,} bytes); the file "
                             "is truncated, re-download it")
     return GGUFPart(path, size, int(reader.alignment), len(kv_names), kv_begin, kv_end, info_end,
-                    int(reader.data_offset), tensors, fields, reader)
+                    int(reader.data_offset), tensors, fields, [(n, reader.fields[n].offset) for n in kv_names],
+                    reader)
 
 
 def _field_end(f) -> int:
@@ -231,8 +233,15 @@ def plan_layout(part: GGUFPart, extra_kv: list[tuple[str, object]], new_types: d
         offsets.append(align(offsets[i - 1] + nbytes[i - 1], part.alignment) if moved else t.offset)
     src = part.reader.data
     header = bytearray(bytes(src[:8]))  # magic and version
-    header += struct.pack("<QQ", len(part.tensors), part.kv_count + len(extra_kv))
-    header += bytes(src[part.kv_begin:part.kv_end])
+    replaced = {k for k, _ in extra_kv} & set(part.fields)
+    header += struct.pack("<QQ", len(part.tensors), part.kv_count - len(replaced) + len(extra_kv))
+    if not replaced:
+        header += bytes(src[part.kv_begin:part.kv_end])
+    else:  # a file abliterated before: its old abliterate.* entries give way to the new ones (no duplicate keys)
+        ends = [off for _, off in part.kv_offsets[1:]] + [part.kv_end]
+        for (name, begin), end in zip(part.kv_offsets, ends):
+            if name not in replaced:
+                header += bytes(src[begin:end])
     for key, value in extra_kv:
         header += encode_kv(key, value)
     for t, ty, off in zip(part.tensors, types, offsets):
