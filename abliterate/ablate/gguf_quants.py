@@ -133,6 +133,7 @@ def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, ladder, integer_tops):
     sw = w.sum(-1)
     swx = (w * x).sum(-1)
     swxx = (w * x * x).sum(-1)
+    noise = _rounding_noise(x, sw)
 
     def err(s, c, sl, sl2, sxl):  # sum w (s*q + c - x)^2 from the moments
         return s * s * sl2 + 2 * s * c * sl - 2 * s * sxl + c * c * sw - 2 * c * swx + swxx
@@ -170,13 +171,26 @@ def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, ladder, integer_tops):
         e = np.where(clamp, err(s_alone, 0.0, sl, sl2, sxl), e)
         s = np.where(clamp, s_alone, s)
         c = np.where(clamp, 0.0, c)
-        better = ok & (e < best_e) & (s > 0)
+        # among exact fits the coarsest grid wins: the one the values were quantized on, not a finer one
+        both_exact = _is_exact(e, s, sw, noise) & _is_exact(best_e, best_s, sw, noise)
+        better = ok & (s > 0) & np.where(both_exact, s > best_s, e < best_e)
         best_s = np.where(better, s, best_s)
         best_c = np.where(better, c, best_c)
         best_e = np.where(better, e, best_e)
     best_s = np.where(flat, 0.0, best_s)
-    exact = flat | (best_e <= 1e-10 * swxx)
+    exact = flat | _is_exact(best_e, best_s, sw, noise)
     return best_s, np.maximum(-best_c, 0.0), exact  # the offset as the positive number the format stores
+
+
+def _rounding_noise(x: np.ndarray, sw: np.ndarray) -> np.ndarray:
+    """The weighted squared error float32 rounding of a sub-block's values alone can cause."""
+    return sw * (2.4e-7 * np.abs(x).max(-1)) ** 2
+
+
+def _is_exact(err: np.ndarray, step: np.ndarray, sw: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """A fit is exact (the values were on its grid) when its weighted squared error is within float32
+    rounding plus (1e-3 step)^2 per value; off-grid values miss by about step / sqrt(12) on average."""
+    return err <= noise + sw * (1e-3 * step) ** 2
 
 
 def _on_grid(r: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -184,7 +198,7 @@ def _on_grid(r: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return (np.abs(r - np.rint(r)) < 1e-3) & (r > lo - 0.5) & (r < hi + 0.5)
 
 
-def _super_unit(v: np.ndarray, peak: np.ndarray, peak_codes, lo: int, hi: int, on_grid_rows: np.ndarray):
+def _super_unit(v: np.ndarray, peak: np.ndarray, peak_codes, lo: int, hi, on_grid_rows: np.ndarray):
     """Per super-block: the f16 unit its sub-block values v [nb, k] are coded against, the codes, and whether
     every v is exactly on that unit's grid.
 
@@ -192,22 +206,24 @@ def _super_unit(v: np.ndarray, peak: np.ndarray, peak_codes, lo: int, hi: int, o
     are already on a grid whose peak code was something else (after our refit, or an importance-matrix file)
     would lose their grid that way, so for the rows in `on_grid_rows` (super-blocks whose sub-blocks were
     fitted exactly) that the first choice leaves off its integer grid, the other peak codes are tried and the
-    first that puts every v on its grid is kept.
+    first that puts every v on its grid is kept. `hi` may be an array like v: a largest code per sub-block.
     """
+    hi = np.broadcast_to(np.asarray(hi, dtype=np.float64), v.shape)
+
     def unit_for(p, code):
         return _f16(p / code).astype(np.float64)
 
-    def exact(vals, unit):
-        return (unit != 0) & _on_grid(vals / np.where(unit != 0, unit, 1.0)[:, None], lo, hi).all(-1)
+    def exact(vals, unit, top):
+        return (unit != 0) & _on_grid(vals / np.where(unit != 0, unit, 1.0)[:, None], lo, top).all(-1)
 
     unit = unit_for(peak, peak_codes[0])
-    found = exact(v, unit)
+    found = exact(v, unit, hi)
     rows = on_grid_rows[~found[on_grid_rows]]
     if rows.size:
-        vr, pr, ur, fr = v[rows], peak[rows], unit[rows], found[rows]
+        vr, pr, ur, fr, hr = v[rows], peak[rows], unit[rows], found[rows], hi[rows]
         for code in peak_codes[1:]:
             u = unit_for(pr, code)
-            take = ~fr & exact(vr, u)
+            take = ~fr & exact(vr, u, hr)
             ur = np.where(take, u, ur)
             fr |= take
         unit[rows], found[rows] = ur, fr
@@ -223,36 +239,67 @@ def _shifted_offset_unit(off: np.ndarray, step: np.ndarray, x: np.ndarray, nmax:
     """For super-blocks whose steps are on a grid: dmin and the 6-bit mins when every sub-block's offset,
     moved by a whole number of its steps (-2..8: the codes of on-grid values are only known up to such a
     shift) that keeps its codes (x + offset) / step in 0..nmax, lies on one f16 unit's grid.
-    Returns (unit, codes, found) for the given rows (x: their values [n, 8, 32])."""
+    Returns (unit, codes, found) for the given rows (x: their values [n, 8, 32]).
+
+    The unit is searched from one anchor sub-block at a time, fewest admissible offsets first (a sub-block
+    whose codes span 0..nmax has exactly one): unit = f16(offset / code) for code 63 .. 1.
+    """
     n = off.shape[0]
     cand = off[:, :, None] + _SHIFTS * step[:, :, None]  # [n, 8, shifts]
     slack = 1e-3 * step[:, :, None]
-    fits_codes = (cand >= -x.min(-1)[..., None] - slack) & (cand <= nmax * step[:, :, None] - x.max(-1)[..., None] + slack)
-    cand = np.where((cand >= -slack) & fits_codes, np.maximum(cand, 0.0), np.nan)
-    peaks = cand.reshape(n, 1, -1)  # the largest true offset is one of these
+    valid = (cand >= -slack) & (cand <= nmax * step[:, :, None] - x.max(-1)[..., None] + slack)
+    valid &= cand >= -x.min(-1)[..., None] - slack
+    cand = np.where(valid, np.maximum(cand, 0.0), np.nan)
+    with np.errstate(invalid="ignore"):  # an offset that is 0 up to rounding says nothing about the unit
+        usable = (cand > 1e-6 * (off.max(-1) + step.max(-1))[:, None, None]).any(-1)
+    order = np.argsort(np.where(usable, valid.sum(-1), 10**6), axis=-1, kind="stable")
     unit = np.zeros(n)
     codes = np.zeros((n, 8))
     found = np.zeros(n, dtype=bool)
-    with np.errstate(invalid="ignore"):
-        for code in _SIX_BIT_PEAKS:
-            u = _f16(np.nan_to_num(peaks / code)).astype(np.float64)  # [n, 1, P] for the P candidate peaks
-            r = cand[:, None, :, :] / np.where(u > 0, u, np.nan)[..., None].transpose(0, 2, 1, 3)  # [n, P, 8, S]
-            fits = _on_grid(r, 0, 63)
-            every = fits.any(-1).all(-1)  # [n, P]: every sub-block has a shift on this unit's grid
-            hit = every.any(-1) & ~found
-            if not hit.any():
-                continue
-            pick = every.argmax(-1)
-            rows = np.nonzero(hit)[0]
-            rp = r[rows, pick[rows]]  # [h, 8, 5]
-            k = fits[rows, pick[rows]].argmax(-1)  # first fitting shift per sub-block
-            unit[rows] = u[rows, 0, pick[rows]]
-            codes[rows] = np.rint(np.take_along_axis(rp, k[..., None], -1)[..., 0])
-            found |= hit
+    for rank in range(8):  # anchors in turn, for the rows still without a unit
+        rows = np.nonzero(~found & usable[np.arange(n), order[:, rank]])[0]
+        if not rows.size:
+            continue
+        anchors = np.sort(cand[rows, order[rows, rank]], axis=-1)  # [h, shifts], the admissible ones first
+        anchors = anchors[:, ~np.isnan(anchors).all(0)]
+        u, c, f = _unit_from_anchors(cand[rows], anchors)
+        unit[rows[f]], codes[rows[f]] = u[f], c[f]
+        found[rows[f]] = True
     return unit, codes, found
 
 
-_SIX_BIT_PEAKS = tuple(range(63, 15, -1))
+def _unit_from_anchors(cand: np.ndarray, anchors: np.ndarray):
+    """The first f16 unit anchor / code (code 63 .. 1) on whose grid every sub-block has a candidate offset;
+    cand [n, 8, shifts] (NaN where not admissible), anchors [n, A]. Returns (unit, codes, found) per row."""
+    n = cand.shape[0]
+    unit = np.zeros(n)
+    codes = np.zeros((n, cand.shape[1]))
+    found = np.zeros(n, dtype=bool)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for code in range(63, 0, -1):
+            u = _f16(np.nan_to_num(anchors / code)).astype(np.float64)  # [n, A]
+            r = cand[:, None, :, :] / np.where(u > 0, u, np.nan)[:, :, None, None]  # [n, A, 8, shifts]
+            fits = _on_grid(r, 0, 63)
+            every = fits.any(-1).all(-1)  # [n, A]: every sub-block has an admissible offset on this grid
+            hit = every.any(-1) & ~found
+            if not hit.any():
+                continue
+            rows = np.nonzero(hit)[0]
+            pick = every[rows].argmax(-1)
+            # [h, 8]: each sub-block's shift closest to the grid (a shift by a few steps can land within the
+            # tolerance of another grid point when k steps happen to be close to whole dmin units)
+            rp = r[rows, pick]
+            dist = np.where(fits[rows, pick], np.abs(rp - np.rint(rp)), np.inf)
+            k = dist.argmin(-1)
+            unit[rows] = u[rows, pick]
+            codes[rows] = np.rint(np.take_along_axis(rp, k[..., None], -1)[..., 0])
+            found |= hit
+            if found.all():
+                break
+    return unit, codes, found
+
+
+_SIX_BIT_PEAKS = tuple(range(63, 15, -1))  # the reference maps the largest scale (min) to 63
 
 
 def _affine_codes(x, d, sc, dmin, m, nmax):
@@ -277,16 +324,15 @@ def _encode_affine(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, ns
     w = np.sqrt((x * x).mean(-1, keepdims=True)) + np.abs(x)
     ladder = [nmax + rmin + rdelta * k for k in range(nstep)]
     step, off, exact = _fit_affine(x, w, nmax, ladder, range(nmax, nmax - 5, -1))
-    retry = _mostly_exact(exact)
-    if retry.size:  # on-grid super-blocks: the sub-blocks that span few codes need the rest of the ladder
-        s2, o2, e2 = _fit_affine(x[retry], w[retry], nmax, [], range(nmax - 5, 0, -1))
-        take = e2 & ~exact[retry]
-        step[retry] = np.where(take, s2, step[retry])
-        off[retry] = np.where(take, o2, off[retry])
-        exact[retry] |= take
-    grid_rows = np.nonzero(exact.all(-1))[0]
-    d, sc, d_exact = _super_unit(step, step.max(-1), _SIX_BIT_PEAKS, 0, 63, grid_rows)
-    dmin, m, m_exact = _super_unit(off, off.max(-1), _SIX_BIT_PEAKS, 0, 63, grid_rows)
+    d, sc, d_exact = _super_unit(step, step.max(-1), _SIX_BIT_PEAKS, 0, 63, np.nonzero(exact.all(-1))[0])
+    retry = _grid_missed(exact, d_exact)
+    if retry.size:  # on-grid super-blocks: sub-blocks that span few codes need the whole integer ladder
+        s2, o2, e2 = _fit_affine(x[retry], w[retry], nmax, ladder, range(nmax, 0, -1))
+        step[retry] = np.where(e2, s2, step[retry])
+        off[retry] = np.where(e2, o2, off[retry])
+        exact[retry] |= e2
+        d, sc, d_exact = _super_unit(step, step.max(-1), _SIX_BIT_PEAKS, 0, 63, np.nonzero(exact.all(-1))[0])
+    dmin, m, m_exact = _super_unit(off, off.max(-1), _SIX_BIT_PEAKS, 0, 63, np.nonzero(d_exact)[0])
     retry = np.nonzero(d_exact & ~m_exact)[0]  # on-grid steps, offsets off the grid: shifted codes?
     if retry.size:
         unit, codes, found = _shifted_offset_unit(off[retry], step[retry], x[retry], nmax)
@@ -369,6 +415,9 @@ def _fit_symmetric(x: np.ndarray, w: np.ndarray, nmax: int, tops):
     q = np.empty_like(x)
     wq = np.empty_like(x)
     inv_peak = (1.0 / peak)[..., None]
+    swxx = np.einsum("...k,...k->...", w, x * x)
+    sw = _rowsum(w)
+    noise = _rounding_noise(x, sw)
     for top in tops:
         _round_clip(np.multiply(x, top * inv_peak, out=q), -nmax, nmax - 1)
         np.multiply(w, q, out=wq)
@@ -377,11 +426,13 @@ def _fit_symmetric(x: np.ndarray, w: np.ndarray, nmax: int, tops):
         ok = sl2 > 0
         sl2 = np.where(ok, sl2, 1.0)
         gain = np.where(ok, sxl * sxl / sl2, -1.0)
-        better = gain > best_gain
-        best_s = np.where(better, sxl / sl2, best_s)
+        step = sxl / sl2
+        # among exact fits the coarsest grid wins: the one the values were quantized on, not a finer one
+        both_exact = _is_exact(swxx - gain, step, sw, noise) & _is_exact(swxx - best_gain, best_s, sw, noise)
+        better = ok & np.where(both_exact, np.abs(step) > np.abs(best_s), gain > best_gain)
+        best_s = np.where(better, step, best_s)
         best_gain = np.where(better, gain, best_gain)
-    swxx = np.einsum("...k,...k->...", w, x * x)
-    return np.where(zero, 0.0, best_s), zero | (swxx - best_gain <= 1e-10 * swxx)
+    return np.where(zero, 0.0, best_s), zero | _is_exact(swxx - best_gain, best_s, sw, noise)
 
 
 # llama.cpp's make_qx ladder maps the peak to -(nmax + 0.1 k), k = -9..9; the integers nmax-1 .. nmax-8 of
@@ -391,15 +442,28 @@ _Q6_TOPS = [-(32 + 0.1 * k) for k in range(-9, 10)] + [sg * float(k) for k in ra
 _Q6_WIDE_TOPS = [sg * float(k) for k in range(23, 0, -1) for sg in (-1, 1)]
 
 
-def _mostly_exact(exact: np.ndarray) -> np.ndarray:
-    """Super-blocks (rows) where at least half the sub-blocks, but not all, were fitted exactly: values
-    already on a grid, worth a wider search for the rest (random data never gets here, so it costs nothing)."""
+def _grid_missed(exact: np.ndarray, unit_exact: np.ndarray) -> np.ndarray:
+    """Super-blocks (rows) where at least half the sub-blocks were fitted exactly (values already on a grid)
+    but some were not, or no super-block unit fits their steps: worth the wider search (for a sub-block of
+    small codes the first candidates can miss its grid, or find a finer one). Random data never gets here."""
     n_exact = exact.sum(-1)
-    return np.nonzero((2 * n_exact >= exact.shape[-1]) & (n_exact < exact.shape[-1]))[0]
+    return np.nonzero((2 * n_exact >= exact.shape[-1]) & ((n_exact < exact.shape[-1]) | ~unit_exact))[0]
 
 
-# the reference maps the largest sub-block step to -128, the int8 end with the most room
-_INT8_PEAKS = tuple(c for k in range(128, 63, -1) for c in (-k, k) if c != 128)
+# the reference maps the largest sub-block step to -128, the int8 end with the most room; +128 stands for a
+# sub-block whose step and codes may be negated (-128 then), which on-grid values found with the other sign need
+_INT8_PEAKS = tuple(c for k in range(128, 63, -1) for c in (-k, k))
+
+
+def _q6_unit(x: np.ndarray, step: np.ndarray, exact: np.ndarray):
+    """Q6_K's f16 d and int8 sub-block scales (see _super_unit). A scale of +128 becomes -128 (the codes are
+    recomputed from the values, so they take the sign), allowed only where the negated codes still fit in
+    -32..31, i.e. where no value of the sub-block has code -32 under its fitted step."""
+    lowest = (x / np.where(step != 0, step, np.inf)[..., None]).min(-1)
+    top = np.where(lowest > -31.5, 128.0, 127.0)
+    peak = np.take_along_axis(step, np.abs(step).argmax(-1)[:, None], -1)[:, 0]
+    d, sc, found = _super_unit(step, peak, _INT8_PEAKS, -128, top, np.nonzero(exact.all(-1))[0])
+    return d, np.where(sc == 128, -128.0, sc), found
 
 
 def _encode_q6_k(blocks: np.ndarray) -> np.ndarray:
@@ -407,13 +471,13 @@ def _encode_q6_k(blocks: np.ndarray) -> np.ndarray:
     x = blocks.reshape(nb, 16, 16)
     w = x * x  # llama.cpp's Q6_K weighting: squared magnitude
     step, exact = _fit_symmetric(x, w, 32, _Q6_TOPS)
-    retry = _mostly_exact(exact)
+    d, sc, d_exact = _q6_unit(x, step, exact)
+    retry = _grid_missed(exact, d_exact)
     if retry.size:
-        s2, e2 = _fit_symmetric(x[retry], w[retry], 32, _Q6_WIDE_TOPS)
-        step[retry] = np.where(e2 & ~exact[retry], s2, step[retry])
+        s2, e2 = _fit_symmetric(x[retry], w[retry], 32, _Q6_TOPS + _Q6_WIDE_TOPS)
+        step[retry] = np.where(e2, s2, step[retry])
         exact[retry] |= e2
-    peak = np.take_along_axis(step, np.abs(step).argmax(-1)[:, None], -1)[:, 0]
-    d, sc, _ = _super_unit(step, peak, _INT8_PEAKS, -128, 127, np.nonzero(exact.all(-1))[0])
+        d, sc, d_exact = _q6_unit(x, step, exact)
     d16 = _f16(d)
     d = d[:, None]
 
