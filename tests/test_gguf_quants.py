@@ -188,3 +188,13 @@ def test_bad_input_is_refused():
     bad[0, 3] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         quantize(bad, T.Q6_K)
+
+
+def test_parallel_chunks_give_the_same_bytes(monkeypatch):
+    import abliterate.ablate.gguf_quants as gq
+
+    x = _heavy_tailed(3, 256 * 200, seed=5)  # 600 super-blocks: three chunks
+    monkeypatch.setattr(gq, "_WORKERS", 3)
+    threaded = quantize(x, T.Q6_K)
+    monkeypatch.setattr(gq, "_WORKERS", 1)
+    assert np.array_equal(threaded, quantize(x, T.Q6_K))
