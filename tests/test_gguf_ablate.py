@@ -108,7 +108,8 @@ def test_qwen3moe_gguf_experts_shared_expert_and_router(tmp_path):
     _, directions = plan_directions(plan_path)
     r = directions[(2, 1.0)].unit.float()
     ta, tb = tensors_by_name(src), tensors_by_name(out)
-    exps_before, exps_after = dequantized(ta["blk.1.ffn_down_exps.weight"]), dequantized(tb["blk.1.ffn_down_exps.weight"])
+    exps_before = dequantized(ta["blk.1.ffn_down_exps.weight"])
+    exps_after = dequantized(tb["blk.1.ffn_down_exps.weight"])
     assert exps_before.shape == (experts, hidden, ff)
     for e in range(experts):  # HF stores one [H, I] down_proj per expert
         ref = _reference(exps_before[e], f"model.layers.1.mlp.experts.{e}.down_proj.weight", (hidden, ff),

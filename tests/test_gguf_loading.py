@@ -11,7 +11,8 @@ from abliterate.commands.ablate import main as ablate_main
 from abliterate.commands.measure import main as measure_main
 from abliterate.loading import load_model
 from tests.ablate_helpers import write_plan
-from tests.gguf_fixtures import dequantized, gpt_oss_tensors, llama_tensors, plan_directions, tensors_by_name, write_gguf
+from tests.gguf_fixtures import (dequantized, gpt_oss_tensors, llama_tensors, plan_directions, tensors_by_name,
+                                 write_gguf)
 
 
 def test_measure_a_gguf_then_ablate_it_and_load_the_result(tmp_path, capsys):
