@@ -3,7 +3,6 @@ becomes Q8_0 (said per tensor), an interrupted run reruns to identical bytes, sp
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -4,7 +4,6 @@ a GGUF plan, and the one-line refusal for GPT-OSS GGUFs (transformers leaves the
 from __future__ import annotations
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType as Q
 
 from abliterate.commands.ablate import main as ablate_main

@@ -33,7 +33,6 @@ from abliterate.ablate.plan import Plan, check_plan_against, check_plan_shapes
 from abliterate.ablate.preflight import free_bytes
 from abliterate.ablate.record import build_record, file_sha256, record_bytes
 from abliterate.ablate.resume import MARKER_DIR, clean_partial, input_key, seal_shard, shard_done
-from abliterate.ablate.safetensors_io import copy_range
 from abliterate.ablate.tensor_edits import (EditWork, TensorEdit, check_every_layer_edited, edit_target,
                                             role_name)
 from abliterate.ablate.warnings import emit, measurement_warnings, scale_warnings

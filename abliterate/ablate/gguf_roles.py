@@ -73,9 +73,6 @@ ARCH_FAMILY: dict[str, str] = {
     **{a: "post_norm" for a in ("gemma2", "gemma3", "olmo2", "exaone4")},
     "gpt-oss": "gpt-oss",
 }
-# transformers' model_type for each architecture (the HF table's checks and the measurement file use it).
-HF_MODEL_TYPE = {"gpt-oss": "gpt_oss", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "deepseek2": "deepseek_v2",
-                 "glm4moe": "glm4_moe", "command-r": "cohere", "granitemoe": "granitemoe", "mistral3": "mistral3"}
 
 
 def known_architectures() -> list[str]:
