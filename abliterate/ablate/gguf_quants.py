@@ -15,9 +15,16 @@ K-quant facts (super-blocks of QK_K = 256 values; checked against gguf/quants.py
 Choosing the scales follows the idea of llama.cpp's reference quantizers (our own code): per sub-block, a
 weighted least-squares search over a ladder of candidate step sizes (make_qkx2 / make_qx style), then the
 sub-block scales quantized to 6 (8) bits against the super-block's f16 d (and dmin), then the final integer
-codes. Two additions over the reference, both so that values already on a K-quant grid come back unchanged:
-integer step candidates in the search, and a refit of each sub-block's integer scale (and min) against the
-final f16 d/dmin, kept only where it lowers the error.
+codes, then a refit of each sub-block's integer scale (and min) against the final d/dmin where it lowers the
+error. The RMS error is within about 1% of the reference's on gaussian and heavy-tailed data.
+
+Values already on a K-quant grid (a dequantized tensor, from our encoder, llama.cpp's, or an importance-matrix
+quantization) must come back unchanged, which the reference's choices do not ensure: its step ladder misses
+grids whose extreme codes are not used, and it maps the largest scale to code 63 (-128) where the file may
+not have. So a super-block whose sub-blocks fit a grid exactly gets the grid back: integer step candidates,
+the coarsest exact fit, the super-block unit that puts every sub-block scale on its grid, offsets found up to
+a shift of the codes, and Q6_K scales of either sign. The wider searches run only for super-blocks with
+exactly fitted sub-blocks, which real (off-grid) data does not have.
 """
 
 from __future__ import annotations
@@ -374,7 +381,8 @@ def _encode_affine(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, ns
         m = np.where(better, m2, m)
         q = np.where(better[..., None], q2, q)
         e = np.where(better, e2, e)
-    return _f16(d[:, 0]), _f16(dmin[:, 0]), sc.astype(np.uint8), m.astype(np.uint8), q.astype(np.uint8).reshape(nb, QK_K)
+    codes = q.astype(np.uint8).reshape(nb, QK_K)
+    return _f16(d[:, 0]), _f16(dmin[:, 0]), sc.astype(np.uint8), m.astype(np.uint8), codes
 
 
 def _pack_scales_mins(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
