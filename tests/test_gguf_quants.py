@@ -16,7 +16,7 @@ from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
 
 from abliterate.ablate.gguf_quants import UnencodableType, can_encode, dequantize, quantize  # noqa: E402
 
-OURS = (T.Q4_K, T.Q5_K, T.Q6_K)
+OURS = (T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 PACKAGE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.MXFP4)
 
 
@@ -82,7 +82,7 @@ def _random_blocks(qtype, n, rng):
     type_size = GGML_QUANT_SIZES[qtype][1]
     blocks = rng.integers(0, 256, size=(n, type_size), dtype=np.uint8)
     d = rng.uniform(1e-4, 1e-2, size=n).astype(np.float16).view(np.uint8).reshape(n, 2)
-    if qtype == T.Q6_K:
+    if qtype in (T.Q3_K, T.Q6_K):
         blocks[:, -2:] = d
     else:
         blocks[:, 0:2] = d
@@ -93,7 +93,7 @@ def _random_blocks(qtype, n, rng):
 @pytest.mark.parametrize("qtype", OURS, ids=lambda t: t.name)
 def test_arbitrary_grid_values_come_back_unchanged(qtype):
     # the re-encoding of a dequantized K-quant tensor from another quantizer gives the same values. Seen on
-    # 3 x 2000 such blocks: Q6_K all exact; Q4_K / Q5_K all but 3 / 1 exact, those within 2e-5 of the
+    # 3 x 2000 such blocks: Q3_K, Q6_K all exact; Q4_K / Q5_K all but 3 / 1 exact, those within 2e-5 of the
     # block's largest value (an offset a few steps away that lies within 1e-4 dmin of a grid point)
     y = dequantize(_random_blocks(qtype, 256, np.random.default_rng(3)), qtype)
     again = dequantize(quantize(y, qtype), qtype)
@@ -105,12 +105,13 @@ def test_arbitrary_grid_values_come_back_unchanged(qtype):
 @pytest.mark.parametrize("make", [_gaussian, _heavy_tailed], ids=["gaussian", "heavy-tailed"])
 def test_error_no_worse_than_the_package_ladder(make):
     x = make(64, 1024)
-    err = {qtype: _rel_rms(x, qtype) for qtype in (T.Q8_0, T.Q6_K, T.Q5_0, T.Q5_K, T.Q4_0, T.Q4_K)}
-    # measured: gaussian Q8_0 .0054 Q6_K .0178 Q5_0 .0428 Q5_K .0359 Q4_0 .0862 Q4_K .0716;
-    # heavy-tailed Q8_0 .0082 Q6_K .0251 Q5_0 .0648 Q5_K .0464 Q4_0 .1274 Q4_K .0926
+    err = {qtype: _rel_rms(x, qtype) for qtype in (T.Q8_0, T.Q6_K, T.Q5_0, T.Q5_K, T.Q4_0, T.Q4_K, T.Q3_K)}
+    # measured: gaussian Q8_0 .0054 Q6_K .0178 Q5_0 .0428 Q5_K .0359 Q4_0 .0862 Q4_K .0716 Q3_K .154;
+    # heavy-tailed Q8_0 .0082 Q6_K .0251 Q5_0 .0648 Q5_K .0464 Q4_0 .1274 Q4_K .0926 Q3_K .196
     assert err[T.Q8_0] < err[T.Q6_K] < err[T.Q5_0]
     assert err[T.Q5_K] <= err[T.Q5_0] * 1.05
     assert err[T.Q4_K] <= err[T.Q4_0] * 1.05
+    assert err[T.Q3_K] < err[T.Q4_0] * 2  # one bit less than Q4_0's codes: twice its step
 
 
 def _fp16(b):
@@ -141,6 +142,23 @@ def _decode_q4_or_q5_k(block, five_bits):
     return out
 
 
+def _decode_q3_k(block):
+    hm, qs, sb = [int(v) for v in block[0:32]], [int(v) for v in block[32:96]], [int(v) for v in block[96:108]]
+    d = _fp16(block[108:110])
+    # 6-bit scales: low nibble from byte k % 8 (half k // 8), top 2 bits from byte 8 + k % 4 (pair k // 4)
+    scales = [((sb[k % 8] >> 4 * (k // 8)) & 0xF | ((sb[8 + k % 4] >> 2 * (k // 4)) & 3) << 4) - 32 for k in range(16)]
+    out, index, mask = [], 0, 1
+    for half in range(2):
+        q = qs[32 * half: 32 * half + 32]
+        for shift in (0, 2, 4, 6):
+            for part in (0, 16):
+                step = np.float32(d * scales[index])
+                index += 1
+                out += [step * (((q[l] >> shift) & 3) - (0 if hm[l] & mask else 4)) for l in range(part, part + 16)]
+            mask <<= 1
+    return out
+
+
 def _decode_q6_k(block):
     ql, qh = [int(v) for v in block[0:128]], [int(v) for v in block[128:192]]
     sc = block[192:208].view(np.int8).astype(int)
@@ -165,12 +183,14 @@ def test_k_quant_layout_matches_llama_cpp_decoder(qtype):
     data = quantize(x, qtype).reshape(4, -1)
     if qtype == T.Q6_K:
         plain = [v for block in data for v in _decode_q6_k(block)]
+    elif qtype == T.Q3_K:
+        plain = [v for block in data for v in _decode_q3_k(block)]
     else:
         plain = [v for block in data for v in _decode_q4_or_q5_k(block, qtype == T.Q5_K)]
     plain = np.array(plain, dtype=np.float32)
     assert np.array_equal(plain, dequantize(data, qtype).ravel())
     # and what it decodes is the input (a packing slip decodes to something else in both decoders alike)
-    bound = {T.Q4_K: 0.12, T.Q5_K: 0.06, T.Q6_K: 0.03}[qtype]  # about 1.3x the error on such data
+    bound = {T.Q3_K: 0.25, T.Q4_K: 0.12, T.Q5_K: 0.06, T.Q6_K: 0.03}[qtype]  # about 1.3x the error on such data
     assert np.sqrt(((plain - x.ravel()) ** 2).mean() / (x**2).mean()) < bound
 
 

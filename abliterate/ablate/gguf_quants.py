@@ -2,9 +2,10 @@
 
 The GGUF ablation dequantizes an edited tensor, edits it in float32 and must write it back in its own type.
 The `gguf` package (gguf-py) encodes F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, TQ1_0/TQ2_0 and MXFP4 but only
-decodes the K-quants that Q4_K_M / Q5_K_M / Q6_K files use for the tensors we edit; this module adds vectorized
-encoders for Q4_K, Q5_K and Q6_K in the bit layout that `gguf.quants.dequantize` and llama.cpp's ggml-quants.c
-read. Everything else is delegated to the package, and a type nobody encodes raises `UnencodableType`.
+decodes the K-quants that Q3_K_M .. Q6_K files use for the tensors we edit; this module adds vectorized
+encoders for Q3_K, Q4_K, Q5_K and Q6_K in the bit layout that `gguf.quants.dequantize` and llama.cpp's
+ggml-quants.c read. Everything else is delegated to the package; a type nobody encodes (Q2_K, IQ*, ...)
+raises `UnencodableType`.
 
 K-quant facts (super-blocks of QK_K = 256 values; checked against gguf/quants.py's decoders):
     Q4_K (144 B): d f16, dmin f16, 12 B of 6-bit (scale, min) pairs for 8 sub-blocks of 32, 128 B of nibbles;
@@ -12,11 +13,14 @@ K-quant facts (super-blocks of QK_K = 256 values; checked against gguf/quants.py
     Q5_K (176 B): as Q4_K plus 32 B of fifth bits (qh) before the nibbles, q in 0..31
     Q6_K (210 B): 128 B low nibbles, 64 B high 2-bit pairs, 16 int8 scales (sub-blocks of 16), d f16;
                   value = d*sc*(q - 32), q in 0..63
+    Q3_K (110 B): 32 B high-bit mask, 64 B of 2-bit pairs, 12 B of 16 six-bit scales (biased by 32), d f16;
+                  value = d*sc*q, q in -4..3 (-4 added where the mask bit is clear)
 Choosing the scales follows the idea of llama.cpp's reference quantizers (our own code): per sub-block, a
 weighted least-squares search over a ladder of candidate step sizes (make_qkx2 / make_qx style), then the
 sub-block scales quantized to 6 (8) bits against the super-block's f16 d (and dmin), then the final integer
 codes, then a refit of each sub-block's integer scale (and min) against the final d/dmin where it lowers the
-error. The RMS error is within about 1% of the reference's on gaussian and heavy-tailed data.
+error. The RMS error is within about 1% of the reference's on gaussian and heavy-tailed data (Q3_K: 2.5%, the
+reference refines Q3_K's codes one by one).
 
 Values already on a K-quant grid (a dequantized tensor, from our encoder, llama.cpp's, or an importance-matrix
 quantization) must come back unchanged, which the reference's choices do not ensure: its step ladder misses
@@ -135,7 +139,7 @@ def _round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.minimum(v, hi, out=v)
 
 
-def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, ladder, integer_tops):
+def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, ladder, integer_tops, coarsest: bool = True):
     """Per sub-block (last axis): step s >= 0, offset m >= 0 so that x ~ s*q - m with q in 0..nmax, and
     whether that is exact (the values were already on a grid).
 
@@ -192,9 +196,9 @@ def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, ladder, integer_tops):
         e = np.where(clamp, err(s_alone, 0.0, sl, sl2, sxl), e)
         s = np.where(clamp, s_alone, s)
         c = np.where(clamp, 0.0, c)
-        # among exact fits the coarsest grid wins: the one the values were quantized on, not a finer one
+        # among exact fits the coarsest grid wins (see _grid_missed)
         both_exact = _is_exact(e, s, sw, noise) & _is_exact(best_e, best_s, sw, noise)
-        better = ok & (s > 0) & np.where(both_exact, s > best_s, e < best_e)
+        better = ok & (s > 0) & np.where(both_exact, (s > best_s) == coarsest, e < best_e)
         best_s = np.where(better, s, best_s)
         best_c = np.where(better, c, best_c)
         best_e = np.where(better, e, best_e)
@@ -346,9 +350,11 @@ def _encode_affine(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, ns
     ladder = [nmax + rmin + rdelta * k for k in range(nstep)]
     step, off, exact = _fit_affine(x, w, nmax, ladder, range(nmax, nmax - 5, -1))
     d, sc, d_exact = _super_unit(step, step.max(-1), _SIX_BIT_PEAKS, 0, 63, np.nonzero(exact.all(-1))[0])
-    retry = _grid_missed(exact, d_exact)
-    if retry.size:  # on-grid super-blocks: sub-blocks that span few codes need the whole integer ladder
-        s2, o2, e2 = _fit_affine(x[retry], w[retry], nmax, ladder, range(nmax, 0, -1))
+    for coarsest in (True, False):
+        retry = _grid_missed(exact, d_exact)
+        if not retry.size:  # on-grid super-blocks: sub-blocks that span few codes need the integer ladder
+            break
+        s2, o2, e2 = _fit_affine(x[retry], w[retry], nmax, ladder, range(nmax, 0, -1), coarsest)
         step[retry] = np.where(e2, s2, step[retry])
         off[retry] = np.where(e2, o2, off[retry])
         exact[retry] |= e2
@@ -421,7 +427,7 @@ def _encode_q5_k(blocks: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------- Q6_K
 
 
-def _fit_symmetric(x: np.ndarray, w: np.ndarray, nmax: int, tops):
+def _fit_symmetric(x: np.ndarray, w: np.ndarray, nmax: int, tops, coarsest: bool = True):
     """Per sub-block (last axis): signed step s so that x ~ s*q with q in -nmax..nmax-1, and whether that
     is exact (the values were already on a grid).
 
@@ -449,67 +455,69 @@ def _fit_symmetric(x: np.ndarray, w: np.ndarray, nmax: int, tops):
         sl2 = np.where(ok, sl2, 1.0)
         gain = np.where(ok, sxl * sxl / sl2, -1.0)
         step = sxl / sl2
-        # among exact fits the coarsest grid wins: the one the values were quantized on, not a finer one
+        # among exact fits the coarsest grid wins (see _grid_missed)
         both_exact = _is_exact(swxx - gain, step, sw, noise) & _is_exact(swxx - best_gain, best_s, sw, noise)
-        better = ok & np.where(both_exact, np.abs(step) > np.abs(best_s), gain > best_gain)
+        better = ok & np.where(both_exact, (np.abs(step) > np.abs(best_s)) == coarsest, gain > best_gain)
         best_s = np.where(better, step, best_s)
         best_gain = np.where(better, gain, best_gain)
     return np.where(zero, 0.0, best_s), zero | _is_exact(swxx - best_gain, best_s, sw, noise)
 
 
-# llama.cpp's make_qx ladder maps the peak to -(nmax + 0.1 k), k = -9..9. Values already on a grid need the
-# integer codes of either sign for their peak (its code is rarely exactly -nmax once the sub-block scale was
-# rounded): tried only for on-grid super-blocks, as on real data they would raise the weighted (x^2) gain at
-# the cost of the plain RMS error (heavy-tailed data: +1.4%)
-_Q6_TOPS = [-(32 + 0.1 * k) for k in range(-9, 10)]
-_Q6_WIDE_TOPS = [sg * float(k) for k in range(31, 0, -1) for sg in (-1, 1)]
+def _ladder(nmax: int):
+    """llama.cpp's make_qx ladder maps the peak to -(nmax + 0.1 k), k = -9..9. Values already on a grid need
+    the integer codes of either sign for their peak (its code is rarely exactly -nmax once the sub-block scale
+    was rounded): tried only for on-grid super-blocks, as on real data they would raise the weighted (x^2) gain
+    at the cost of the plain RMS error (Q6_K, heavy-tailed data: +1.4%)."""
+    ladder = [-(nmax + 0.1 * k) for k in range(-9, 10)]
+    return ladder, [sg * float(k) for k in range(nmax - 1, 0, -1) for sg in (-1, 1)]
 
 
 def _grid_missed(exact: np.ndarray, unit_exact: np.ndarray) -> np.ndarray:
     """Super-blocks (rows) where at least two sub-blocks were fitted exactly (values already on a grid) but
     some were not, or no super-block unit fits their steps: worth the wider search with the integer codes
-    (the reference's candidates miss grids whose extreme codes are not 0 / nmax, and can find a finer grid
-    than the values' own). A sub-block of random values is never exact, so real data never gets here."""
+    (the reference's candidates miss grids whose extreme codes are not 0 / nmax). A sub-block with few
+    distinct codes fits several grids exactly: the coarsest is tried first (codes 0, 2, 4 .. fit a grid of half
+    the step too), then, where no unit fits, the finest (codes 0 and 4 alone fit a step 4x the scale's, which
+    may be past the largest scale). A sub-block of random values is never exact: real data never gets here."""
     n_exact = exact.sum(-1)
     return np.nonzero((n_exact >= 2) & ((n_exact < exact.shape[-1]) | ~unit_exact))[0]
 
 
-# the reference maps the largest sub-block step to -128, the int8 end with the most room; +128 stands for a
-# sub-block whose step and codes may be negated (-128 then), which on-grid values found with the other sign need
-_INT8_PEAKS = tuple(c for k in range(128, 63, -1) for c in (-k, k))
-
-
-def _q6_unit(x: np.ndarray, step: np.ndarray, exact: np.ndarray):
-    """Q6_K's f16 d and int8 sub-block scales (see _super_unit). A scale of +128 becomes -128 (the codes are
-    recomputed from the values, so they take the sign), allowed only where the negated codes still fit in
-    -32..31, i.e. where no value of the sub-block has code -32 under its fitted step."""
+def _symmetric_unit(x: np.ndarray, step: np.ndarray, exact: np.ndarray, nmax: int, smax: int):
+    """The f16 d and signed sub-block scales (codes -smax..smax-1) of a symmetric type (see _super_unit). The
+    reference maps the largest step to -smax, the end with the most room. A scale of +smax stands for a
+    sub-block whose step and codes may be negated (-smax then; the codes are recomputed from the values, so
+    they take the sign), allowed where the negated codes still fit, i.e. no value has code -nmax."""
     lowest = (x / np.where(step != 0, step, np.inf)[..., None]).min(-1)
-    top = np.where(lowest > -31.5, 128.0, 127.0)
+    top = np.where(lowest > 0.5 - nmax, float(smax), smax - 1.0)
     peak = np.take_along_axis(step, np.abs(step).argmax(-1)[:, None], -1)[:, 0]
-    d, sc, found = _super_unit(step, peak, _INT8_PEAKS, -128, top, np.nonzero(exact.all(-1))[0])
-    return d, np.where(sc == 128, -128.0, sc), found
+    peak_codes = tuple(c for k in range(smax, smax // 2 - 1, -1) for c in (-k, k))
+    d, sc, found = _super_unit(step, peak, peak_codes, -smax, top, np.nonzero(exact.all(-1))[0])
+    return d, np.where(sc == smax, -smax, sc), found
 
 
-def _encode_q6_k(blocks: np.ndarray) -> np.ndarray:
-    nb = blocks.shape[0]
-    x = blocks.reshape(nb, 16, 16)
-    w = x * x  # llama.cpp's Q6_K weighting: squared magnitude
-    step, exact = _fit_symmetric(x, w, 32, _Q6_TOPS)
-    d, sc, d_exact = _q6_unit(x, step, exact)
-    retry = _grid_missed(exact, d_exact)
-    if retry.size:
-        s2, e2 = _fit_symmetric(x[retry], w[retry], 32, _Q6_TOPS + _Q6_WIDE_TOPS)
+def _encode_symmetric(x: np.ndarray, nmax: int, smax: int):
+    """Q6_K / Q3_K choice of (d, sc, q) for float64 sub-blocks [nb, 16, 16]: x ~ d*sc*q, q in -nmax..nmax-1,
+    sc in -smax..smax-1."""
+    w = x * x  # llama.cpp's weighting for these types: squared magnitude
+    tops, wide_tops = _ladder(nmax)
+    step, exact = _fit_symmetric(x, w, nmax, tops)
+    d, sc, d_exact = _symmetric_unit(x, step, exact, nmax, smax)
+    for coarsest in (True, False):
+        retry = _grid_missed(exact, d_exact)
+        if not retry.size:
+            break
+        s2, e2 = _fit_symmetric(x[retry], w[retry], nmax, tops + wide_tops, coarsest)
         step[retry] = np.where(e2, s2, step[retry])
         exact[retry] |= e2
-        d, sc, d_exact = _q6_unit(x, step, exact)
+        d, sc, d_exact = _symmetric_unit(x, step, exact, nmax, smax)
     d16 = _f16(d)
     d = d[:, None]
-
     swx2 = np.einsum("...k,...k->...", w, x * x)
 
     def codes(scales):
         unit = (d * scales)[..., None]
-        return _round_clip(x / np.where(unit != 0, unit, np.inf), -32, 31)
+        return _round_clip(x / np.where(unit != 0, unit, np.inf), -nmax, nmax - 1)
 
     def err(q, a):  # sum w (a q - x)^2 from the moments
         wq = w * q
@@ -522,20 +530,45 @@ def _encode_q6_k(blocks: np.ndarray) -> np.ndarray:
         wq = w * q
         sl2 = np.einsum("...k,...k->...", wq, q)
         s = np.einsum("...k,...k->...", wq, x) / np.where(sl2 > 0, sl2, 1.0)
-        sc2 = _round_clip(s / np.where(d != 0, d, np.inf), -128, 127)
+        sc2 = _round_clip(s / np.where(d != 0, d, np.inf), -smax, smax - 1)
         q2 = codes(sc2)
         e2 = err(q2, d * sc2)
         better = (sl2 > 0) & (e2 < e)
         sc = np.where(better, sc2, sc)
         q = np.where(better[..., None], q2, q)
         e = np.where(better, e2, e)
+    return d16, sc.astype(np.int8), q
 
+
+def _encode_q6_k(blocks: np.ndarray) -> np.ndarray:
+    nb = blocks.shape[0]
+    d16, sc, q = _encode_symmetric(blocks.reshape(nb, 16, 16), 32, 128)
     u = (q + 32).astype(np.uint8).reshape(nb, 2, 4, 32)  # two halves of 128, four rows of 32
     low = u & 0x0F
     ql = (low[:, :, 0:2] | (low[:, :, 2:4] << 4)).reshape(nb, 128)
     hi = (u >> 4) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
     qh = np.bitwise_or.reduce(hi, axis=2).reshape(nb, 64)
-    return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), _half_bytes(d16)], axis=1)
+    return np.concatenate([ql, qh, sc.view(np.uint8), _half_bytes(d16)], axis=1)
 
 
-_OWN_ENCODERS = {T.Q4_K: _encode_q4_k, T.Q5_K: _encode_q5_k, T.Q6_K: _encode_q6_k}
+def _encode_q3_k(blocks: np.ndarray) -> np.ndarray:
+    nb = blocks.shape[0]
+    d16, sc, q = _encode_symmetric(blocks.reshape(nb, 16, 16), 4, 32)
+    u = (q + 4).astype(np.uint8).reshape(nb, QK_K)  # 0..7: bit 2 goes to hmask, bits 0-1 to qs
+    # hmask byte l, bit b: value 32b + l has code >= 4 (the decoder subtracts 4 where the bit is clear)
+    hm = ((u >> 2) & 1).reshape(nb, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]
+    hmask = np.bitwise_or.reduce(hm, axis=1)
+    # qs byte 32h + l, bits 2s..2s+1: value 128h + 32s + l
+    low = (u & 3).reshape(nb, 2, 4, 32) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+    qs = np.bitwise_or.reduce(low, axis=2).reshape(nb, 64)
+    # 16 six-bit scales (biased by 32): low nibbles of 0-7 / 8-15 in bytes 0-7 (low / high half), the top two
+    # bits of scale 4g + i in bits 2g..2g+1 of byte 8 + i
+    ls = (sc.astype(np.int16) + 32).astype(np.uint8)
+    packed = np.empty((nb, 12), dtype=np.uint8)
+    packed[:, :8] = (ls[:, :8] & 0x0F) | ((ls[:, 8:] & 0x0F) << 4)
+    top2 = (ls >> 4).reshape(nb, 4, 4) << (2 * np.arange(4, dtype=np.uint8))[None, :, None]
+    packed[:, 8:] = np.bitwise_or.reduce(top2, axis=1)
+    return np.concatenate([hmask, qs, packed, _half_bytes(d16)], axis=1)
+
+
+_OWN_ENCODERS = {T.Q3_K: _encode_q3_k, T.Q4_K: _encode_q4_k, T.Q5_K: _encode_q5_k, T.Q6_K: _encode_q6_k}
