@@ -62,8 +62,8 @@ def can_encode(qtype: T) -> bool:
 
 
 def quantize(values: np.ndarray, qtype: T) -> np.ndarray:
-    """float32 [..., n] -> the tensor's data exactly as gguf.quants.quantize lays it out ([..., n_bytes] uint8;
-    F32 / F16 keep their float dtype). n must be a multiple of the type's block size."""
+    """float32 [..., n] -> the tensor's data exactly as gguf.quants.quantize lays it out: [..., n_bytes] uint8
+    (BF16 too), F32 / F16 as float32 / float16 [..., n]. n must be a multiple of the type's block size."""
     qtype = T(qtype)
     encoder = _OWN_ENCODERS.get(qtype)
     if encoder is None:
@@ -107,8 +107,8 @@ def _package_encodes(qtype: T) -> bool:
                 with np.errstate(all="ignore"):
                     gguf.quants.quantize(np.zeros((1, block), dtype=np.float32), qtype)
                 ok = True
-            except NotImplementedError:
-                ok = False
+            except (NotImplementedError, gguf.quants.QuantError, ValueError, TypeError, KeyError):
+                ok = False  # a type the package cannot encode, however it says so
         _PACKAGE_PROBED[qtype] = ok
     return _PACKAGE_PROBED[qtype]
 
