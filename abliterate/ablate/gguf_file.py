@@ -1,4 +1,4 @@
-"""GGUF files as the ablation job sees them: read (memory-mapped, gguf.GGUFReader) and rewritten byte for byte.
+"""GGUF files as the ablation job sees them: read (memory-mapped) and rewritten byte for byte.
 
 A GGUF file is: magic + version, tensor count, key/value count, the key/value section, the tensor infos (name,
 dims in ggml `ne` order, type, offset from the data start), padding to the alignment, then the tensor data, each
@@ -9,6 +9,10 @@ in order, arrays with their element types) with our few `abliterate.*` keys appe
 copied as they are unless a tensor's type (a Q8_0 fallback) or offset changes; untouched tensors (and the padding
 between them) are copied with the kernel's copy_file_range, never decoded. So everything the plan does not edit
 is byte-identical to the input, and llama.cpp reads the file exactly as before except for the edited tensors.
+
+The header is parsed here rather than with gguf.GGUFReader: the reader builds numpy objects for every entry of
+every array (a 150k-token vocabulary and its merges: hundreds of MB and seconds), where the job needs only the
+byte ranges and a few scalar keys. gguf-py still gives the type sizes, and the tests read our output with it.
 
 Split sets (`NAME-00001-of-00003.gguf`): every part is a GGUF of its own (llama.cpp's gguf-split); only the first
 carries the model's metadata, and each part's `split.*` keys are copied unchanged.
@@ -64,15 +68,17 @@ class GGUFPart:
     tensors: list[GGUFTensor]
     fields: dict = field(repr=False, default_factory=dict)  # key -> python value (strings, numbers, short lists)
     kv_offsets: list = field(repr=False, default_factory=list)  # (key, where its entry starts), in file order
-    reader: object = field(repr=False, default=None)  # the GGUFReader (its memory map gives the tensor bytes)
+    mm: object = field(repr=False, default=None)  # the file, memory-mapped (read-only)
 
     def by_name(self) -> dict[str, GGUFTensor]:
         return {t.name: t for t in self.tensors}
 
     def tensor_bytes(self, t: GGUFTensor):
-        """The raw bytes of tensor `t` as a read-only numpy uint8 view of the memory map (nothing is read yet)."""
-        begin = self.data_start + t.offset
-        return self.reader.data[begin:begin + t.nbytes]
+        """The raw bytes of tensor `t` as a read-only numpy uint8 view of the memory map (for small tensors: the
+        pages it touches stay in the process's resident set)."""
+        import numpy as np
+
+        return np.frombuffer(self.mm, dtype=np.uint8, count=t.nbytes, offset=self.data_start + t.offset)
 
 
 def type_name(type_id: int) -> str:
@@ -102,58 +108,128 @@ def align(offset: int, alignment: int) -> int:
 def read_part(path: Path) -> GGUFPart:
     """Parse one GGUF file's header, key/values and tensor infos (memory-mapped: no tensor data is read).
 
-    A truncated or corrupt file, a big-endian file or tensors reaching past the end: UserError, one line."""
-    import numpy as np
-    from gguf import GGUFReader
+    A truncated or corrupt file, a big-endian or version-1 file, or tensors reaching past the end: UserError,
+    one line."""
+    import mmap
 
     if not path.is_file():
         raise UserError(f"GGUF file {path} does not exist; fix the plan's model path")
     size = path.stat().st_size
+    with open(path, "rb") as fh:
+        try:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file
+            raise UserError(f"{path}: not a readable GGUF file (it is empty); re-download it") from None
     try:
-        reader = GGUFReader(str(path), "r")
-    except (ValueError, KeyError, IndexError, OverflowError, TypeError, UnicodeDecodeError, MemoryError) as exc:
-        raise UserError(f"{path}: not a readable GGUF file ({first_line(exc)[:160]}); it is truncated or corrupt, "
-                        "re-download it") from None
-    if reader.byte_order != "I" or np.little_endian is False:
-        raise UserError(f"{path}: a big-endian GGUF file; convert it to little-endian first")
-    fields = {name: _value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
-    kv_names = [n for n in reader.fields if not n.startswith("GGUF.")]
-    kv_begin = 24  # magic, version, tensor count, kv count
-    infos = [t.field for t in reader.tensors]
-    kv_end = infos[0].offset if infos else _field_end(reader.fields[kv_names[-1]]) if kv_names else kv_begin
-    tensors = []
-    for t in reader.tensors:
-        f = t.field
-        info_end = f.offset + sum(int(p.nbytes) for p in f.parts)
-        tensors.append(GGUFTensor(t.name, int(t.tensor_type), tuple(int(d) for d in t.shape),
-                                  int(t.data_offset) - reader.data_offset, int(t.n_bytes), f.offset, info_end))
-    info_end = tensors[-1].info_end if tensors else kv_end
+        return _parse(path, size, mm)
+    except _Corrupt as exc:
+        raise UserError(f"{path}: not a readable GGUF file ({exc}); it is truncated or corrupt, re-download it") \
+            from None
+
+
+class _Corrupt(Exception):
+    pass
+
+
+# GGUF value types (gguf-py's GGUFValueType): fixed sizes, 8 = string, 9 = array.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SHORT_ARRAY = 64  # arrays up to this length are decoded (lookups need none longer: vocabularies stay unread)
+
+
+class _Cursor:
+    """Reads little-endian values from the memory map, refusing to run past its end."""
+
+    def __init__(self, mm, size: int, pos: int = 0):
+        self.mm, self.size, self.pos = mm, size, pos
+
+    def unpack(self, fmt: str):
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
+            raise _Corrupt(f"it ends at byte {self.size:,} inside its header")
+        v = struct.unpack_from(fmt, self.mm, self.pos)
+        self.pos += n
+        return v if len(v) > 1 else v[0]
+
+    def skip(self, n: int) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise _Corrupt(f"a length at byte {self.pos:,} runs past the end of the file")
+        self.pos += n
+
+    def string(self, decode: bool = True):
+        n = self.unpack("<Q")
+        begin = self.pos
+        self.skip(n)
+        return bytes(self.mm[begin:self.pos]).decode("utf-8", "replace") if decode else None
+
+    def value(self, vtype: int, decode: bool = True, depth: int = 0):
+        if vtype in _SCALARS:
+            if not decode:
+                self.skip(struct.calcsize(_SCALARS[vtype]))
+                return None
+            return self.unpack(_SCALARS[vtype])
+        if vtype == 8:
+            return self.string(decode)
+        if vtype == 9 and depth < 4:
+            itype, count = self.unpack("<IQ")
+            if itype in _SCALARS and not (decode and count <= _SHORT_ARRAY):
+                self.skip(count * struct.calcsize(_SCALARS[itype]))  # numbers: skipped in one step
+                return ("array", count) if decode else None
+            keep = decode and count <= _SHORT_ARRAY
+            items = [self.value(itype, keep, depth + 1) for _ in range(count)]
+            return items if keep else (("array", count) if decode else None)
+        raise _Corrupt(f"unknown value type {vtype} at byte {self.pos:,}")
+
+
+def _parse(path: Path, size: int, mm) -> GGUFPart:
+    c = _Cursor(mm, size)
+    if size < 24 or bytes(mm[:4]) != b"GGUF":
+        raise _Corrupt("no GGUF magic at its start")
+    version = c.unpack("<4xI")
+    if version not in (2, 3):
+        hint = "a big-endian file" if version > 0xFFFF else f"version {version}"
+        raise _Corrupt(f"{hint}; this tool reads little-endian GGUF versions 2 and 3")
+    n_tensors, n_kv = c.unpack("<QQ")
+    if n_tensors > size or n_kv > size:
+        raise _Corrupt("impossible tensor or key counts")
+    fields, kv_offsets = {}, []
+    for _ in range(n_kv):
+        begin = c.pos
+        key = c.string()
+        if key in fields:
+            raise _Corrupt(f"key {key} appears twice")
+        fields[key] = c.value(c.unpack("<I"))
+        kv_offsets.append((key, begin))
+    kv_end = c.pos
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    tensors, names = [], set()
+    for _ in range(n_tensors):
+        begin = c.pos
+        name = c.string()
+        n_dims = c.unpack("<I")
+        if not 1 <= n_dims <= 8:
+            raise _Corrupt(f"tensor {name} has {n_dims} dimensions")
+        ne = tuple(int(d) for d in (c.unpack(f"<{n_dims}Q") if n_dims > 1 else (c.unpack("<Q"),)))
+        type_id, offset = c.unpack("<IQ")
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+        except (ValueError, KeyError):
+            raise _Corrupt(f"tensor {name} has unknown type {type_id}") from None
+        n = 1
+        for d in ne:
+            n *= d
+        if name in names or ne[0] % block:
+            raise _Corrupt(f"tensor {name} is listed twice or its rows do not hold whole blocks")
+        names.add(name)
+        tensors.append(GGUFTensor(name, type_id, ne, offset, n * type_size // block, begin, c.pos))
+    alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise _Corrupt(f"general.alignment = {alignment!r} is not a power of two")
+    data_start = align(c.pos, alignment)
     for t in tensors:
-        if reader.data_offset + t.offset + t.nbytes > size:
-            raise UserError(f"{path}: tensor {t.name} reaches past the end of the file ({size:,} bytes); the file "
-                            "is truncated, re-download it")
-    return GGUFPart(path, size, int(reader.alignment), len(kv_names), kv_begin, kv_end, info_end,
-                    int(reader.data_offset), tensors, fields, [(n, reader.fields[n].offset) for n in kv_names],
-                    reader)
-
-
-def _field_end(f) -> int:
-    return f.offset + sum(int(p.nbytes) for p in f.parts)
-
-
-def _value(f):
-    """A key's value in python: str, number, or for arrays a list (long string arrays such as the vocabulary are
-    kept as their length only: nothing here needs them)."""
-    from gguf import GGUFValueType
-
-    try:
-        if f.types and f.types[0] == GGUFValueType.ARRAY:
-            if len(f.data) > 64:
-                return ("array", len(f.data))
-            return [f.contents(i) for i in range(len(f.data))]
-        return f.contents()
-    except (ValueError, IndexError, UnicodeDecodeError):
-        return None
+        if data_start + t.offset + t.nbytes > size:
+            raise _Corrupt(f"tensor {t.name} reaches past the end of the file ({size:,} bytes)")
+    return GGUFPart(path, size, alignment, n_kv, 24, kv_end, c.pos, data_start, tensors, fields, kv_offsets, mm)
 
 
 def split_parts(path: Path) -> list[Path]:
@@ -231,7 +307,7 @@ def plan_layout(part: GGUFPart, extra_kv: list[tuple[str, object]], new_types: d
         if i > 0 and (moved or types[i - 1] != part.tensors[i - 1].type_id):
             moved = True
         offsets.append(align(offsets[i - 1] + nbytes[i - 1], part.alignment) if moved else t.offset)
-    src = part.reader.data
+    src = part.mm
     header = bytearray(bytes(src[:8]))  # magic and version
     replaced = {k for k, _ in extra_kv} & set(part.fields)
     header += struct.pack("<QQ", len(part.tensors), part.kv_count - len(replaced) + len(extra_kv))

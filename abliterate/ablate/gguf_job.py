@@ -201,6 +201,9 @@ def run_gguf_ablation(plan: Plan, device: str | None = None, force: bool = False
 
     from abliterate.ablate.gguf_writer import PartWriter
 
+    from abliterate.startup import bound_heap_growth
+
+    bound_heap_growth()  # freed band buffers go back to the OS: peak RSS stays one band's work
     crash = _CrashHook.from_env()
     writer = PartWriter(plan, model, work, directions, crash, progress)
     bar = tqdm(list(zip(model.parts, layouts, outputs, keys)), desc="parts", unit="part",
