@@ -408,7 +408,8 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
 
 
 def _half_bytes(x: np.ndarray) -> np.ndarray:
-    return x.reshape(-1, 1).view(np.uint8).reshape(-1, 2)
+    """f16 [nb] -> its 2 bytes per block, little-endian as GGUF stores them (as gguf-py's encoders do)."""
+    return x.astype("<f2").reshape(-1, 1).view(np.uint8).reshape(-1, 2)
 
 
 def _encode_q4_k(blocks: np.ndarray) -> np.ndarray:
