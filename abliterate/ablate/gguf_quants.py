@@ -19,7 +19,7 @@ Choosing the scales follows the idea of llama.cpp's reference quantizers (our ow
 weighted least-squares search over a ladder of candidate step sizes (make_qkx2 / make_qx style), then the
 sub-block scales quantized to 6 (8) bits against the super-block's f16 d (and dmin), then the final integer
 codes, then a refit of each sub-block's integer scale (and min) against the final d/dmin where it lowers the
-error. The RMS error is within about 1% of the reference's on gaussian and heavy-tailed data (Q3_K: 2.5%, the
+error. The RMS error is within about 1% of the reference's on gaussian and heavy-tailed data (Q3_K: 3%, the
 reference refines Q3_K's codes one by one).
 
 Values already on a K-quant grid (a dequantized tensor, from our encoder, llama.cpp's, or an importance-matrix
@@ -129,7 +129,7 @@ def _wsums(w: np.ndarray, x: np.ndarray, q: np.ndarray, buf: np.ndarray | None =
 
 def _rowsum(a: np.ndarray) -> np.ndarray:
     """Sum over the last (short) axis: a matrix product with ones is about twice as fast as .sum(-1) here."""
-    return a @ np.ones(a.shape[-1])
+    return a @ np.ones(a.shape[-1], dtype=a.dtype)
 
 
 def _round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -139,72 +139,94 @@ def _round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.minimum(v, hi, out=v)
 
 
-def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, ladder, integer_tops, coarsest: bool = True):
+def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, ladder, integer_tops, coarsest: bool = True,
+                fast: bool = False):
     """Per sub-block (last axis): step s >= 0, offset m >= 0 so that x ~ s*q - m with q in 0..nmax, and
     whether that is exact (the values were already on a grid).
 
     Candidate steps: range/nmax from min(x, 0) (evaluated as is), the ladder range/top for top in `ladder`
     (llama.cpp make_qkx2's nmax + rmin + rdelta*k), and (x.max - x.min)/k for k in `integer_tops`, anchored
     at the true minimum: values already on a grid get exact codes from one of these. Each candidate's codes get
-    the weighted least-squares (s, c) of x ~ s*q + c; the lowest weighted squared error wins. A fit with
-    c > 0 cannot be stored (the offset is subtracted): its codes are shifted up by ceil(c/s) where they still
-    fit in 0..nmax (same values), else it is refitted with c = 0 as the reference does. Errors come from the
-    moments, so a candidate costs one rounding pass over the values.
+    the weighted least-squares fit (_affine_candidate); the lowest weighted squared error wins, among exact fits
+    the coarsest grid (`coarsest`) or the finest. `fast` picks the winner in float32 (half the memory traffic;
+    no preference among exact fits) and refits it in float64.
     """
     lo = np.minimum(x.min(-1), 0.0)
     lo_true = x.min(-1)
     hi = x.max(-1)
     flat = hi - lo <= 0
-    sw = w.sum(-1)
-    swx = (w * x).sum(-1)
-    swxx = (w * x * x).sum(-1)
-    noise = _rounding_noise(x, sw)
-
-    def err(s, c, sl, sl2, sxl):  # sum w (s*q + c - x)^2 from the moments
-        return s * s * sl2 + 2 * s * c * sl - 2 * s * sxl + c * c * sw - 2 * c * swx + swxx
-
     rng = np.where(flat, 1.0, hi - lo)
-    s0 = rng / nmax
-    x_lo = x - lo[..., None]
-    x_lo_true = x - lo_true[..., None]
-    q = np.empty_like(x)
-    buf = np.empty_like(x)
-    _round_clip(np.divide(x_lo, s0[..., None], out=q), 0, nmax)
-    best_s, best_c = s0, lo
-    best_e = err(s0, lo, *_wsums(w, x, q, buf))
     rng_true = np.where(hi > lo_true, hi - lo_true, 1.0)
-    candidates = [(top, x_lo, hi - lo, rng) for top in ladder]
-    candidates += [(float(k), x_lo_true, hi - lo_true, rng_true) for k in integer_tops]
-    for top, shifted, top_value, span in candidates:
-        factor = top / span
-        _round_clip(np.multiply(shifted, factor[..., None], out=q), 0, nmax)
-        q_max = _round_clip(top_value * factor, 0, nmax)  # codes grow with x: the largest code, without a pass
-        sl, sl2, sxl = _wsums(w, x, q, buf)
-        det = sw * sl2 - sl * sl
-        ok = det > 0
-        det = np.where(ok, det, 1.0)
-        s = (sw * sxl - swx * sl) / det
-        c = (sl2 * swx - sl * sxl) / det
-        e = err(s, c, sl, sl2, sxl)
-        # (a c that is positive by rounding noise alone must not shift the codes: the 1e-6 steps of slack)
-        shift = np.maximum(np.ceil(c / np.where(s > 0, s, 1.0) - 1e-6), 0.0)
-        pos = c > 0
-        movable = pos & (s > 0) & (q_max + shift <= nmax)
-        c = np.where(movable, c - shift * s, c)
-        clamp = pos & ~movable
-        s_alone = sxl / np.where(sl2 > 0, sl2, 1.0)
-        e = np.where(clamp, err(s_alone, 0.0, sl, sl2, sxl), e)
-        s = np.where(clamp, s_alone, s)
-        c = np.where(clamp, 0.0, c)
-        # among exact fits the coarsest grid wins (see _grid_missed)
-        both_exact = _is_exact(e, s, sw, noise) & _is_exact(best_e, best_s, sw, noise)
-        better = ok & (s > 0) & np.where(both_exact, (s > best_s) == coarsest, e < best_e)
+    sums = (_rowsum(w), np.einsum("...k,...k->...", w, x), np.einsum("...k,...k,...k->...", w, x, x))
+    noise = _rounding_noise(x, sums[0])
+
+    def codes(xx, top, true_anchor, out=None):
+        """Codes of candidate `top` (scalars, or arrays per sub-block) and, without a pass, the largest one."""
+        anchor = np.where(true_anchor, lo_true, lo).astype(xx.dtype)
+        factor = (top / np.where(true_anchor, rng_true, rng)).astype(xx.dtype)
+        q = _round_clip(np.multiply(xx - anchor[..., None], factor[..., None], out=out), 0, nmax)
+        return q, _round_clip(np.where(true_anchor, hi - lo_true, hi - lo) * factor, 0, nmax)
+
+    # the plain min/max mapping, evaluated as is (no refit): the reference's starting point
+    s0 = rng / nmax
+    q = _round_clip((x - lo[..., None]) / s0[..., None], 0, nmax)
+    best_s, best_c, best_e = s0, lo, _affine_err(w, x, q, s0, -lo)
+    candidates = [(top, False) for top in ladder] + [(float(k), True) for k in integer_tops]
+    if fast:
+        x32, w32 = x.astype(np.float32), w.astype(np.float32)
+        sums32 = tuple(v.astype(np.float32) for v in sums)
+        q32, buf = np.empty_like(x32), np.empty_like(x32)
+        pick, pick_e = np.zeros(x.shape[:-1], dtype=np.intp), np.full(x.shape[:-1], np.inf, dtype=np.float32)
+        for i, (top, true_anchor) in enumerate(candidates):
+            q32, q_max = codes(x32, top, true_anchor, out=q32)
+            s, c, e, ok = _affine_candidate(x32, w32, q32, q_max, sums32, nmax, buf)
+            better = ok & (e < pick_e)
+            pick = np.where(better, i, pick)
+            pick_e = np.where(better, e, pick_e)
+        tops, true_anchors = np.array([t for t, _ in candidates]), np.array([a for _, a in candidates])
+        candidates = [(tops[pick], true_anchors[pick])]  # the winner of each sub-block, refitted in float64
+    buf = np.empty_like(x)
+    for top, true_anchor in candidates:
+        q, q_max = codes(x, top, true_anchor, out=q)
+        s, c, e, ok = _affine_candidate(x, w, q, q_max, sums, nmax, buf)
+        both_exact = _is_exact(e, s, sums[0], noise) & _is_exact(best_e, best_s, sums[0], noise)
+        better = ok & np.where(both_exact, (s > best_s) == coarsest, e < best_e)
         best_s = np.where(better, s, best_s)
         best_c = np.where(better, c, best_c)
         best_e = np.where(better, e, best_e)
     best_s = np.where(flat, 0.0, best_s)
-    exact = flat | _is_exact(best_e, best_s, sw, noise)
+    exact = flat | _is_exact(best_e, best_s, sums[0], noise)
     return best_s, np.maximum(-best_c, 0.0), exact  # the offset as the positive number the format stores
+
+
+def _affine_candidate(x, w, q, q_max, sums, nmax: int, buf=None):
+    """The weighted least-squares (s, c) of x ~ s*q + c for the codes q (q_max: their largest per sub-block),
+    its weighted squared error, and whether it is usable. A fit with c > 0 cannot be stored (the offset is
+    subtracted): its codes are shifted up by ceil(c/s) where they still fit in 0..nmax (same values), else it
+    is refitted with c = 0 as the reference does."""
+    sw, swx, swxx = sums
+    sl, sl2, sxl = _wsums(w, x, q, buf)
+
+    def err(s, c):  # sum w (s*q + c - x)^2 from the moments
+        return s * s * sl2 + 2 * s * c * sl - 2 * s * sxl + c * c * sw - 2 * c * swx + swxx
+
+    det = sw * sl2 - sl * sl
+    ok = det > 0
+    det = np.where(ok, det, 1.0)
+    s = (sw * sxl - swx * sl) / det
+    c = (sl2 * swx - sl * sxl) / det
+    e = err(s, c)
+    # (a c that is positive by rounding noise alone must not shift the codes: the 1e-6 steps of slack)
+    shift = np.maximum(np.ceil(c / np.where(s > 0, s, 1.0) - 1e-6), 0.0)
+    pos = c > 0
+    movable = pos & (s > 0) & (q_max + shift <= nmax)
+    c = np.where(movable, c - shift * s, c)
+    clamp = pos & ~movable
+    s_alone = sxl / np.where(sl2 > 0, sl2, 1.0)
+    e = np.where(clamp, err(s_alone, 0.0), e)
+    s = np.where(clamp, s_alone, s)
+    c = np.where(clamp, 0.0, c)
+    return s, c, e, ok & (s > 0)
 
 
 def _rounding_noise(x: np.ndarray, sw: np.ndarray) -> np.ndarray:
@@ -348,7 +370,7 @@ def _encode_affine(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, ns
     # importance of each value as llama.cpp weighs it: the sub-block's RMS plus the value's own magnitude
     w = np.sqrt((x * x).mean(-1, keepdims=True)) + np.abs(x)
     ladder = [nmax + rmin + rdelta * k for k in range(nstep)]
-    step, off, exact = _fit_affine(x, w, nmax, ladder, range(nmax, nmax - 5, -1))
+    step, off, exact = _fit_affine(x, w, nmax, ladder, range(nmax, nmax - 5, -1), fast=True)
     d, sc, d_exact = _super_unit(step, step.max(-1), _SIX_BIT_PEAKS, 0, 63, np.nonzero(exact.all(-1))[0])
     for coarsest in (True, False):
         retry = _grid_missed(exact, d_exact)
@@ -428,35 +450,47 @@ def _encode_q5_k(blocks: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------- Q6_K
 
 
-def _fit_symmetric(x: np.ndarray, w: np.ndarray, nmax: int, tops, coarsest: bool = True):
+def _fit_symmetric(x: np.ndarray, w: np.ndarray, nmax: int, tops, coarsest: bool = True, fast: bool = False):
     """Per sub-block (last axis): signed step s so that x ~ s*q with q in -nmax..nmax-1, and whether that
     is exact (the values were already on a grid).
 
     Each candidate maps the largest-magnitude value to code `top`, gets the weighted least-squares step for
-    its codes, and the one with the largest explained energy (sum w x q)^2 / sum w q^2 wins.
+    its codes, and the one with the largest explained energy (sum w x q)^2 / sum w q^2 wins; among exact fits
+    the coarsest grid (`coarsest`) or the finest. `fast` picks the winner in float32 (half the memory traffic;
+    no preference among exact fits) and refits it in float64.
     """
     idx = np.abs(x).argmax(-1)
     peak = np.take_along_axis(x, idx[..., None], -1)[..., 0]
     zero = np.abs(peak) < 1e-15
     peak = np.where(zero, 1.0, peak)
-    best_s = np.zeros_like(peak)
-    best_gain = np.full_like(peak, -1.0)
-    q = np.empty_like(x)
-    wq = np.empty_like(x)
-    inv_peak = (1.0 / peak)[..., None]
     swxx = np.einsum("...k,...k->...", w, x * x)
     sw = _rowsum(w)
     noise = _rounding_noise(x, sw)
-    for top in tops:
-        _round_clip(np.multiply(x, top * inv_peak, out=q), -nmax, nmax - 1)
-        np.multiply(w, q, out=wq)
-        sxl = np.einsum("...k,...k->...", wq, x)
+
+    def fit(xx, ww, top, q, wq):  # codes of candidate `top` (scalar or per sub-block), their step and gain
+        _round_clip(np.multiply(xx, (top / peak).astype(xx.dtype)[..., None], out=q), -nmax, nmax - 1)
+        np.multiply(ww, q, out=wq)
+        sxl = np.einsum("...k,...k->...", wq, xx)
         sl2 = np.einsum("...k,...k->...", wq, q)
         ok = sl2 > 0
         sl2 = np.where(ok, sl2, 1.0)
-        gain = np.where(ok, sxl * sxl / sl2, -1.0)
-        step = sxl / sl2
-        # among exact fits the coarsest grid wins (see _grid_missed)
+        return sxl / sl2, np.where(ok, sxl * sxl / sl2, -1.0), ok
+
+    if fast:
+        x32, w32 = x.astype(np.float32), w.astype(np.float32)
+        q, wq = np.empty_like(x32), np.empty_like(x32)
+        pick, pick_gain = np.zeros(x.shape[:-1], dtype=np.intp), np.full(x.shape[:-1], -np.inf, dtype=np.float32)
+        for i, top in enumerate(tops):
+            _, gain, ok = fit(x32, w32, top, q, wq)
+            better = ok & (gain > pick_gain)
+            pick = np.where(better, i, pick)
+            pick_gain = np.where(better, gain, pick_gain)
+        tops = [np.asarray(tops)[pick]]  # the winner of each sub-block, refitted in float64
+    best_s = np.zeros_like(peak)
+    best_gain = np.full_like(peak, -1.0)
+    q, wq = np.empty_like(x), np.empty_like(x)
+    for top in tops:
+        step, gain, ok = fit(x, w, top, q, wq)
         both_exact = _is_exact(swxx - gain, step, sw, noise) & _is_exact(swxx - best_gain, best_s, sw, noise)
         better = ok & np.where(both_exact, (np.abs(step) > np.abs(best_s)) == coarsest, gain > best_gain)
         best_s = np.where(better, step, best_s)
@@ -502,7 +536,7 @@ def _encode_symmetric(x: np.ndarray, nmax: int, smax: int):
     sc in -smax..smax-1."""
     w = x * x  # llama.cpp's weighting for these types: squared magnitude
     tops, wide_tops = _ladder(nmax)
-    step, exact = _fit_symmetric(x, w, nmax, tops)
+    step, exact = _fit_symmetric(x, w, nmax, tops, fast=True)
     d, sc, d_exact = _symmetric_unit(x, step, exact, nmax, smax)
     for coarsest in (True, False):
         retry = _grid_missed(exact, d_exact)
