@@ -106,8 +106,8 @@ def test_arbitrary_grid_values_come_back_unchanged(qtype):
 def test_error_no_worse_than_the_package_ladder(make):
     x = make(64, 1024)
     err = {qtype: _rel_rms(x, qtype) for qtype in (T.Q8_0, T.Q6_K, T.Q5_0, T.Q5_K, T.Q4_0, T.Q4_K, T.Q3_K)}
-    # measured: gaussian Q8_0 .0054 Q6_K .0178 Q5_0 .0428 Q5_K .0359 Q4_0 .0862 Q4_K .0716 Q3_K .154;
-    # heavy-tailed Q8_0 .0082 Q6_K .0251 Q5_0 .0648 Q5_K .0464 Q4_0 .1274 Q4_K .0926 Q3_K .196
+    # measured: gaussian Q8_0 .0054 Q6_K .0178 Q5_0 .0428 Q5_K .0359 Q4_0 .0862 Q4_K .0717 Q3_K .154;
+    # heavy-tailed Q8_0 .0082 Q6_K .0252 Q5_0 .0648 Q5_K .0464 Q4_0 .1274 Q4_K .0926 Q3_K .197
     assert err[T.Q8_0] < err[T.Q6_K] < err[T.Q5_0]
     assert err[T.Q5_K] <= err[T.Q5_0] * 1.05
     assert err[T.Q4_K] <= err[T.Q4_0] * 1.05
