@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from abliterate.ablate import gguf_codec
 from abliterate.ablate.gguf_edit import edit_gguf_tensor, read_vector
 from abliterate.ablate.gguf_file import GGUFPart, OutputLayout, type_name
-from abliterate.ablate.safetensors_io import copy_range
+from abliterate.ablate.safetensors_io import POSITIONAL_IO, PositionedWriter, copy_range
 from abliterate.cli import UserError
 
 
@@ -32,39 +33,56 @@ class PartWriter:
         self.residuals: list[dict] = []
 
     def write(self, part: GGUFPart, layout: OutputLayout, tmp: Path) -> int:
-        """Write `part` edited as planned to `tmp`; returns the bytes written."""
+        """Write `part` edited as planned to `tmp`; returns the bytes written.
+
+        As in the safetensors writer (safetensors_io.write_safetensors), the edits (CPU work) run on one worker
+        thread, writing at their own offsets with pwrite, while this thread copies the untouched bytes (kernel
+        copies, no GIL): the copy hides behind the edits. The bytes are the same in any order."""
         edits = self.work.edits.get(part.path.name, {})
         order = sorted(range(len(part.tensors)), key=lambda i: part.tensors[i].offset)
         edited_bytes = sum(part.tensors[i].nbytes for i in order if part.tensors[i].name in edits)
         bar = tqdm(total=edited_bytes, desc=f"edit {part.path.name}", unit="B", unit_scale=True,
                    disable=not self.progress or not edits, file=sys.stderr, leave=False)
-        with open(part.path, "rb") as src, open(tmp, "wb") as dst:
+        with open(part.path, "rb") as src, open(tmp, "wb") as dst, ThreadPoolExecutor(max_workers=1) as pool:
             dst.write(layout.header)
-            cursor = part.data_start  # same_data: input bytes up to here are written
-            for i in order:
-                t = part.tensors[i]
-                begin = part.data_start + t.offset
-                if t.name not in edits:
-                    if not layout.same_data:
-                        dst.seek(layout.data_start + layout.offsets[i])
-                        copy_range(src, dst, begin, t.nbytes)
-                    continue
-                if layout.same_data and begin > cursor:
+            dst.flush()
+            pending = []
+            try:
+                cursor = part.data_start  # same_data: input bytes up to here are written (or being edited)
+                for i in order:
+                    t = part.tensors[i]
+                    begin = part.data_start + t.offset
+                    if t.name not in edits:
+                        if not layout.same_data:
+                            dst.seek(layout.data_start + layout.offsets[i])
+                            copy_range(src, dst, begin, t.nbytes)
+                        continue
+                    if layout.same_data and begin > cursor:
+                        dst.seek(layout.data_start + (cursor - part.data_start))
+                        copy_range(src, dst, cursor, begin - cursor)
+                    args = (part, t, layout.types[i], edits[t.name], src.fileno(), bar)
+                    at = layout.data_start + layout.offsets[i]
+                    if POSITIONAL_IO:
+                        pending.append(pool.submit(self._edit, *args, PositionedWriter(dst.fileno(), at)))
+                    else:
+                        dst.seek(at)
+                        self._edit(*args, dst)
+                    cursor = begin + t.nbytes
+                if layout.same_data and part.size > cursor:
                     dst.seek(layout.data_start + (cursor - part.data_start))
-                    copy_range(src, dst, cursor, begin - cursor)
-                dst.seek(layout.data_start + layout.offsets[i])
-                self._edit(part, t, layout.types[i], edits[t.name], src, dst)
-                bar.update(t.nbytes)
-                cursor = begin + t.nbytes
-                self.crash.tick()
-            if layout.same_data and part.size > cursor:
-                dst.seek(layout.data_start + (cursor - part.data_start))
-                copy_range(src, dst, cursor, part.size - cursor)
+                    copy_range(src, dst, cursor, part.size - cursor)
+            except BaseException:
+                for f in pending:  # this thread's error wins; the worker stops before the files are closed
+                    f.cancel()
+                raise
+            for f in pending:  # the worker's first error, if any
+                f.result()
             dst.truncate(layout.size)
         bar.close()
         return layout.size
 
-    def _edit(self, part: GGUFPart, t, out_type: int, te, src, dst) -> None:
+    def _edit(self, part: GGUFPart, t, out_type: int, te, src_fd: int, bar, dst) -> None:
+        """Edit tensor `t` and write it to `dst` (positioned at the tensor's offset)."""
         import torch
 
         from abliterate.ablate.edits import direction_through_norm
@@ -85,7 +103,7 @@ class PartWriter:
             dst.write(data)
             written["n"] += len(data)
 
-        fd, start = src.fileno(), part.data_start + t.offset
+        fd, start = src_fd, part.data_start + t.offset
 
         def read(begin: int, length: int) -> np.ndarray:
             data = os.pread(fd, length, start + begin)
@@ -100,3 +118,5 @@ class PartWriter:
             raise RuntimeError(f"internal error: {t.name} was written as {written['n']} bytes, expected {expected}")
         self.residuals.append({"tensor": t.name, "type": t.type_name, "written_type": type_name(out_type),
                                "scale": target.scale, **res.record()})
+        bar.update(t.nbytes)
+        self.crash.tick()
