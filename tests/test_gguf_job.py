@@ -157,6 +157,8 @@ def test_interrupted_run_reruns_to_identical_bytes(tmp_path, monkeypatch, tick):
     assert main([str(plan), "--no-progress"]) == 0
     assert (tmp_path / "out.gguf").read_bytes() == (clean / "out.gguf").read_bytes()
     assert not (tmp_path / "out.gguf.partial").exists()
+    resumed, fresh = read_json(tmp_path / "out.abliteration.json"), read_json(clean / "out.abliteration.json")
+    assert resumed["gguf"] == fresh["gguf"] and resumed["directions"] == fresh["directions"]
 
 
 def _split_set(tmp_path: Path) -> Path:
@@ -206,6 +208,9 @@ def test_split_set_written_as_the_same_parts(tmp_path, monkeypatch, capsys):
     assert main([str(plan), "--no-progress", "-o", str(tmp_path / "again.gguf")]) == 0
     for k, out in enumerate(outs, 1):
         assert out.read_bytes() == (tmp_path / f"again-{k:05d}-of-00003.gguf").read_bytes()
+    again = read_json(tmp_path / "again.abliteration.json")  # the resumed run's record lost no tensor
+    assert rec["gguf"]["edited_tensors"] == again["gguf"]["edited_tensors"]
+    assert sorted(e["tensor"] for e in rec["gguf"]["edited_tensors"]) == sorted(edited)
 
 
 def test_split_set_needs_its_first_part(tmp_path, capsys):

@@ -196,11 +196,10 @@ def run_gguf_ablation(plan: Plan, device: str | None = None, force: bool = False
         raise UserError(f"no space left: {outputs[0].parent} has {free_bytes(outputs[0].parent):,} bytes free but "
                         f"the output needs about {need:,}; free space or choose another output")
     partial.mkdir(parents=True, exist_ok=True)
-    clean_partial(partial, done)
+    clean_partial(partial, done | {_residuals_name(name) for name in done})
     (partial / MARKER_DIR).mkdir(exist_ok=True)
 
     from abliterate.ablate.gguf_writer import PartWriter
-
     from abliterate.startup import bound_heap_growth
 
     bound_heap_growth()  # freed band buffers go back to the OS: peak RSS stays one band's work
@@ -209,11 +208,16 @@ def run_gguf_ablation(plan: Plan, device: str | None = None, force: bool = False
     bar = tqdm(list(zip(model.parts, layouts, outputs, keys)), desc="parts", unit="part",
                disable=not progress or len(model.parts) == 1, file=sys.stderr)
     for part, layout, out, key in bar:
-        if out.name in done:
+        if out.name in done:  # what its edits left along r was kept beside it: the record stays the same
+            writer.residuals += json.loads((partial / _residuals_name(out.name)).read_text())
             summary.shards_reused += 1
             continue
         tmp = partial / (out.name + ".tmp")
+        first = len(writer.residuals)
         summary.bytes_written += writer.write(part, layout, tmp)
+        side = partial / (_residuals_name(out.name) + ".tmp")
+        side.write_text(json.dumps(writer.residuals[first:]))
+        os.replace(side, partial / _residuals_name(out.name))  # before the part's marker: a done part has it
         seal_shard(tmp, partial, out.name, key)
         summary.shards_written += 1
         crash.tick()
@@ -227,6 +231,10 @@ def run_gguf_ablation(plan: Plan, device: str | None = None, force: bool = False
     summary.notes = _notes(writer, types, record_path)
     summary.seconds = time.monotonic() - start
     return summary
+
+
+def _residuals_name(part_name: str) -> str:
+    return part_name + ".residuals.json"
 
 
 def _type_label(old: int, new: int) -> str:
