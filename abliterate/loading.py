@@ -41,19 +41,59 @@ def add_model_arguments(parser: argparse.ArgumentParser, quant_flag: str = "--qu
                    help="a Jinja chat template file to use when the tokenizer has none")
 
 
+def is_gguf(model: str) -> bool:
+    return str(model).lower().endswith(".gguf")
+
+
 def resolve_model(model: str) -> str:
-    """Check a model argument: an existing folder with config.json, or something shaped like a hub id."""
+    """Check a model argument: an existing folder with config.json, a GGUF file transformers loads correctly, or
+    something shaped like a hub id."""
+    if is_gguf(model):
+        return check_gguf_model(model)
     location = resolve_model_location(model, f"--model {model}")
     if Path(location).is_dir() and not (Path(location) / "config.json").is_file():
         raise UserError(f"--model {model}: folder has no config.json; give a Hugging Face model folder")
     return location
 
 
+# GGUF architectures whose transformers (5.x) mapping leaves weights unloaded: GPT-OSS's experts, expert biases and
+# attention sinks are not mapped and would stay random.
+GGUF_UNSUPPORTED = ("gpt-oss",)
+
+
+def check_gguf_model(model: str, flag: str = "--model") -> str:
+    """A GGUF file for transformers' GGUF loader (it dequantizes into a normal model): one that exists, is not
+    split (the loader reads one file) and whose architecture it maps correctly."""
+    from abliterate.ablate.gguf_file import read_part, split_parts
+
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise UserError(f"{flag} {model}: no such GGUF file; fix the path")
+    if len(split_parts(path)) > 1:
+        raise UserError(f"{flag} {model}: transformers loads a single GGUF file, not a split set; merge it with "
+                        "llama.cpp's `llama-gguf-split --merge` or use the HF checkpoint")
+    arch = read_part(path).fields.get("general.architecture")
+    if arch in GGUF_UNSUPPORTED:
+        raise UserError(f"{flag} {model}: transformers does not load {arch} GGUF files correctly (experts and "
+                        "attention sinks are not mapped and would stay random); measure the original checkpoint "
+                        "(same model, same hidden space) and point the plan's model: at this GGUF")
+    return str(path)
+
+
+def pretrained_args(model: str) -> tuple[str, dict]:
+    """from_pretrained's location and extra keywords: a GGUF file loads as (its folder, gguf_file=its name)."""
+    if is_gguf(model):
+        p = Path(model)
+        return str(p.parent), {"gguf_file": p.name}
+    return model, {}
+
+
 def read_config(model: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    where, extra = pretrained_args(model)
     try:
-        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as exc:
         first = first_line(exc)
         raise UserError(f"--model {model}: cannot load its config ({first}); check the id or path") from None
@@ -64,8 +104,9 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, chat_template: s
     """Tokenizer with left padding (the last prompt token is then at position -1 for every row)."""
     from transformers import AutoTokenizer
 
+    where, extra = pretrained_args(model)
     try:
-        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as exc:
         first = first_line(exc)
         raise UserError(f"--model {model}: cannot load its tokenizer ({first})") from None
@@ -121,9 +162,10 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None, devic
     from transformers import AutoModelForCausalLM
 
     config = read_config(model, trust_remote_code)
+    where, extra = pretrained_args(model)
     dmap = default_device_map(device, device_map)
     on_cpu = isinstance(dmap, dict) and str(dmap.get("", "")).startswith("cpu")
-    kwargs: dict = {"trust_remote_code": trust_remote_code, "device_map": dmap}
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "device_map": dmap, **extra}
 
     if dtype == "auto":
         # Half types are slow and lossy on most CPUs; compute in float32 there.
@@ -160,7 +202,7 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None, devic
 
     try:
         try:
-            lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         except (OSError, ValueError, ImportError, RuntimeError) as exc:
             if attn is None or attn in _PLAIN:
                 raise
@@ -172,7 +214,7 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None, devic
             kwargs.pop("attn_implementation")
             if fallback:
                 kwargs["attn_implementation"] = fallback
-            lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise UserError(f"--model {model}: cannot load the model ({first_line(exc)})") from None
     lm.eval()

@@ -213,7 +213,9 @@ class ColumnEdit:
     def apply(self, band: torch.Tensor, row0: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The edited band in the band's dtype: in `out` when given, else a new tensor."""
         compute = torch.float64 if band.dtype == torch.float64 else torch.float32
-        x = self._copy(band, compute)
+        # In place when the caller hands over a band in the compute dtype to overwrite (the GGUF job's decoded
+        # bands): the same arithmetic without two copies of the band.
+        x = band if out is band and band.dtype == compute else self._copy(band, compute)
         r = self.r[..., row0:row0 + x.shape[0]].to(device=x.device, dtype=compute)
         if r.dim() == 2:
             x.addmm_(r.T, self.coeff.to(device=x.device, dtype=compute), alpha=-self.scale)
@@ -223,7 +225,8 @@ class ColumnEdit:
             x.mul_(self.factor().to(device=x.device, dtype=compute))
         if out is None:
             return x.to(band.dtype, copy=True)
-        out.copy_(x)
+        if x is not out:
+            out.copy_(x)
         return out
 
     def factor(self) -> torch.Tensor:

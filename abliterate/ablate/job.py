@@ -57,11 +57,14 @@ class Summary:
     dry_run: bool = False
     rows: list = field(default_factory=list)  # dry-run: (key, role, group, axis, shard)
     mxfp4: dict | None = None
+    types: dict | None = None  # GGUF: tensor name -> "TYPE" or "TYPE -> Q8_0" (dry-run and verbose listings)
+    notes: list = field(default_factory=list)  # extra summary lines (GGUF: residual after re-encoding, fallbacks)
 
 
 def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry_run: bool = False,
                  verbose: bool = False, progress: bool = True, early_copy: bool = True) -> Summary:
     """Validate everything, then write the edited model folder at plan.output (or only list edits on dry_run).
+    A plan whose model is a GGUF file goes to abliterate.ablate.gguf_job instead (GGUF in, GGUF out).
 
     Three phases. 1: everything the headers can tell (model folder, shards, index, the measurement file's shape,
     plan ranges, which tensors are edited, output location, free space) is checked without a tensor library.
@@ -71,6 +74,10 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     is then made durable, renamed and marked done. Bad input found in phase 3 removes what phase 2 wrote, so a
     failed run leaves nothing behind either way.
     """
+    if is_gguf_model(plan.model):
+        from abliterate.ablate.gguf_job import run_gguf_ablation
+
+        return run_gguf_ablation(plan, device=device, force=force, dry_run=dry_run, progress=progress)
     start = time.monotonic()
     root = resolve_model_path(plan.model, plan.source)
     folder = open_model_folder(root)
@@ -290,6 +297,11 @@ def _settle(futures: list) -> None:
             f.result()
         except Exception:  # noqa: BLE001 - the error being handled is reported instead
             pass
+
+
+def is_gguf_model(model: str) -> bool:
+    """A plan whose model is a .gguf file (or a split set's first part) goes to the GGUF job."""
+    return str(model).lower().endswith(".gguf")
 
 
 class _CrashHook:

@@ -2,7 +2,7 @@
 
 The format, every key with its default and meaning, is documented in docs/plan.md:
 
-    model: FOLDER-OR-HUB-ID
+    model: FOLDER-OR-HUB-ID (or FILE.gguf: GGUF in, GGUF out)
     measurements: meas.safetensors
     output: out-folder
     scale: 1.0  method: conventional|norm_preserving|row_normalized  projected: false  invert: false
@@ -489,12 +489,13 @@ def _path(value: str, base_dir: Path) -> Path:
 
 
 def _model_location(value: str, base_dir: Path) -> str:
-    """A local folder (resolved against the plan's folder) or a hub id kept as written."""
+    """A local folder (resolved against the plan's folder) or a hub id kept as written; a .gguf file (a GGUF model,
+    abliterate.ablate.gguf_job) is always a local path."""
     p = Path(value).expanduser()
     if p.is_absolute():
         return str(p)
     local = (base_dir / p).resolve()
-    if local.exists() or value.startswith(".") or not is_hub_id(value):
+    if local.exists() or value.startswith(".") or not is_hub_id(value) or value.lower().endswith(".gguf"):
         return str(local)
     return value
 

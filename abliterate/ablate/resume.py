@@ -22,15 +22,22 @@ MARKER_DIR = ".abliterate-done"
 
 def shard_key(folder: ModelFolder, name: str, plan: Plan, meas_sha: str, device_type: str) -> str:
     """Hash of everything that determines an output shard's bytes (the output path itself does not)."""
+    header_sha = hashlib.sha256(folder.headers[name].header_bytes).hexdigest()
+    return input_key(folder.root / name, name, header_sha, plan, meas_sha, device_type)
+
+
+def input_key(path: Path, name: str, header_sha: str, plan: Plan, meas_sha: str, device_type: str) -> str:
+    """Hash of an input file's identity (name, size, mtime, header hash), the plan without its output, the
+    measurement file's hash, the tool version and the device type: what determines one output file's bytes.
+    Shared by safetensors shards and GGUF parts."""
     from abliterate import __version__
 
-    st = (folder.root / name).stat()
+    st = path.stat()
     rec = plan.to_record()
     rec.pop("output")
     ident = {
         "tool": __version__, "shard": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-        "header_sha256": hashlib.sha256(folder.headers[name].header_bytes).hexdigest(),
-        "plan": rec, "measurements_sha256": meas_sha, "device_type": device_type,
+        "header_sha256": header_sha, "plan": rec, "measurements_sha256": meas_sha, "device_type": device_type,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 

@@ -18,7 +18,7 @@ from abliterate.cli import UserError
 def plan_warnings(plan, folder, work, measurement_metadata: dict | None) -> list[str]:
     """Warnings for `plan` on `folder` with the planned edits `work`; `measurement_metadata` is None when the
     measurement file's header cannot tell (a .pt file: `measurement_warnings` then runs once it is loaded)."""
-    out = _scale_warnings(plan, work)
+    out = scale_warnings(plan, work)
     out += _tied_embeddings(plan, folder)
     out += _generic_rules(folder, work)
     out += architectures.post_norm_warnings(_tensor_names(folder), folder.model_type)
@@ -48,7 +48,7 @@ def emit(lines: list[str]) -> None:
         print(f"warning: {line}", file=sys.stderr)
 
 
-def _scale_warnings(plan, work) -> list[str]:
+def scale_warnings(plan, work) -> list[str]:
     """Entries whose tensors all get effective scale 0 (entry scale x its role scales x plan scale) edit nothing;
     when every planned tensor does: an error."""
     targets = [te.target for table in work.edits.values() for te in table.values() if te.target is not None]

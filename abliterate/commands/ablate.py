@@ -18,8 +18,14 @@ The plan's `measurement` indices follow the measurement file's layer convention:
 output, index k (1..L) the residual stream after decoder layer k-1; `layer` is a decoder layer 0..L-1.
 
 The output appears only when complete: work goes to OUTPUT.partial/ and is renamed at the end. Rerunning an
-interrupted job reuses the shards it finished. MXFP4 (original GPT-OSS) checkpoints are written with bf16 experts
-and no quantization_config unless --requantize-mxfp4.
+interrupted job reuses the shards it finished. MXFP4 (original GPT-OSS) checkpoints are written with bf16
+experts and no quantization_config unless --requantize-mxfp4.
+
+GGUF: a plan whose model is a .gguf file (or the first part NAME-00001-of-0000N.gguf of a split set) writes its
+output as GGUF (output: NAME.gguf): edited tensors re-encoded in their own types (Q8_0, with a warning, where
+no encoder exists), everything else and all metadata copied byte for byte, a record NAME.abliteration.json
+beside it. Measurements of the HF checkpoint of the same model apply (hidden size and layer count are
+checked). docs/gguf.md has the workflow.
 """
 
 
@@ -68,22 +74,32 @@ def _main(argv: Sequence[str] | None) -> int:
                          progress=not args.no_progress)
     finally:
         wait_for_torch_import()
+    types = s.types or {}
     if args.dry_run:
-        print(f"{'key':<60} {'role':<24} {'group':<17} {'axis':>4}  shard")
-        for key, role, group, axis, shard in s.rows:
-            print(f"{key:<60} {role:<24} {group:<17} {axis:>4}  {shard}")
+        if types:  # GGUF: each tensor's type, and the type it is written in when that differs
+            print(f"{'tensor':<40} {'type':<16} {'role':<24} {'group':<17} {'axis':>4}  file")
+            for key, role, group, axis, shard in s.rows:
+                print(f"{key:<40} {types[key]:<16} {role:<24} {group:<17} {axis:>4}  {shard}")
+        else:
+            print(f"{'key':<60} {'role':<24} {'group':<17} {'axis':>4}  shard")
+            for key, role, group, axis, shard in s.rows:
+                print(f"{key:<60} {role:<24} {group:<17} {axis:>4}  {shard}")
         print(f"dry run: {len(s.rows)} tensors in layers {_ranges(s.layers)} would be edited; nothing written")
         return 0
     if args.verbose:
         for key, role, group, axis, shard in s.rows:
-            print(f"  edited {key} ({role}, hidden axis {axis}) in {shard}")
+            kind = f", {types[key]}" if key in types else ""
+            print(f"  edited {key} ({role}, hidden axis {axis}{kind}) in {shard}")
     print(f"wrote {s.output}")
     print("  edited tensors: " + ", ".join(f"{k} {v}" for k, v in sorted(s.counts_by_role.items())))
     print(f"  layers: {_ranges(s.layers)}")
-    print(f"  shards: {s.shards_written} written, {s.shards_reused} reused from an interrupted run")
+    unit = "files" if types else "shards"
+    print(f"  {unit}: {s.shards_written} written, {s.shards_reused} reused from an interrupted run")
     print(f"  bytes written: {s.bytes_written:,}  time: {s.seconds:.1f} s")
     if s.mxfp4:
         print("  mxfp4: " + ", ".join(f"{k} {v}" for k, v in s.mxfp4.items()))
+    for line in s.notes:
+        print(f"  {line}")
     return 0
 
 

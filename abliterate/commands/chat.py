@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="in-chat " + HELP_TEXT + "\n\nexamples:\n" + __doc__.split("\n\n", 1)[1].rstrip(),
         formatter_class=_Formatter,
     )
-    p.add_argument("-m", "--model", required=True, help="model folder or hub id")
+    p.add_argument("-m", "--model", required=True, help="model folder or hub id"
+                        ", or a .gguf file (loaded dequantized by transformers; not GPT-OSS: docs/gguf.md)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")

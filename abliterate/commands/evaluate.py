@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         "greedy answer of --kl-tokens tokens, teacher-forced), on the harmless prompts. With --answers FILE: label "
         "the answers in a JSONL file, no model loaded. Deterministic.",
     )
-    p.add_argument("-m", "--model", default=None, help="the model to evaluate (folder or hub id)")
+    p.add_argument("-m", "--model", default=None, help="the model to evaluate (folder or hub id"
+                        ", or a .gguf file (loaded dequantized by transformers; not GPT-OSS: docs/gguf.md))")
     p.add_argument("--answers", default=None, metavar="FILE.jsonl",
                    help="label these answers instead of generating any: one JSON object per line with 'prompt' "
                    "and 'answer' (or 'response'); optional 'kind' (rates per kind) and a gold 'label' (agreement "

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="measure.py", description=__doc__.split("\n\n")[0] + ".", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", required=True, help="local model folder (with config.json) or hub id owner/name")
+    p.add_argument("-m", "--model", required=True, help="local model folder (with config.json) or hub id owner/name"
+                        ", or a .gguf file (loaded dequantized by transformers; not GPT-OSS: docs/gguf.md)")
     p.add_argument("-o", "--output", required=True, help="measurement file to write: .safetensors (default format, recommended) or .pt "
                         "(the llm-abliteration tool's layout; see below)")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")

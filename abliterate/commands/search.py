@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="search.py", description=__doc__.split("\n\n")[0] + ".\n\n" +
                                 __doc__.split("\n\n")[1], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", required=True, help="local model folder (with config.json) or hub id")
+    p.add_argument("-m", "--model", required=True, help="local model folder (with config.json) or hub id"
+                        ", or a .gguf file (loaded dequantized by transformers; not GPT-OSS: docs/gguf.md)")
     p.add_argument("--measurements", required=True, help="the measurement file measure.py wrote for this model")
     p.add_argument("-o", "--output", required=True, metavar="PLAN.yml",
                    help="the plan to write; the trials table, chart and study go beside it")

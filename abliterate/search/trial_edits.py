@@ -267,7 +267,9 @@ def edit_in_place(value: torch.Tensor, role, r: torch.Tensor, scale: float, meth
 
 
 def _local_folder(name_or_path) -> Path | None:
-    if name_or_path and Path(str(name_or_path)).is_dir():
+    # A folder with config.json: a checkpoint to restore from. A model loaded from a GGUF file names the file's
+    # folder, which holds no checkpoint: its parameters are restored from copies instead.
+    if name_or_path and (Path(str(name_or_path)) / "config.json").is_file():
         return Path(str(name_or_path))
     return None
 

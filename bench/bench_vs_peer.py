@@ -1,0 +1,207 @@
+"""The peer (Heretic) and us on the same model, prompts, answer length, dtype and trial budget, both results judged
+by our evaluate on the held-out test split.
+
+    python bench/bench_vs_peer.py --model smol-refuses --trials 30 --work vs-peer \
+        [--heretic-python /path/to/venv/bin/python] [--skip-peer] [--skip-ours]
+
+Not a test and never in CI. The peer runs in its own virtual environment, never a dependency of ours: create it with
+`python -m venv heretic-venv && heretic-venv/bin/pip install torch==2.13.0 heretic-llm==1.4.0` and pass its python.
+Both tools get the prompt files beside the model (`search_harmful.txt` / `search_harmless.txt`, written by
+bench/make_refusing_model.py), their first --prompts lines each, for their directions and their trials, float32, `--max-new-tokens` answer tokens, and
+`--trials` trials (the peer's random start-up share scaled from its default 60 of 200). The peer is driven through
+its own menus (its notebook mode reads numbered choices from stdin): it keeps the trial with the fewest refusals
+among its Pareto trials whose KL is at most --kl-max (the rule our search uses), merges its LoRA and saves the model.
+Ours: measure -> search -> sharded_ablate. Then `evaluate` judges each saved model against the base on the test
+split, and the table prints refusal and KL for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(cmd: list[str], log: Path, **kw) -> float:
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, **kw)
+    return time.perf_counter() - t
+
+
+def prompt_files(args, work: Path) -> tuple[Path, Path]:
+    """The first --prompts lines of the prompt files beside the model, written into work/ for both tools."""
+    model = Path(args.model).resolve()
+    out = []
+    for kind in ("harmful", "harmless"):
+        lines = [x for x in (model / f"search_{kind}.txt").read_text().splitlines() if x.strip()][:args.prompts]
+        path = work / f"{kind}{args.prompts}.txt"
+        path.write_text("\n".join(lines) + "\n")
+        out.append(path.resolve())
+    return out[0], out[1]
+
+
+def peer(args, work: Path) -> tuple[Path, float]:
+    """Run the peer's study and save its chosen trial's merged model to work/peer-model."""
+    model = Path(args.model).resolve()
+    cwd = work / "peer-run"
+    cwd.mkdir(parents=True, exist_ok=True)
+    out = work / "peer-model"
+    harmful, harmless = prompt_files(args, work)
+    startup = max(1, round(args.trials * 60 / 200))
+    (cwd / "config.toml").write_text(f"""
+dtypes = ["float32"]
+device_map = "cpu"
+max_response_length = {args.max_new_tokens}
+n_trials = {args.trials}
+n_startup_trials = {startup}
+seed = 0
+export_strategy = "merge"
+[good_prompts]
+dataset = "{harmless}"
+[bad_prompts]
+dataset = "{harmful}"
+[good_evaluation_prompts]
+dataset = "{harmless}"
+[bad_evaluation_prompts]
+dataset = "{harmful}"
+""")
+    env = dict(os.environ, KAGGLE_KERNEL_RUN_TYPE="1", PYTHONUNBUFFERED="1")  # the peer's numbered-menu mode
+    log = open(work / "peer.log", "w")
+    started = time.perf_counter()
+    proc = subprocess.Popen([args.heretic_python, "-m", "heretic.main", "--model", str(model)], cwd=cwd, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    buf, saved = "", False
+    choices: list[tuple[int, str]] = []
+    while True:
+        ch = proc.stdout.read(1)
+        if not ch:
+            break
+        c = ch.decode("utf-8", "replace")
+        log.write(c)
+        buf += c
+        if c == "\n":
+            m = re.match(r"\s*\[(\d+)\] (.*)", buf)
+            if m:
+                choices.append((int(m.group(1)), m.group(2)))
+            buf = ""
+            continue
+        if buf.endswith("Enter number: "):
+            answer = _menu_answer(choices, saved, args.kl_max)
+            if answer is None:
+                break
+            if "Save the model" in dict(choices).get(answer, ""):
+                saved = True
+            choices = []
+            proc.stdin.write(f"{answer}\n".encode())
+            proc.stdin.flush()
+            buf = ""
+        elif buf.rstrip().endswith(":") and "directory" in buf.lower() and buf.endswith(": "):
+            proc.stdin.write(f"{out}\n".encode())
+            proc.stdin.flush()
+            buf = ""
+    proc.kill()
+    log.close()
+    if not (out / "config.json").exists():
+        raise SystemExit(f"the peer saved no model; see {work / 'peer.log'}")
+    return out, time.perf_counter() - started
+
+
+def _menu_answer(choices: list[tuple[int, str]], saved: bool, kl_max: float) -> int | None:
+    titles = dict(choices)
+    if any("Save the model" in t for t in titles.values()):
+        if saved:
+            return None  # done: leave the peer
+        return next(n for n, t in choices if "Save the model" in t)
+    trials = []
+    for n, t in choices:
+        m = re.search(r"Refusals:\s*(\d+)/\d+, KL divergence: ([\d.]+)", t)
+        if m:
+            trials.append((int(m.group(1)), float(m.group(2)), n))
+    if trials:
+        under = [t for t in trials if t[1] <= kl_max] or [min(trials, key=lambda t: t[1])]
+        return min(under)[2]
+    if any("Merge" in t for t in titles.values()):
+        return next(n for n, t in choices if "Merge" in t)
+    return None
+
+
+def ours(args, work: Path) -> tuple[Path, float]:
+    model = Path(args.model).resolve()
+    py = sys.executable
+    meas, plan, out = work / "ours.safetensors", work / "ours.yml", work / "ours-model"
+    started = time.perf_counter()
+    harmful, harmless = prompt_files(args, work)
+    data = ["--data-harmful", str(harmful), "--data-harmless", str(harmless)]
+    run([py, str(ROOT / "measure.py"), "-m", str(model), "-o", str(meas), "--dtype", "float32", *data],
+        work / "measure.log")
+    run([py, str(ROOT / "search.py"), "-m", str(model), "--measurements", str(meas), "-o", str(plan),
+         "--trials", str(args.trials), "--max-new-tokens", str(args.max_new_tokens), "--dtype", "float32",
+         "--kl-max", str(args.kl_max), "--output-model", str(out), *data, *args.search_args], work / "search.log")
+    if out.exists():
+        shutil.rmtree(out)
+    run([py, str(ROOT / "sharded_ablate.py"), str(plan)], work / "ablate.log")
+    return out, time.perf_counter() - started
+
+
+def judge(args, model_dir: Path, work: Path, name: str) -> dict:
+    out = work / f"eval-{name}.json"
+    run([sys.executable, "-m", "abliterate", "evaluate", "-m", str(model_dir), "--base", str(args.model),
+         "--dtype", "float32", "--max-new-tokens", str(args.eval_tokens), "--json", str(out)], work / f"eval-{name}.log",
+        cwd=ROOT)
+    return json.loads(out.read_text())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--work", required=True)
+    p.add_argument("--trials", type=int, default=30)
+    p.add_argument("--prompts", type=int, default=64, help="harmful and harmless prompts each tool gets")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--eval-tokens", type=int, default=64)
+    p.add_argument("--kl-max", type=float, default=0.1)
+    p.add_argument("--heretic-python", default="heretic-venv/bin/python")
+    p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--skip-ours", action="store_true")
+    p.add_argument("--search-args", nargs=argparse.REMAINDER, default=[], help="extra flags for search.py")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    if not args.skip_peer:
+        model, seconds = peer(args, work)
+        rows["peer"] = (judge(args, model, work, "peer"), seconds)
+    if not args.skip_ours:
+        model, seconds = ours(args, work)
+        rows["ours"] = (judge(args, model, work, "ours"), seconds)
+    for name, (result, seconds) in rows.items():
+        print(f"{name}: {seconds:.0f} s; {_summary(result)}")
+    return 0
+
+
+def _summary(result: dict) -> str:
+    """The figures evaluate's JSON holds for the harmful refusal and the KLs (keys as evaluate writes them)."""
+    model = result.get("model", result)
+    parts = []
+    for kind in ("harmful", "harmless"):
+        r = model.get(kind, {}).get("refusal", {})
+        if r:
+            parts.append(f"refusal {kind} {r.get('rate', float('nan')):.3f} ({r.get('count')}/{r.get('n')})")
+    for key in ("kl_first_token_base_answered", "answer_kl_base_answered", "kl_first_token", "answer_kl"):
+        if key in model:
+            v = model[key]
+            parts.append(f"{key} {v if isinstance(v, (int, float)) else v.get('mean')}")
+    return "; ".join(parts) or json.dumps(result)[:300]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
