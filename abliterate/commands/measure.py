@@ -188,8 +188,9 @@ def _summary(m, info, out: Path, total_seconds: float) -> None:
     else:
         print(f"positions  {m.positions[0]}..-1 kept ({len(m.positions)}); per-prompt activations "
               f"{'kept as ' + kept if kept else 'not kept'}; file {_size(out)}")
+    final = f"; index {m.num_indices} = after the final norm" if m.has_final_norm and out.suffix.lower() != ".pt" else ""
     print(f"wrote      {out} ({m.num_indices} indices: {LAYER_CONVENTION.split(';')[0]}; index "
-          f"{m.num_indices - 1} = last layer before the final norm)")
+          f"{m.num_indices - 1} = last layer before the final norm{final})")
     if out.suffix.lower() == ".pt":
         print(f"           .pt layout: harmful_N/harmless_N/refuse_N for N in 0..{m.num_indices - 2} are our "
               f"indices N (input of decoder layer N); index {m.num_indices - 1} only under abliterate_* keys")

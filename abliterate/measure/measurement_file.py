@@ -47,7 +47,8 @@ if TYPE_CHECKING:  # torch is imported where values are needed: reading shapes n
 FORMAT = "abliterate.measurements/1"
 LAYER_CONVENTION = (
     "index 0 = embedding output; index k (1..L) = residual stream after decoder layer k-1 "
-    "(index L is before the final norm); activations at the last prompt token"
+    "(index L is before the final norm; files that keep it add index L+1, the final norm's output, which a plan "
+    "may name too); activations at the last prompt token"
 )
 TENSOR_NAMES = (
     "harmful_mean",
