@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    """The command's work on parsed arguments (also called by `abliterate run`, abliterate.pipeline)."""
     from abliterate.startup import start_torch_import, wait_for_torch_import
     from abliterate.ablate.plan import apply_overrides, load_plan
     from abliterate.ablate.job import run_ablation

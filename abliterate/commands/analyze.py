@@ -7,10 +7,10 @@ import json
 import textwrap
 from pathlib import Path
 
-from abliterate import __version__
 from abliterate.analyze.metrics import analyze
 from abliterate.analyze.suggestion import suggest
 from abliterate.analyze.report import analysis_document, format_table
+from abliterate.versions import versions_line
 from abliterate.cli import UserError, atomic_output_file, check_new_output_file, run_command
 from abliterate.measure.measurement_file import LAYER_CONVENTION, load_measurements
 from abliterate.analyze.suggested_plan import model_reference, plan_paths, render_plan
@@ -74,7 +74,11 @@ def _outputs(args, source: Path) -> dict[str, Path]:
 
 
 def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    """The command's work on parsed arguments (also called by `abliterate run`, abliterate.pipeline)."""
     source = Path(args.measurements)
     m = load_measurements(source)
     m.validate(str(source))
@@ -110,7 +114,7 @@ def _main(argv=None) -> int:
             tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
         written.append(outputs["--json"])
     if "--suggest" in outputs:
-        text = render_plan(plan_model, source.resolve(), plan_output, s, a, f"analyze.py (abliterate {__version__})")
+        text = render_plan(plan_model, source.resolve(), plan_output, s, a, f"analyze.py ({versions_line()})")
         with atomic_output_file(outputs["--suggest"]) as tmp:
             tmp.write_text(text)
         written.append(outputs["--suggest"])

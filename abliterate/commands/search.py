@@ -125,7 +125,11 @@ def _check_output(args) -> Path:
 
 
 def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    """The command's work on parsed arguments (also called by `abliterate run`, abliterate.pipeline)."""
     _check_args(args)
     out = _check_output(args)
     from abliterate.evaluate.labels import labeller_from_file

@@ -2,7 +2,8 @@
 
 Stages (each one is the command a user would run, called through its `main(argv)`):
   1. organism  train a tiny GPT-OSS chat model that refuses harmful requests (reused when already trained with
-               the same configuration and prompts; see abliterate.demo.organism)
+               the same configuration and prompts; see abliterate.demo.organism), or copy the one shipped with
+               the repository after checking its checksums (abliterate.demo.shipped; --retrain trains instead)
   2. measure   refusal directions from the train split        -> measurements.safetensors
   3. analyze   per-layer table, chart, JSON and a plan        -> analysis.png, analysis.json, plan.yml
   4. ablate    the suggested plan, as written                 -> model-abliterated/
@@ -92,8 +93,16 @@ def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, 
 
     t = time.perf_counter()
     model_dir = workdir / MODEL_DIR
+    from abliterate.demo.shipped import install, shipped_folder
+
     trained = retrain or not is_current(model_dir, config, harmful, harmless)
-    if trained:
+    shipped = None if retrain or not trained else shipped_folder(config, harmful, harmless)
+    if shipped is not None:
+        trained = False
+        print(f"using the trained model organism shipped with the repository ({shipped}; checksums verified; "
+              f"--retrain trains it again)", file=sys.stderr)
+        install(shipped, model_dir)
+    elif trained:
         print(f"training the model organism ({arch}, {config.layers} layers, hidden {config.hidden}) "
               f"on {len(harmful)} harmful + {len(harmless)} harmless train prompts", file=sys.stderr)
         train_organism(model_dir, config, harmful, harmless, progress=progress)
