@@ -20,6 +20,8 @@ output, index k (1..L) the residual stream after decoder layer k-1; `layer` is a
 The output appears only when complete: work goes to OUTPUT.partial/ and is renamed at the end. Rerunning an
 interrupted job reuses the shards it finished. MXFP4 (original GPT-OSS) checkpoints are written with bf16 experts
 and no quantization_config unless --requantize-mxfp4.
+
+details: docs/ablate.md; every plan key: docs/plan.md
 """
 
 

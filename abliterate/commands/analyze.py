@@ -37,7 +37,8 @@ scale 1.0; with comments that explain the choice."""
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="analyze.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="analyze.py", description=DESCRIPTION, epilog="details: docs/analyze.md; every plan key: docs/plan.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("measurements", metavar="MEASUREMENTS", help="measurement file (.safetensors or legacy .pt)")
     p.add_argument("--chart", nargs="?", const="", default=None, metavar="PATH",

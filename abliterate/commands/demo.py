@@ -18,7 +18,7 @@ Everything lands in --workdir; a trained model there is reused unless --retrain.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="abliterate demo", description=DESCRIPTION,
+    p = argparse.ArgumentParser(prog="abliterate demo", description=DESCRIPTION, epilog="details: docs/demo.md",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="abliterate-demo",
                    help="folder for the model, measurements, chart, plan, abliterated model and reports "

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "KL(base || model) at the first answer token, and answer KL (the mean per-token KL over the base's own "
         "greedy answer of --kl-tokens tokens, teacher-forced), on the harmless prompts. With --answers FILE: label "
         "the answers in a JSONL file, no model loaded. Deterministic.",
+        epilog="details: docs/evaluate.md",
     )
     p.add_argument("-m", "--model", default=None, help="the model to evaluate (folder or hub id)")
     p.add_argument("--answers", default=None, metavar="FILE.jsonl",

@@ -31,6 +31,8 @@ examples:
   measure.py -m openai/gpt-oss-20b -o gpt-oss-20b.safetensors
   measure.py --model gpt-oss-20b-BF16/ --output gpt-oss-20b-measurements.pt --batch-size 16 --flash-attn
   measure.py -m ./my-model -o meas.safetensors --data-harmful mine.jsonl --data-harmless theirs.csv --column prompt
+
+details: docs/measure.md
 """
 
 

@@ -36,7 +36,7 @@ sharded_ablate its partial folder; nothing half-written counts as done.
 examples:
   python -m abliterate run -m openai/gpt-oss-20b -o gpt-oss-20b-run
   python -m abliterate run -m Qwen/Qwen2.5-0.5B-Instruct --suggest --device cpu   # minutes on a CPU
-  python -m abliterate run -m ./my-model --search-trials 80                       # continue to 80 trials
+  python -m abliterate run -m ./my-model --search-trials 80 --evaluate-limit 100
 
 details: docs/run.md"""
 

@@ -37,6 +37,8 @@ examples:
   search.py -m openai/gpt-oss-20b --measurements gpt-oss-20b.safetensors -o gpt-oss-20b.yml
   search.py -m ./model --measurements meas.safetensors -o plan.yml --trials 80      # continue to 80 trials
   search.py -m ./model --measurements meas.safetensors -o plan.yml --pick 17        # write trial 17's plan
+
+details: docs/search.md
 """
 
 
