@@ -14,6 +14,8 @@ from abliterate.ablate.job import CRASH_ENV
 from abliterate.ablate.record import RECORD_NAME
 from abliterate.commands import ablate as ablate_cmd
 from abliterate.commands import run as run_cmd
+from abliterate.measure.measurement_file import load_measurements
+from abliterate.versions import tool_versions, versions_line
 from tests.ablate_helpers import folder_bytes
 
 # A few prompts and tokens per stage: the run's plumbing is what is tested here, not the edit's effect.
@@ -58,6 +60,16 @@ def test_fresh_run_then_reuse_then_one_changed_option(run_cli, model, tmp_path):
     assert report["base_result"]["harmful"]["count"] == 3 and report["result"]["kl"]["count"] == 3
     assert "base" in stdout and "abliterated" in stdout and "plan       measurement index" in stdout
     assert f"python -m abliterate chat -m {out.resolve() / 'model-abliterated'}" in stdout
+    # Every record names the versions it was written with (abliterate.versions.tool_versions, one helper).
+    versions = tool_versions()
+    meta = load_measurements(out / "measurements.safetensors").metadata
+    assert [meta[f"{lib}_version"] for lib in ("torch", "transformers", "safetensors", "optuna")] == \
+        [versions[lib] for lib in ("torch", "transformers", "safetensors", "optuna")]
+    for record in (report, json.loads((out / "analysis.json").read_text()),
+                   json.loads((out / "model-abliterated" / RECORD_NAME).read_text())):
+        assert record["versions"] == versions
+    comments = " ".join(x.lstrip("#").strip() for x in (out / "plan.yml").read_text().splitlines() if x.startswith("#"))
+    assert f"({versions_line()})" in comments
 
     # The same command again: every stage reused, not a file touched.
     before = _mtimes(out)

@@ -10,7 +10,7 @@ from pathlib import Path
 from abliterate.analyze.metrics import analyze
 from abliterate.analyze.suggestion import suggest
 from abliterate.analyze.report import analysis_document, format_table
-from abliterate.versions import versions_line
+from abliterate.versions import tool_versions, versions_line
 from abliterate.cli import UserError, atomic_output_file, check_new_output_file, run_command
 from abliterate.measure.measurement_file import LAYER_CONVENTION, load_measurements
 from abliterate.analyze.suggested_plan import model_reference, plan_paths, render_plan
@@ -110,7 +110,7 @@ def run(args) -> int:
             draw_chart(a, tmp, chosen=s.measurement, band=s.band, title=f"{name}: {source.name}")
         written.append(outputs["--chart"])
     if "--json" in outputs:
-        doc = analysis_document(a, str(source.resolve()), m.metadata, s)
+        doc = dict(analysis_document(a, str(source.resolve()), m.metadata, s), versions=tool_versions())
         with atomic_output_file(outputs["--json"]) as tmp:
             tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
         written.append(outputs["--json"])

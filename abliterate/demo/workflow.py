@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from abliterate.cli import UserError
+from abliterate.versions import tool_versions
 from abliterate.demo.organism import DEMO, QUICK, OrganismConfig, is_current, train_organism
 
 MODEL_DIR = "model"
@@ -174,6 +175,7 @@ def summary_dict(r: DemoResult) -> dict:
         "answer_kl_harmless": _kl(r.after, "answer_kl"),
         "answer_kl_harmless_base_answered": _kl(r.after, "answer_kl_base_answered"),
         "kl_tokens": (r.after.get("answer_kl") or {}).get("kl_tokens"),
+        "versions": tool_versions(),
     }
 
 
