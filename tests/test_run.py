@@ -130,6 +130,7 @@ def test_run_killed_inside_a_stage_finishes_when_rerun(run_cli, model, tmp_path)
     (["--measure-batch-size", "0"], "measure options: --batch-size 0: must be at least 1"),
     (["--bogus", "3"], "--bogus: not an option of run"),
     (["--search-output", "x.yml"], "--search-output: run sets --output of search itself"),
+    (["--search-out", "x.yml"], "search options: unrecognized arguments: --out x.yml"),   # no abbreviations
     (["--search-trialz", "3"], "search options: unrecognized arguments: --trialz 3"),
     (["--evaluate-max-new-tokens", "many"], "evaluate options: argument --max-new-tokens: invalid int value"),
     (["--suggest", "--search-trials", "3"], "--trials: --search-* options with --suggest"),

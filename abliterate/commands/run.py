@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -91,7 +92,11 @@ def _main(argv: Sequence[str] | None) -> int:
                   quant=args.quant, stage_tokens=list(rest))
     commands = stage_commands()
     stages = plan_stages(req, commands)     # every stage's options checked: bad input stops before any work
-    outcome = run_stages(req, stages, commands)
+    try:
+        outcome = run_stages(req, stages, commands)
+    except KeyboardInterrupt:
+        print("interrupted; the finished stages are kept: run the same command again to finish", file=sys.stderr)
+        return 130
     print(format_summary(req, outcome))
     return 0
 

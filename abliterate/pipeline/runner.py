@@ -118,6 +118,7 @@ def plan_stages(req: Request, commands: dict[str, StageCommand]) -> list[Stage]:
         cmd = commands[name]
         parser = cmd.build_parser()
         parser.error = _parser_error(name, parser)  # one line and exit 2, not argparse's usage and exit
+        parser.allow_abbrev = False  # `--search-out x` must not reach search's reserved --output as an abbreviation
         args = parser.parse_args(argv)
         if cmd.check is not None:
             try:
