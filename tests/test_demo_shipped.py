@@ -9,7 +9,7 @@ import pytest
 
 from abliterate.cli import UserError
 from abliterate.demo import shipped
-from abliterate.demo.organism import DEMO, RECORD_NAME, fingerprint
+from abliterate.demo.organism import QUICK, RECORD_NAME, fingerprint
 from abliterate.prompts.bundled import bundled_prompts
 
 
@@ -21,7 +21,7 @@ def fake_organism(tiny_model, tmp_path):
     for p in tiny_model("gpt_oss").iterdir():
         (src / p.name).write_bytes(p.read_bytes())
     harmful, harmless = bundled_prompts("harmful", "train"), bundled_prompts("harmless", "train")
-    record = {"fingerprint": fingerprint(DEMO, harmful, harmless), "config": DEMO.to_dict()}
+    record = {"fingerprint": fingerprint(QUICK, harmful, harmless), "config": QUICK.to_dict()}
     (src / RECORD_NAME).write_text(json.dumps(record))
     return shipped.ship(src, tmp_path / "shipped")
 
@@ -50,18 +50,18 @@ def test_damaged_or_incomplete_copy_is_refused(fake_organism, tmp_path):
 def test_shipped_folder_only_for_the_current_recipe(fake_organism, monkeypatch):
     harmful, harmless = bundled_prompts("harmful", "train"), bundled_prompts("harmless", "train")
     monkeypatch.setattr(shipped, "SHIPPED_ROOT", fake_organism.parent)
-    assert shipped.shipped_folder(DEMO, harmful, harmless) == fake_organism
-    assert shipped.shipped_folder(DEMO, harmful[1:], harmless) is None   # other prompts: train instead
+    assert shipped.shipped_folder(QUICK, harmful, harmless) == fake_organism
+    assert shipped.shipped_folder(QUICK, harmful[1:], harmless) is None   # other prompts: train instead
     import dataclasses
-    assert shipped.shipped_folder(dataclasses.replace(DEMO, refusal_steps=1), harmful, harmless) is None
+    assert shipped.shipped_folder(dataclasses.replace(QUICK, refusal_steps=1), harmful, harmless) is None
 
 
 def test_the_repository_copy_when_present_is_intact_and_current():
     """The organism in abliterate/demo/shipped/ verifies and matches the recipe, so make demo uses it."""
-    folder = shipped.SHIPPED_ROOT / DEMO.arch
+    folder = shipped.SHIPPED_ROOT / QUICK.arch
     if not folder.exists():
         pytest.skip("no organism shipped in this checkout: the demo trains it (abliterate/demo/shipped.py)")
     shipped.verify(folder)
     harmful, harmless = bundled_prompts("harmful", "train"), bundled_prompts("harmless", "train")
-    assert shipped.shipped_folder(DEMO, harmful, harmless) == folder, \
+    assert shipped.shipped_folder(QUICK, harmful, harmless) == folder, \
         "the shipped organism is stale: retrain and ship it again (see abliterate/demo/shipped.py)"

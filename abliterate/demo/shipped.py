@@ -1,9 +1,9 @@
-"""The trained demo organism shipped with the repository, so `make demo` need not train it (about 11 minutes on
-2 CPU cores) before showing anything.
+"""The trained demo organism shipped with the repository, so `make demo` need not train it (minutes on 2 CPU
+cores) before showing anything.
 
-abliterate/demo/shipped/gpt_oss/ holds exactly what `train_organism(folder, DEMO, train prompts)` writes (the
-recipe is abliterate/demo/organism.py; training is deterministic, so `demo --retrain` rebuilds the same bytes on
-the pinned versions, constraints.txt) plus SHA256SUMS, a checksum per file. The demo uses it only when its
+abliterate/demo/shipped/gpt_oss/ holds exactly what `train_organism(folder, QUICK, train prompts)` writes (QUICK is
+the demo's default organism; the recipe is abliterate/demo/organism.py; training is deterministic: seeded,
+deterministic kernels, 2 threads) plus SHA256SUMS, a checksum per file. The demo uses it only when its
 organism.json fingerprint equals the one the current recipe, configuration and prompts give, and only after every
 file's checksum is verified; otherwise it trains. To refresh it after a recipe change:
     python -m abliterate demo --retrain && python -m abliterate.demo.shipped abliterate-demo/model
