@@ -44,6 +44,8 @@ details: docs/run.md"""
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="abliterate run", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
+                                usage="%(prog)s -m MODEL [-o OUT] [--suggest] [model loading flags] "
+                                      "[--<stage>-<flag> [VALUE] ...]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", required=True, metavar="MODEL", help="local model folder or hub id owner/name")
     p.add_argument("-o", "--output", default=None, metavar="OUT",
