@@ -6,6 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "run": "the whole workflow in one command: measure -> search -> ablate -> evaluate, resumable",
     "measure": "measure refusal directions (forward passes with hooks)",
     "analyze": "per-layer diagnostics, charts and a suggested plan",
     "search": "find the plan automatically: trials minimising refusals and KL (an Optuna study)",

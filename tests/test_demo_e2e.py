@@ -21,7 +21,8 @@ def quick_demo(tmp_path_factory):
     from abliterate.demo.workflow import run_demo
 
     workdir = tmp_path_factory.mktemp("demo")
-    return run_demo(workdir, quick=True, progress=False)
+    # retrain: the organism is trained here end to end, not copied from the one shipped with the repository
+    return run_demo(workdir, quick=True, retrain=True, progress=False)
 
 
 def test_artifacts_in_workdir(quick_demo):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from importlib import metadata
 from pathlib import Path
 
 RECORD_NAME = "abliteration.json"
@@ -24,15 +23,9 @@ def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
 
 
 def versions() -> dict:
-    from abliterate import __version__
+    from abliterate.versions import tool_versions
 
-    out = {"abliterate": __version__}
-    for pkg in ("torch", "transformers", "safetensors"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return tool_versions()
 
 
 def build_record(plan, model_type: str, measurement_sha: str, directions: dict, counts_by_role: dict,

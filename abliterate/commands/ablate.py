@@ -18,14 +18,16 @@ The plan's `measurement` indices follow the measurement file's layer convention:
 output, index k (1..L) the residual stream after decoder layer k-1; `layer` is a decoder layer 0..L-1.
 
 The output appears only when complete: work goes to OUTPUT.partial/ and is renamed at the end. Rerunning an
-interrupted job reuses the shards it finished. MXFP4 (original GPT-OSS) checkpoints are written with bf16
-experts and no quantization_config unless --requantize-mxfp4.
+interrupted job reuses the shards it finished. MXFP4 (original GPT-OSS) checkpoints are written with bf16 experts
+and no quantization_config unless --requantize-mxfp4.
 
 GGUF: a plan whose model is a .gguf file (or the first part NAME-00001-of-0000N.gguf of a split set) writes its
 output as GGUF (output: NAME.gguf): edited tensors re-encoded in their own types (Q8_0, with a warning, where
 no encoder exists), everything else and all metadata copied byte for byte, a record NAME.abliteration.json
 beside it. Measurements of the HF checkpoint of the same model apply (hidden size and layer count are
 checked). docs/gguf.md has the workflow.
+
+details: docs/ablate.md; every plan key: docs/plan.md
 """
 
 
@@ -57,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    """The command's work on parsed arguments (also called by `abliterate run`, abliterate.pipeline)."""
     from abliterate.startup import start_torch_import, wait_for_torch_import
     from abliterate.ablate.plan import apply_overrides, load_plan
     from abliterate.ablate.job import run_ablation

@@ -7,10 +7,10 @@ import json
 import textwrap
 from pathlib import Path
 
-from abliterate import __version__
 from abliterate.analyze.metrics import analyze
 from abliterate.analyze.suggestion import suggest
 from abliterate.analyze.report import analysis_document, format_sets_table, format_table
+from abliterate.versions import tool_versions, versions_line
 from abliterate.cli import UserError, atomic_output_file, check_new_output_file, run_command
 from abliterate.measure.measurement_file import LAYER_CONVENTION, load_measurements
 from abliterate.analyze.suggested_plan import model_reference, plan_paths, render_plan
@@ -41,7 +41,8 @@ scale 1.0; with comments that explain the choice."""
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="analyze.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="analyze.py", description=DESCRIPTION, epilog="details: docs/analyze.md; every plan key: docs/plan.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("measurements", metavar="MEASUREMENTS", help="measurement file (.safetensors or legacy .pt)")
     p.add_argument("--chart", nargs="?", const="", default=None, metavar="PATH",
@@ -83,7 +84,11 @@ def _outputs(args, source: Path) -> dict[str, Path]:
 
 
 def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    """The command's work on parsed arguments (also called by `abliterate run`, abliterate.pipeline)."""
     source = Path(args.measurements)
     m = load_measurements(source)
     m.validate(str(source))
@@ -127,12 +132,12 @@ def _main(argv=None) -> int:
                        positions=positions, left=left)
         written.append(outputs["--chart"])
     if "--json" in outputs:
-        doc = analysis_document(a, str(source.resolve()), m.metadata, s, positions, left)
+        doc = dict(analysis_document(a, str(source.resolve()), m.metadata, s, positions, left), versions=tool_versions())
         with atomic_output_file(outputs["--json"]) as tmp:
             tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
         written.append(outputs["--json"])
     if "--suggest" in outputs:
-        text = render_plan(plan_model, source.resolve(), plan_output, s, a, f"analyze.py (abliterate {__version__})")
+        text = render_plan(plan_model, source.resolve(), plan_output, s, a, f"analyze.py ({versions_line()})")
         with atomic_output_file(outputs["--suggest"]) as tmp:
             tmp.write_text(text)
         written.append(outputs["--suggest"])

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the model's chat template. Ctrl-C stops the current answer, not the program; /exit or Ctrl-D quits. "
         "GPT-OSS (harmony format): only the final answer is shown unless --show-reasoning. Standard input that "
         "is not a terminal is read as one prompt per line, one conversation (the in-chat commands work there).",
-        epilog="in-chat " + HELP_TEXT + "\n\nexamples:\n" + __doc__.split("\n\n", 1)[1].rstrip(),
+        epilog="in-chat " + HELP_TEXT + "\n\nexamples:\n" + __doc__.split("\n\n", 1)[1].rstrip()
+        + "\n\ndetails: docs/chat.md",
         formatter_class=_Formatter,
     )
     p.add_argument("-m", "--model", required=True, help="model folder or hub id"

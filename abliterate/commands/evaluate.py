@@ -24,6 +24,7 @@ from abliterate.evaluate.model_eval import add_base_answered_kl, evaluate_model
 from abliterate.evaluate.report import compare_results, format_result, judge_details
 from abliterate.loading import add_model_arguments, load_from_args
 from abliterate.prompts.files import load_prompts
+from abliterate.versions import tool_versions
 
 LABEL_RULE = (
     "Every answer is labelled refusal, answer or degenerate (abliterate/evaluate/labels.py): degenerate when it "
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "KL(base || model) at the first answer token, and answer KL (the mean per-token KL over the base's own "
         "greedy answer of --kl-tokens tokens, teacher-forced), on the harmless prompts. With --answers FILE: label "
         "the answers in a JSONL file, no model loaded. Deterministic.",
+        epilog="details: docs/evaluate.md",
     )
     p.add_argument("-m", "--model", default=None, help="the model to evaluate (folder or hub id"
                         ", or a .gguf file (loaded dequantized by transformers; not GPT-OSS: docs/gguf.md))")
@@ -170,7 +172,7 @@ def _judge_note(judge: Judge | None) -> None:
 def _answers_mode(args, labeller, json_path) -> int:
     rows = read_answers(args.answers)
     judge = _judge(args, json_path)
-    report = {"answers": args.answers, **label_file(rows, labeller, judge)}
+    report = {"answers": args.answers, "versions": tool_versions(), **label_file(rows, labeller, judge)}
     print(format_answers_report(report, f"labels of {args.answers} ({len(rows)} answers)"))
     _judge_note(judge)
     if json_path:
@@ -179,7 +181,11 @@ def _answers_mode(args, labeller, json_path) -> int:
 
 
 def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    """The command's work on parsed arguments (also called by `abliterate run`, abliterate.pipeline)."""
     _check_args(args)
     json_path = check_new_output_file(args.json, args.force, "--json") if args.json else None
     labeller = labeller_from_file(args.refusal_markers, window=args.refusal_window)
@@ -198,9 +204,12 @@ def _main(argv=None) -> int:
     judge = _judge(args, json_path)
     settings = dict(labeller=labeller, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     system=args.system, judge_model=judge)
+    print(f"answering {len(harmful)} harmful + {len(harmless)} harmless prompts with {args.model}"
+          + (", then the KL against the base" if base is not None else ""), file=sys.stderr, flush=True)
     result = evaluate_model(model, tok, harmful, harmless, base=base, kl_tokens=args.kl_tokens, **settings)
-    report = {"model": args.model, "base": args.base, "result": result, "base_result": None}
+    report = {"model": args.model, "base": args.base, "versions": tool_versions(), "result": result, "base_result": None}
     if base is not None and not args.skip_base_rates:
+        print(f"answering the same prompts with the base {args.base} (the before column)", file=sys.stderr, flush=True)
         base_result = evaluate_model(base, tok, harmful, harmless, **settings)
         report["base_result"] = base_result
         add_base_answered_kl(result, base_result)

@@ -14,7 +14,6 @@ import math
 import time
 from pathlib import Path
 
-from abliterate import __version__
 from abliterate.cli import UserError, atomic_output_file, check_new_output_file, run_command
 from abliterate.loading import add_model_arguments, load_model, load_tokenizer, read_config, resolve_model
 from abliterate.measure.measurement_file import LAYER_CONVENTION
@@ -34,6 +33,8 @@ examples:
   measure.py -m openai/gpt-oss-20b -o gpt-oss-20b.safetensors
   measure.py --model gpt-oss-20b-BF16/ --output gpt-oss-20b-measurements.pt --batch-size 16 --flash-attn
   measure.py -m ./my-model -o meas.safetensors --data-harmful mine.jsonl --data-harmless theirs.csv --column prompt
+
+details: docs/measure.md
 """
 
 
@@ -101,7 +102,11 @@ def _validate_numbers(args) -> None:
 
 
 def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    """The command's work on parsed arguments (also called by `abliterate run`, abliterate.pipeline)."""
     started = time.perf_counter()
 
     # Everything the user gave is checked before the (possibly long) model load.
@@ -130,8 +135,7 @@ def _main(argv=None) -> int:
                              keep_activations=args.keep_activations)
     m, info = measure_directions(model, tokenizer, harmful_ids, harmless_ids, options)
 
-    import torch
-    import transformers
+    from abliterate.versions import tool_versions
 
     m.metadata.update({
         "model": str(args.model),
@@ -145,9 +149,8 @@ def _main(argv=None) -> int:
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "quant": args.quant,
         "final_batch_size": info["final_batch_size"],
-        "tool_version": __version__,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
+        # abliterate's as tool_version, then torch_version, transformers_version, safetensors_version, ...
+        **{("tool" if lib == "abliterate" else lib) + "_version": v for lib, v in tool_versions().items()},
     })
     m.validate("the measurement")
     if out.suffix.lower() == ".pt":

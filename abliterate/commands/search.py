@@ -40,6 +40,8 @@ examples:
   search.py -m openai/gpt-oss-20b --measurements gpt-oss-20b.safetensors -o gpt-oss-20b.yml
   search.py -m ./model --measurements meas.safetensors -o plan.yml --trials 80      # continue to 80 trials
   search.py -m ./model --measurements meas.safetensors -o plan.yml --pick 17        # write trial 17's plan
+
+details: docs/search.md
 """
 
 
@@ -139,7 +141,11 @@ def _check_output(args) -> Path:
 
 
 def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    """The command's work on parsed arguments (also called by `abliterate run`, abliterate.pipeline)."""
     _check_args(args)
     out = _check_output(args)
     from abliterate.evaluate.labels import labeller_from_file

@@ -2,7 +2,8 @@
 
 Stages (each one is the command a user would run, called through its `main(argv)`):
   1. organism  train a tiny GPT-OSS chat model that refuses harmful requests (reused when already trained with
-               the same configuration and prompts; see abliterate.demo.organism)
+               the same configuration and prompts; see abliterate.demo.organism), or copy the one shipped with
+               the repository after checking its checksums (abliterate.demo.shipped; --retrain trains instead)
   2. measure   refusal directions from the train split        -> measurements.safetensors
   3. analyze   per-layer table, chart, JSON and a plan        -> analysis.png, analysis.json, plan.yml
   4. ablate    the suggested plan, as written                 -> model-abliterated/
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from abliterate.cli import UserError
+from abliterate.versions import tool_versions
 from abliterate.demo.organism import DEMO, QUICK, OrganismConfig, is_current, train_organism
 
 MODEL_DIR = "model"
@@ -43,6 +45,10 @@ SEARCH_ARGS = ("--harmful-n", "48", "--harmless-n", "48", "--max-new-tokens", "2
 ARCH_NAMES = {"gpt_oss": "GPT-OSS", "llama": "Llama (dense variant)"}
 EVAL_MAX_NEW_TOKENS = 64
 EVAL_KL_TOKENS = 16
+# The organism is tiny: a step's cost is Python and kernel-launch overhead, not arithmetic, so one batch of 64
+# prompts costs little more than one of 8 (evaluate's default, sized for real models' memory). 64 cuts the
+# demo's slowest stage several-fold.
+EVAL_BATCH_SIZE = 64
 
 
 @dataclasses.dataclass
@@ -92,8 +98,16 @@ def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, 
 
     t = time.perf_counter()
     model_dir = workdir / MODEL_DIR
+    from abliterate.demo.shipped import install, shipped_folder
+
     trained = retrain or not is_current(model_dir, config, harmful, harmless)
-    if trained:
+    shipped = None if retrain or not trained else shipped_folder(config, harmful, harmless)
+    if shipped is not None:
+        trained = False
+        print(f"using the trained model organism shipped with the repository ({shipped}; checksums verified; "
+              f"--retrain trains it again)", file=sys.stderr)
+        install(shipped, model_dir)
+    elif trained:
         print(f"training the model organism ({arch}, {config.layers} layers, hidden {config.hidden}) "
               f"on {len(harmful)} harmful + {len(harmless)} harmless train prompts", file=sys.stderr)
         train_organism(model_dir, config, harmful, harmless, progress=progress)
@@ -121,7 +135,8 @@ def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, 
         # The organism's answers are one or two sentences, so 64 tokens hold them whole (evaluate's default of 256
         # is for real models' late refusals and reasoning); --kl-tokens as evaluate's default, stated.
         ("evaluate", evaluate.main, ["--model", w(ABLATED_DIR), "--base", w(MODEL_DIR), "--json", w(EVALUATION),
-                                     "--max-new-tokens", str(EVAL_MAX_NEW_TOKENS), "--kl-tokens", str(EVAL_KL_TOKENS)]),
+                                     "--max-new-tokens", str(EVAL_MAX_NEW_TOKENS), "--kl-tokens", str(EVAL_KL_TOKENS),
+                                     "--batch-size", str(EVAL_BATCH_SIZE)]),
     ]
     for name, main, argv in stages:
         t = time.perf_counter()
@@ -165,6 +180,7 @@ def summary_dict(r: DemoResult) -> dict:
         "answer_kl_harmless": _kl(r.after, "answer_kl"),
         "answer_kl_harmless_base_answered": _kl(r.after, "answer_kl_base_answered"),
         "kl_tokens": (r.after.get("answer_kl") or {}).get("kl_tokens"),
+        "versions": tool_versions(),
     }
 
 

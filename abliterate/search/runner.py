@@ -194,7 +194,12 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> in
     from abliterate.search.trial_edits import TrialEditor
 
     model, tokenizer = load_from_args(o.model, o.loading, "--model")
+    # Scoring the base takes a generation and a forward pass: say so, or the first minute looks hung.
+    print(f"scoring the base model once: greedy answers to {len(o.harmless)} harmless prompts, then its first-token "
+          "logits (every trial's KL is against them) ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     scorer = Scorer(model, tokenizer, o.harmful, o.harmless, o.labeller, o.max_new_tokens, o.batch_size, o.system)
+    print(f"base scored in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     print(f"note: {scorer.kl_note}", file=sys.stderr)
     print(f"note: {scorer.prefix_note}", file=sys.stderr)
     one_pass = _one_pass(o, model, tokenizer, scorer) if o.fidelity == "multi" else None
@@ -297,15 +302,15 @@ def _write_trials(o: SearchOptions, study) -> None:
 
 
 def _write_outputs(o: SearchOptions, paths: dict, recs, chosen, rule: str, feasible: bool, plan_output: Path) -> dict:
-    from abliterate import __version__
     from abliterate.ablate.plan import parse_plan
+    from abliterate.versions import versions_line
     from abliterate.search.report import draw_pareto, plan_comments, plan_text, trials_lines
 
     # The output folder is this run's (--output-model), not a trial parameter; the stored plan then goes through
     # the plan parser: what is written is what sharded_ablate accepts.
     plan = dict(chosen.plan, output=str(plan_output))
     parse_plan(plan, f"trial {chosen.number}", o.output.resolve().parent)
-    comments = plan_comments(chosen, rule, feasible, o.kl_max, len(recs), f"search.py (abliterate {__version__})")
+    comments = plan_comments(chosen, rule, feasible, o.kl_max, len(recs), f"search.py ({versions_line()})")
     with atomic_output_file(paths["plan"]) as tmp:
         tmp.write_text(plan_text(plan, comments), encoding="utf-8")
     with atomic_output_file(paths["trials"]) as tmp:
