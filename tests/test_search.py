@@ -14,7 +14,7 @@ from abliterate.evaluate.labels import AnswerLabeller
 from abliterate.evaluate.model_eval import generate_answers
 from abliterate.search.generation import greedy_answers
 from abliterate.search.objectives import dominated
-from abliterate.search.space import (PlanContext, SearchSpace, band_kernel, layer_weights, make_space, params_to_plan,
+from abliterate.search.space import (PER_LAYER_KERNELS, PlanContext, SearchSpace, band_kernel, layer_weights, make_space, params_to_plan,
                                      seed_parameters, suggest_parameters)
 from abliterate.search.study import TrialRecord, pareto_front, pick
 from loaded_models import gpt_oss, llama  # noqa: F401  (module-scoped fixtures)
@@ -66,8 +66,10 @@ def test_seeds_are_points_of_the_space_and_the_first_is_the_suggestion(tmp_path)
     per_layer = params_to_plan(seeds[1][1], space, ctx(tmp_path))
     assert all(e.measurement == e.layer + 1 for e in per_layer.ablate) and per_layer.projected
     attention = {e.layer: e.scales["attention_output"] for e in per_layer.ablate}
-    # peak 1.3 at 0.75 x 11 = 8.25, falling to 0.3 x 1.3 at 0.35 x 12 = 4.2 layers away
-    assert max(attention, key=attention.get) == 8 and attention[8] == pytest.approx(1.3 - 0.91 * 0.25 / 4.2, abs=1e-3)
+    peak, position, floor, width = PER_LAYER_KERNELS["attention_output"]
+    centre, reach = position * 11, width * 12
+    assert max(attention, key=attention.get) == round(centre)
+    assert attention[8] == pytest.approx(peak - peak * (1 - floor) * abs(8 - centre) / reach, abs=1e-3)
     assert 11 in attention  # the kernels reach the last layer
     # The strong peaked seed (third): weight 1.4 at the suggested index's layer (5), 0.5 at the window's edge.
     assert names[2] == "strong peaked kernel"

@@ -58,14 +58,15 @@ DIGITS = 3
 DIRECTION_SCOPES = ("global", "per_layer")
 MAX_SET_K = 3  # the largest direction set a trial removes
 SET_SOURCES = ("clusters", "pca")
-# Per-layer seeds (each layer its own output's direction, the last layer the final norm's): the peer's shape, an
-# attention kernel peaked at three quarters of the depth and a weaker MLP kernel peaked near the end, reaching the
-# last layer. On the refusing SmolLM2 this family, with the final norm's direction for the last layer, left 8-17%
-# refused at KL 0.01-0.04 where one global direction left 33-72% (bench/gap_study.py).
-PER_LAYER_KERNELS = {"attention_output": (1.3, 0.75, 0.3, 0.35), "mlp_output": (0.8, 0.9, 0.3, 0.3),
-                     "router": (0.8, 0.9, 0.3, 0.3)}
-PER_LAYER_BROAD = {"attention_output": (1.4, 0.7, 0.7, 0.55), "mlp_output": (1.0, 0.8, 0.1, 0.3),
-                   "router": (1.0, 0.8, 0.1, 0.3)}
+# Per-layer seeds (each layer its own output's direction, the last layer the final norm's), as (peak, position,
+# floor, width): two kernels drawn from the peer's ranges that did best in bench/gap_study.py on the refusing
+# SmolLM2 (30 layers): an attention kernel peaked at three quarters of the depth and a weaker MLP kernel peaked
+# near the end, both reaching the last layer. There they left 17% refused at KL 0.011 and 8% at KL 0.036 on held-out
+# prompts, where one global direction with the same kernels left 52-72%.
+PER_LAYER_KERNELS = {"attention_output": (1.33, 0.768, 0.256, 0.313), "mlp_output": (0.46, 0.913, 0.3, 0.294),
+                     "router": (0.46, 0.913, 0.3, 0.294)}
+PER_LAYER_BROAD = {"attention_output": (1.43, 0.724, 0.727, 0.525), "mlp_output": (0.95, 0.789, 0.105, 0.271),
+                   "router": (0.95, 0.789, 0.105, 0.271)}
 STRONG_PEAK = 1.4  # the strong seeds' kernel: this weight at the peak ...
 STRONG_EDGE = 0.5  # ... this weight at the window's edge ...
 STRONG_REACH = 0.3  # ... and a half-width of at least this x L
