@@ -145,7 +145,7 @@ def test_bad_stage_options_fail_before_any_stage(run_cli, model, tmp_path, extra
 def test_bad_model_or_output_fails_before_any_stage(run_cli, model, tmp_path):
     cases = [
         (["-m", tmp_path / "missing"], "no such folder"),
-        (["-m", tmp_path / "model.gguf"], "GGUF files are not yet supported by run"),
+        (["-m", tmp_path / "model.gguf"], "no such GGUF file"),
         (["-m", model, "-o", model / "run"], "inside the model folder"),
     ]
     (tmp_path / "mine").mkdir()
@@ -158,3 +158,21 @@ def test_bad_model_or_output_fails_before_any_stage(run_cli, model, tmp_path):
         assert code == 2 and message in err and err.strip().count("\n") == 0, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mine"]
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_gguf_model_runs_end_to_end_into_a_gguf(run_cli, tmp_path):
+    """A llama GGUF: measured and evaluated through transformers' GGUF loader, ablated GGUF to GGUF."""
+    from gguf import GGMLQuantizationType as Q
+
+    from tests.gguf_fixtures import fields, llama_tensors, write_gguf
+
+    src = write_gguf(tmp_path / "m.gguf", "llama", llama_tensors(64, 2, 128, 264, Q.F16), 64, 2, 128, 264)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(run_cmd.main, ["-m", src, "-o", out, "--suggest", *FAST])
+    assert code == 0, err
+    ablated = out / "model-abliterated.gguf"
+    assert ablated.is_file() and (out / "evaluation.json").is_file()
+    assert fields(ablated)["general.architecture"] == fields(src)["general.architecture"]
+    assert f"python -m abliterate chat -m {out.resolve() / 'model-abliterated.gguf'}" in stdout
+    code, _, err = run_cli(run_cmd.main, ["-m", src, "-o", out, "--suggest", *FAST])
+    assert code == 0 and [_said(err, s) for s in ("measure", "analyze", "ablate", "evaluate")] == ["reused"] * 4

@@ -9,18 +9,24 @@ from abliterate.pipeline.stamps import STAMP_DIR
 
 
 def check_model(model: str) -> str:
-    """'folder' or 'hub' for a usable MODEL; UserError otherwise.
+    """'folder', 'hub' or 'gguf' for a usable MODEL; UserError otherwise.
 
-    GGUF hook: a `.gguf` file is refused here for now. When the GGUF job lands (abliterate/ablate/gguf*), this is
-    where run learns it: return 'gguf' and give the ablate stage the GGUF writer (measure and evaluate already
-    load GGUF through transformers for the architectures it maps)."""
-    from abliterate.loading import resolve_model
+    A GGUF file is checked as measure/evaluate will load it (transformers' GGUF loader: it exists, is one file,
+    and is an architecture transformers maps correctly; GPT-OSS GGUFs are refused with the way round); the ablate
+    stage then writes a GGUF of the same quantization (abliterate/ablate/gguf_job.py)."""
+    from abliterate.loading import is_gguf, resolve_model
 
-    if model.lower().endswith(".gguf"):
-        raise UserError(f"-m {model}: GGUF files are not yet supported by run; convert to a Hugging Face folder "
-                        "or give the model's hub id")
-    location = resolve_model(model)   # a folder with config.json, or a hub id shape; one line otherwise
+    location = resolve_model(model)   # a folder with config.json, a loadable GGUF, or a hub id shape; one line otherwise
+    if is_gguf(model):
+        return "gguf"
     return "folder" if Path(location).is_dir() else "hub"
+
+
+def ablated_name(model: str) -> str:
+    """The ablated model's name in the output folder: a folder, or a .gguf file for a GGUF model."""
+    from abliterate.loading import is_gguf
+
+    return "model-abliterated.gguf" if is_gguf(model) else "model-abliterated"
 
 
 def check_output_folder(out: Path, model: str) -> None:

@@ -21,6 +21,7 @@ from typing import Callable
 from abliterate.cli import UserError
 from abliterate.pipeline import stamps
 from abliterate.pipeline.passthrough import reject_reserved, split_stage_options
+from abliterate.pipeline.inputs import ablated_name
 from abliterate.versions import tool_versions
 
 # The file names the demo and the docs use for each stage's result, inside the output folder.
@@ -29,7 +30,6 @@ CHART = "analysis.png"
 ANALYSIS_JSON = "analysis.json"
 PLAN = "plan.yml"
 SEARCH_FILES = ("plan.trials.jsonl", "plan.pareto.png", "plan.study.journal")
-ABLATED = "model-abliterated"
 EVALUATION = "evaluation.json"
 STAGES = ("measure", "analyze", "search", "ablate", "evaluate")
 
@@ -96,17 +96,18 @@ def plan_stages(req: Request, commands: dict[str, StageCommand]) -> list[Stage]:
     if req.suggest and passed["search"]:
         raise UserError(f"{passed['search'][0]}: --search-* options with --suggest; drop one of them")
     o = lambda name: str(req.out / name)  # noqa: E731
-    model = str(Path(req.model).resolve()) if Path(req.model).is_dir() else req.model
+    model = str(Path(req.model).resolve()) if Path(req.model).exists() else req.model
+    ablated = ablated_name(req.model)  # a GGUF model gives a GGUF file
     quant = {"measure": ["--quant-measure", req.quant]} if req.quant else {}
     fixed = {
         "measure": (["-m", model, "-o", o(MEASUREMENTS)], (MEASUREMENTS,), ()),
         "analyze": ([o(MEASUREMENTS), "--chart", o(CHART), "--json", o(ANALYSIS_JSON)]
-                    + (["--suggest", o(PLAN), "--output-model", o(ABLATED)] if req.suggest else []),
+                    + (["--suggest", o(PLAN), "--output-model", o(ablated)] if req.suggest else []),
                     (CHART, ANALYSIS_JSON) + ((PLAN,) if req.suggest else ()), ()),
-        "search": (["-m", model, "--measurements", o(MEASUREMENTS), "-o", o(PLAN), "--output-model", o(ABLATED)],
+        "search": (["-m", model, "--measurements", o(MEASUREMENTS), "-o", o(PLAN), "--output-model", o(ablated)],
                    (PLAN,) + SEARCH_FILES, ("plan.study.journal",)),
-        "ablate": ([o(PLAN), "-o", o(ABLATED)], (ABLATED,), (ABLATED + ".partial",)),
-        "evaluate": (["--model", o(ABLATED), "--base", model, "--json", o(EVALUATION)], (EVALUATION,), ()),
+        "ablate": ([o(PLAN), "-o", o(ablated)], (ablated,), (ablated + ".partial",)),
+        "evaluate": (["--model", o(ablated), "--base", model, "--json", o(EVALUATION)], (EVALUATION,), ()),
     }
     stages = []
     for name in names:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from abliterate.pipeline.runner import (ABLATED, ANALYSIS_JSON, CHART, EVALUATION, MEASUREMENTS, PLAN,
+from abliterate.pipeline.inputs import ablated_name
+from abliterate.pipeline.runner import (ANALYSIS_JSON, CHART, EVALUATION, MEASUREMENTS, PLAN,
                                         SEARCH_FILES, Outcome, Request)
 
 
@@ -39,7 +40,8 @@ def format_summary(req: Request, outcome: Outcome) -> str:
 
     out = req.out
     report = json.loads((out / EVALUATION).read_text(encoding="utf-8"))
-    lines = ["", f"abliterate run: {req.model} -> {out / ABLATED}", ""]
+    ablated = ablated_name(req.model)
+    lines = ["", f"abliterate run: {req.model} -> {out / ablated}", ""]
     lines.append("stages     " + ", ".join(
         f"{s.name} {outcome.status[s.name]}" + (f" {outcome.seconds[s.name]:.1f} s" if outcome.status[s.name] != "reused"
                                                else "") for s in outcome.stages))
@@ -49,10 +51,10 @@ def format_summary(req: Request, outcome: Outcome) -> str:
         lines.append(compare_results(report["base_result"], report["result"], ("base", "abliterated")))
     lines.append("")
     files = [MEASUREMENTS, CHART, ANALYSIS_JSON, PLAN] + ([] if req.suggest else list(SEARCH_FILES)) \
-        + [ABLATED + "/", EVALUATION]
+        + [ablated + ("" if ablated.endswith(".gguf") else "/"), EVALUATION]
     lines.append(f"files in {out}/: " + ", ".join(files))
-    lines.append(f"chat       python -m abliterate chat -m {out / ABLATED}")
-    lines.append(f"compare    python -m abliterate chat -m {out / ABLATED} --compare {req.model}")
+    lines.append(f"chat       python -m abliterate chat -m {out / ablated}")
+    lines.append(f"compare    python -m abliterate chat -m {out / ablated} --compare {req.model}")
     lines.append("rerun      the same command reuses every finished stage; a changed option redoes that stage and "
                  "those after it")
     return "\n".join(lines)
