@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tests.ablate_helpers import tiny_gemma2_folder
 from abliterate.ablate.architectures import ROLE_GROUPS, TensorRole
 from abliterate.ablate.edits import edit_tensor
-from tests.reference_ablation import ablate_state_dict
+from tests.reference_ablation import add_removal_hooks, ablate_state_dict
 
 ARCHS = ["gpt_oss", "llama", "qwen3_moe"]
 ALL_ROLES = set(ROLE_GROUPS)
@@ -69,34 +69,6 @@ def _residual_states(model, ids) -> list[torch.Tensor]:
         for h in handles:
             h.remove()
     return states
-
-
-def _remove(out: torch.Tensor, r: torch.Tensor, s: float) -> torch.Tensor:
-    x = out.float()
-    rr = r.to(device=x.device, dtype=torch.float32)
-    return (x - s * (x @ rr).unsqueeze(-1) * rr).to(out.dtype)
-
-
-def _add_removal_hooks(model, directions, scales, emb_r=None, emb_s=1.0):
-    """Inference-time ablation: remove r from every writer's output (embedding, o_proj incl. bias, MLP/MoE block)."""
-
-    def hook_for(r, s):
-        def hook(mod, inp, out):
-            if isinstance(out, tuple):
-                return (_remove(out[0], r, s),) + tuple(out[1:])
-            return _remove(out, r, s)
-
-        return hook
-
-    handles = []
-    if emb_r is not None:
-        handles.append(model.model.embed_tokens.register_forward_hook(hook_for(emb_r, emb_s)))
-    for i, layer in enumerate(model.model.layers):
-        if i in directions:
-            h = hook_for(directions[i], scales.get(i, 1.0))
-            handles.append(layer.self_attn.o_proj.register_forward_hook(h))
-            handles.append(layer.mlp.register_forward_hook(h))
-    return handles
 
 
 def _logits(model, ids) -> torch.Tensor:
@@ -157,7 +129,7 @@ def test_logits_equal_inference_time_ablation(built, arch):
     edited = _logits(_load(folder), ids)
     original = _load(src)
     plain = _logits(original, ids)
-    _add_removal_hooks(original, plan["directions"], plan["scales"], plan["embeddings_r"], plan["embeddings_scale"])
+    add_removal_hooks(original, plan["directions"], plan["scales"], plan["embeddings_r"], plan["embeddings_scale"])
     hooked = _logits(original, ids)
     assert _rel(edited, hooked) < 1e-5  # measured ~1.5e-7 (float32 rounding)
     assert _rel(edited, plain) > 1e-2  # the edit did something, so the comparison above is not trivial
@@ -186,7 +158,7 @@ def test_logits_equal_inference_time_ablation_bf16(built, arch):
     original = _load(src, torch.bfloat16)
     plain = _logits(original, ids)
     routes_hooked = _record_routing(original, ids.shape)
-    _add_removal_hooks(original, plan["directions"], plan["scales"], plan["embeddings_r"], plan["embeddings_scale"])
+    add_removal_hooks(original, plan["directions"], plan["scales"], plan["embeddings_r"], plan["embeddings_scale"])
     hooked = _logits(original, ids)
     # bf16 rounding (weights after the edit vs activations after the hook) can flip a near-tied top-k expert
     # choice, which changes that token, and later ones through attention, by design of the router. Compare
