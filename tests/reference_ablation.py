@@ -111,3 +111,22 @@ def add_removal_hooks(model, directions: dict, scales: dict, emb=None, emb_scale
             handles.append(layer.self_attn.o_proj.register_forward_hook(h))
             handles.append(layer.mlp.register_forward_hook(h))
     return handles
+
+
+def residual_states(model, ids) -> list[torch.Tensor]:
+    """Embedding output and every decoder layer's output (all positions, float64), via hooks: the residual states
+    the edits must leave without the removed direction."""
+    states: list[torch.Tensor] = []
+
+    def hook(mod, inp, out):
+        states.append((out[0] if isinstance(out, tuple) else out).detach().double())
+
+    handles = [model.model.embed_tokens.register_forward_hook(hook)]
+    handles += [layer.register_forward_hook(hook) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return states

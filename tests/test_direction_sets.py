@@ -25,7 +25,7 @@ from abliterate.measure.measurement_file import load_measurements
 from tests.ablate_helpers import (load_folder_tensors, reference_ablation, tiny_gemma2_folder, write_measurements,
                                   write_set_measurements)
 from tests.analysis_fixtures import two_refusals
-from tests.reference_ablation import add_removal_hooks
+from tests.reference_ablation import add_removal_hooks, residual_states
 
 
 def _orthonormal(u: torch.Tensor, tol=1e-12) -> bool:
@@ -173,20 +173,6 @@ def test_prepared_sets_start_with_todays_direction(set_meas, tmp_path):
             d[plan.direction_key(plan.ablate[0])].sha256  # deterministic
 
 
-def _states(model, ids):
-    states = []
-    hook = lambda mod, inp, out: states.append((out[0] if isinstance(out, tuple) else out).detach().double())  # noqa
-    handles = [model.model.embed_tokens.register_forward_hook(hook)]
-    handles += [layer.register_forward_hook(hook) for layer in model.model.layers]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return states
-
-
 def _load(folder):
     from transformers import AutoModelForCausalLM
 
@@ -205,11 +191,11 @@ def test_a_set_on_every_writer_leaves_no_residual_component(tiny_model, set_meas
                  ablate=[{"layer": 0, "measurement": 1}, {"layer": 1, "measurement": 1}])
     run_ablation(plan, device="cpu", progress=False)
     u = prepared_directions(plan, load_measurements(set_meas))[plan.direction_key(plan.ablate[0])].basis
-    states = _states(_load(plan.output), IDS)
+    states = residual_states(_load(plan.output), IDS)
     assert len(states) == 3
     for h in states:
         assert float((h @ u.T).abs().max()) < 1e-5 * float(h.abs().max()), arch
-    base = _states(_load(folder), IDS)
+    base = residual_states(_load(folder), IDS)
     assert float((base[-1] @ u.T).abs().max()) > 1e-2  # the unedited model has the components
 
 

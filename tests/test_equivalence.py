@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tests.ablate_helpers import tiny_gemma2_folder
 from abliterate.ablate.architectures import ROLE_GROUPS, TensorRole
 from abliterate.ablate.edits import edit_tensor
-from tests.reference_ablation import add_removal_hooks, ablate_state_dict
+from tests.reference_ablation import ablate_state_dict, add_removal_hooks, residual_states
 
 ARCHS = ["gpt_oss", "llama", "qwen3_moe"]
 ALL_ROLES = set(ROLE_GROUPS)
@@ -54,21 +54,6 @@ def _prompts(vocab: int, seed: int = 0) -> torch.Tensor:
 
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
-
-
-def _residual_states(model, ids) -> list[torch.Tensor]:
-    """Embedding output and every decoder layer's output (all positions), via hooks."""
-    states: list[torch.Tensor] = []
-    hook = lambda mod, inp, out: states.append(_first(out).detach().double())  # noqa: E731
-    handles = [model.model.embed_tokens.register_forward_hook(hook)]
-    handles += [layer.register_forward_hook(hook) for layer in model.model.layers]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return states
 
 
 def _logits(model, ids) -> torch.Tensor:
@@ -113,8 +98,8 @@ def test_every_residual_state_is_orthogonal_to_r(built, arch):
     src, folder, plan, cfg = built(arch, "single")
     r = plan["embeddings_r"]
     ids = _prompts(cfg["vocab_size"])
-    edited = _residual_states(_load(folder), ids)
-    original = _residual_states(_load(src), ids)
+    edited = residual_states(_load(folder), ids)
+    original = residual_states(_load(src), ids)
     assert len(edited) == cfg["num_hidden_layers"] + 1
     for i, (h, h0) in enumerate(zip(edited, original)):
         scale = h.norm(dim=-1).max()
@@ -238,10 +223,10 @@ def test_post_sublayer_norm_writers_are_edited_through_the_norm(tmp_path):
     directions = {i: r for i in range(cfg["num_hidden_layers"])}
     ids = _prompts(cfg["vocab_size"], seed=6)
     edited = ablate_state_dict(state, "gemma2", cfg["hidden_size"], directions, {}, ALL_ROLES, embeddings_r=r)
-    states = _residual_states(_load(_write_model(src, tmp_path / "edited", edited)), ids)
+    states = residual_states(_load(_write_model(src, tmp_path / "edited", edited)), ids)
     for i, h in enumerate(states):
         assert (h @ r).abs().max() < 1e-5 * h.norm(dim=-1).max(), f"residual {i}"
     # Ignoring the post-norm (orthogonalizing o_proj/down_proj against r itself) leaves r in the residual.
     naive = ablate_state_dict(state, "llama", cfg["hidden_size"], directions, {}, ALL_ROLES, embeddings_r=r)
-    naive_states = _residual_states(_load(_write_model(src, tmp_path / "naive", naive)), ids)
+    naive_states = residual_states(_load(_write_model(src, tmp_path / "naive", naive)), ids)
     assert (naive_states[-1] @ r).abs().max() > 1e-2 * naive_states[-1].norm(dim=-1).max()
