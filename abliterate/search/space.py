@@ -65,6 +65,10 @@ SET_SOURCES = ("clusters", "pca")
 # prompts, where one global direction with the same kernels left 52-72%.
 PER_LAYER_KERNELS = {"attention_output": (1.33, 0.768, 0.256, 0.313), "mlp_output": (0.46, 0.913, 0.3, 0.294),
                      "router": (0.46, 0.913, 0.3, 0.294)}
+# The first kernel at about three quarters of its strength: the same shape where the KL budget is tight (on the
+# refusing SmolLM2 the full-strength one had a first-token KL of 0.19 on the search prompts).
+PER_LAYER_GENTLE = {"attention_output": (1.0, 0.768, 0.256, 0.313), "mlp_output": (0.35, 0.913, 0.3, 0.294),
+                    "router": (0.35, 0.913, 0.3, 0.294)}
 PER_LAYER_BROAD = {"attention_output": (1.43, 0.724, 0.727, 0.525), "mlp_output": (0.95, 0.789, 0.105, 0.271),
                    "router": (0.95, 0.789, 0.105, 0.271)}
 STRONG_PEAK = 1.4  # the strong seeds' kernel: this weight at the peak ...
@@ -245,6 +249,7 @@ def seed_parameters(space: SearchSpace, suggestion, clip: bool = True) -> list[t
     seeds = [("analyze suggestion", point(k, proj)),
              ("per-layer directions, late kernels", point(k, True, kernel=PER_LAYER_KERNELS, scope="per_layer")),
              ("strong peaked kernel", point(k, proj, kernel=strong)),
+             ("per-layer directions, gentle kernels", point(k, True, kernel=PER_LAYER_GENTLE, scope="per_layer")),
              ("per-layer directions, broad kernels", point(k, True, kernel=PER_LAYER_BROAD, scope="per_layer")),
              ("per-layer directions, row_normalized", point(k, True, "row_normalized", kernel=PER_LAYER_KERNELS,
                                                             scope="per_layer")),
