@@ -235,6 +235,8 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
                 summary.bytes_written += write_safetensors(dst, tensors, header.metadata, verbatim, skip=already)
             tensor_bar.close()
             syncing.append(disk.submit(seal_shard, tmp, partial, name, keys[name]))
+            if crash.armed:  # fault injection: a shard counts as written once sealed, so where a kill lands is exact
+                syncing[-1].result()
             summary.shards_written += 1
             crash.tick()
         for f in syncing:
@@ -317,6 +319,10 @@ class _CrashHook:
             return cls(None, "")
         n, _, mode = raw.partition(":")
         return cls(int(n), mode or "raise")
+
+    @property
+    def armed(self) -> bool:
+        return self.after is not None
 
     def tick(self) -> None:
         if self.after is None:
