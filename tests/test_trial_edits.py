@@ -58,6 +58,20 @@ def _folder(arch, tiny_model, gemma2):
     return gemma2 if arch == "gemma2" else tiny_model(arch)
 
 
+def streamed_logits(plan) -> torch.Tensor:
+    """The logits of the folder sharded_ablate writes for `plan` (the folder is removed again): what a trial must
+    reproduce."""
+    import shutil
+
+    from abliterate.ablate.job import run_ablation
+    from abliterate.loading import load_model
+
+    run_ablation(plan, device="cpu", progress=False)
+    want = _logits(load_model(str(plan.output)))
+    shutil.rmtree(plan.output)
+    return want
+
+
 def _plan(folder, meas, out, variant):
     data = {"model": str(folder), "measurements": str(meas), "output": str(out)}
     data.update(VARIANTS[variant])

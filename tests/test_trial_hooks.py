@@ -3,7 +3,6 @@ sharded_ablate writes, for bitsandbytes 4/8-bit weights on the CPU, and for GPT-
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from abliterate.loading import load_model
 from abliterate.measure.measurement_file import load_measurements
 from abliterate.search.trial_edits import TrialEditor
 from tests.ablate_helpers import write_measurements
-from tests.test_trial_edits import LOGITS_ATOL, VARIANTS, _assert_same_state, _folder, _logits, _plan, _state
+from tests.test_trial_edits import LOGITS_ATOL, streamed_logits, VARIANTS, _assert_same_state, _folder, _logits, _plan, _state
 from tests import test_trial_edits
 
 meas, gemma2 = test_trial_edits.meas, test_trial_edits.gemma2  # the same module fixtures (their own instances)
@@ -32,10 +31,7 @@ def meas64(tmp_path_factory):
 def _streamed(folder, meas, tmp_path, variant):
     """(the variant's plan, the logits of the folder sharded_ablate writes for it)."""
     plan = _plan(folder, meas, tmp_path / variant, variant)
-    run_ablation(plan, device="cpu", progress=False)
-    want = _logits(load_model(str(plan.output)))
-    shutil.rmtree(plan.output)
-    return plan, want
+    return plan, streamed_logits(plan)
 
 
 def _hooks_left(model) -> int:
@@ -87,9 +83,7 @@ def test_a_linear_bias_left_unedited_under_a_hooked_writer(tiny_model, meas, tmp
 
         plan = parse_plan({"model": str(folder), "measurements": str(meas), "output": str(tmp_path / "o"), **data},
                           "p.yml", tmp_path)
-        run_ablation(plan, device="cpu", progress=False)
-        want = _logits(load_model(str(plan.output)))
-        shutil.rmtree(plan.output)
+        want = streamed_logits(plan)
         with editor.applied(plan) as counts:
             torch.testing.assert_close(_logits(model), want, rtol=0, atol=LOGITS_ATOL)
         assert ("biases" in counts) == biases

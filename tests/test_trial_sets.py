@@ -3,18 +3,16 @@ the folder sharded_ablate streams (in place and through hooks), restore is bit f
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 
-from abliterate.ablate.job import run_ablation
 from abliterate.ablate.plan import parse_plan
 from abliterate.loading import load_model
 from abliterate.measure.measurement_file import load_measurements
 from abliterate.search.trial_edits import TrialEditor
 from tests.ablate_helpers import mxfp4_folder, tiny_gemma2_folder, write_set_measurements
-from tests.test_trial_edits import LOGITS_ATOL, _assert_same_state, _logits, _state
+from tests.test_trial_edits import LOGITS_ATOL, streamed_logits, _assert_same_state, _logits, _state
 
 VARIANTS = {
     "pca_position_embeddings": {"position": -2, "directions": {"source": "pca", "k": 3}, "projected": True,
@@ -45,11 +43,9 @@ def _plan(folder, meas, out, variant):
 
 
 def _streamed(folder, meas, tmp_path, variant):
+    """(the variant's plan, the logits of the folder sharded_ablate writes for it)."""
     plan = _plan(folder, meas, tmp_path / variant, variant)
-    run_ablation(plan, device="cpu", progress=False)
-    want = _logits(load_model(str(plan.output)))
-    shutil.rmtree(plan.output)
-    return plan, want
+    return plan, streamed_logits(plan)
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "llama", "qwen3_moe", "gemma2"])
