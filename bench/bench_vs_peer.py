@@ -61,6 +61,7 @@ def peer(args, work: Path) -> tuple[Path, float]:
 dtypes = ["float32"]
 device_map = "cpu"
 max_response_length = {args.max_new_tokens}
+batch_size = 64
 n_trials = {args.trials}
 n_startup_trials = {startup}
 seed = 0
@@ -77,7 +78,9 @@ dataset = "{harmful}"
     env = dict(os.environ, KAGGLE_KERNEL_RUN_TYPE="1", PYTHONUNBUFFERED="1")  # the peer's numbered-menu mode
     log = open(work / "peer.log", "w")
     started = time.perf_counter()
-    proc = subprocess.Popen([args.heretic_python, "-m", "heretic.main", "--model", str(model)], cwd=cwd, env=env,
+    # heretic.main has no __main__ guard: call its main() the way its console script does.
+    proc = subprocess.Popen([args.heretic_python, "-c", "import sys; from heretic.main import main; sys.exit(main())",
+                             "--model", str(model)], cwd=cwd, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     buf, saved = "", False
     choices: list[tuple[int, str]] = []

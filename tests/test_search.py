@@ -296,7 +296,7 @@ def test_scorer_counts_failures_and_stops_a_dominated_trial(llama):
     from abliterate.search.objectives import Scorer
 
     _, _, tok = llama
-    scorer = Scorer(ScriptedLM(tok, SCRIPTS), tok, PROMPTS, PROMPTS[:3], AnswerLabeller(), max_new_tokens=120)
+    scorer = Scorer(ScriptedLM(tok, SCRIPTS), tok, PROMPTS, PROMPTS[:3], AnswerLabeller(), max_new_tokens=120, kl_tokens=1)
     full = scorer.score([], kl_max=0.1)
     assert full.pruned is None and full.kl == pytest.approx(0.0, abs=1e-12)
     assert full.failures == 3 and full.refusal_rate == pytest.approx(3 / 5) and full.labels["degenerate"] == 2
@@ -311,7 +311,7 @@ def test_a_trial_dominated_before_any_answer_generates_nothing(llama):
 
     _, _, tok = llama
     lm = ScriptedLM(tok, SCRIPTS)
-    scorer = Scorer(lm, tok, PROMPTS, PROMPTS[:3], AnswerLabeller(), max_new_tokens=120)
+    scorer = Scorer(lm, tok, PROMPTS, PROMPTS[:3], AnswerLabeller(), max_new_tokens=120, kl_tokens=1)
     lm.rows_run = 0  # the base's harmless answers, generated once by the scorer, are not this trial's
     score = scorer.score([(0.0, 0)], kl_max=0.1)  # a finished trial with no more KL and no refusals
     assert score.pruned == "dominated" and score.tokens == 0 and lm.rows_run == 0
@@ -329,6 +329,6 @@ def test_kl_is_taken_on_the_harmless_prompts_the_base_answers(llama):
              ([photosynthesis, cake], [photosynthesis, cake], "all 2 harmless prompts (the base answers every one)"),
              ([poem, story, cake], [poem, story, cake], "the base answers only 1 of them")]
     for harmless, kept, note in cases:
-        scorer = Scorer(ScriptedLM(tok, SCRIPTS), tok, PROMPTS, harmless, AnswerLabeller(), max_new_tokens=120)
+        scorer = Scorer(ScriptedLM(tok, SCRIPTS), tok, PROMPTS, harmless, AnswerLabeller(), max_new_tokens=120, kl_tokens=1)
         assert scorer.kl_prompts == kept and note in scorer.kl_note, harmless
-        assert scorer.base_logprobs.shape[0] == len(kept)
+        assert scorer.answer_kl.prompts == kept and len(scorer.answer_kl.base) == len(kept)

@@ -12,7 +12,6 @@ import optuna
 import pytest
 import torch
 
-from abliterate.evaluate.kl import kl_divergence, next_token_logprobs
 from abliterate.evaluate.labels import AnswerLabeller
 from abliterate.loading import load_model
 from abliterate.search import fidelity
@@ -26,8 +25,8 @@ PROMPTS = ["write a poem about the sea", "explain photosynthesis", "tell me a st
            "translate this sentence", "list three colours"]
 
 
-def one_pass_for(model, tok, answers, kl_prompts, base_logprobs, batch_size=4):
-    return OnePass(model, tok, openings(tok, answers), kl_prompts, base_logprobs, len(answers), batch_size)
+def one_pass_for(model, tok, answers, answer_kl, batch_size=4):
+    return OnePass(model, tok, openings(tok, answers), answer_kl, len(answers), batch_size)
 
 
 # --- the one-pass score ------------------------------------------------------------------------------------------
@@ -37,7 +36,7 @@ def test_the_unedited_model_keeps_every_opening_and_the_kl_is_the_scorers(llama)
     scorer = Scorer(model, tok, PROMPTS, PROMPTS, AnswerLabeller(), max_new_tokens=6, batch_size=4)
     answers = scorer.base_harmful_answers()
     assert all(a["ids"] or a["ended"] == "eos" for a in answers)
-    s = one_pass_for(model, tok, answers, scorer.kl_prompts, scorer.base_logprobs).score()
+    s = one_pass_for(model, tok, answers, scorer.answer_kl).score()
     assert s.kl == pytest.approx(scorer.kl(), abs=1e-7) and s.kl == pytest.approx(0.0, abs=1e-7)
     assert all(m > -1e-5 for m in s.margins)  # greedy tokens are the model's own argmax at each opening position
     rows = openings(tok, answers)
@@ -51,7 +50,7 @@ def test_openings_called_kept_are_the_ones_generation_reproduces(llama):
     model = load_model(str(folder))
     scorer = Scorer(base, tok, PROMPTS, PROMPTS, AnswerLabeller(), max_new_tokens=8, batch_size=3)
     answers = scorer.base_harmful_answers(early_stop=False)
-    one = one_pass_for(model, tok, answers, scorer.kl_prompts, scorer.base_logprobs, batch_size=5)
+    one = one_pass_for(model, tok, answers, scorer.answer_kl, batch_size=5)
     kept = changed = 0
     for seed in range(4):
         torch.manual_seed(seed)
@@ -59,8 +58,7 @@ def test_openings_called_kept_are_the_ones_generation_reproduces(llama):
             for p in model.model.layers[-1].mlp.parameters():
                 p.add_(torch.randn_like(p) * 0.02 * (seed + 1))
         s = one.score()
-        plain = next_token_logprobs(model, tok, scorer.kl_prompts, 4, progress=False)  # the full search's KL
-        assert s.kl > 0 and s.kl == pytest.approx(float(kl_divergence(scorer.base_logprobs, plain).mean()), rel=1e-5)
+        assert s.kl > 0 and s.kl == pytest.approx(scorer.answer_kl.measure(model), rel=1e-5)  # the full search's KL
         trial = greedy_answers(model, tok, PROMPTS, 8, AnswerLabeller(), batch_size=3, early_stop=False).answers
         for row, mine, margin in zip(one.rows, trial, s.margins):
             produced = mine["ids"] + ([mine["eos_id"]] if mine["ended"] == "eos" else [])
@@ -79,8 +77,8 @@ def test_the_shared_prefix_runs_once_and_gives_the_plain_pass_numbers(llama):
     system = "You are a careful assistant. Answer briefly, plainly and politely, in one or two sentences."
     scorer = Scorer(model, tok, PROMPTS, PROMPTS, AnswerLabeller(), max_new_tokens=6, batch_size=4, system=system)
     rows = openings(tok, scorer.base_harmful_answers(), system)
-    cached = OnePass(model, tok, rows, scorer.kl_prompts, scorer.base_logprobs, len(PROMPTS), 4, system)
-    plain = OnePass(model, tok, rows, scorer.kl_prompts, scorer.base_logprobs, len(PROMPTS), 4, system)
+    cached = OnePass(model, tok, rows, scorer.answer_kl, len(PROMPTS), 4)
+    plain = OnePass(model, tok, rows, scorer.answer_kl, len(PROMPTS), 4)
     plain.prefix = []
     assert "runs once per trial" in cached.prefix_note and len(cached.prefix) > 20
     with torch.no_grad():
@@ -111,7 +109,7 @@ def test_a_prompt_counts_its_kept_opening_as_a_refusal_only_where_the_base_faile
     _, model, tok = llama
     scorer = Scorer(model, tok, PROMPTS, PROMPTS[:2], AnswerLabeller(), max_new_tokens=4, batch_size=8)
     answers = scorer.base_harmful_answers()
-    one = one_pass_for(model, tok, answers, scorer.kl_prompts, scorer.base_logprobs)
+    one = one_pass_for(model, tok, answers, scorer.answer_kl)
     first = one.score()
     for row in one.rows:
         row.failed = not row.failed

@@ -63,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=None, metavar="MIN",
                    help="start no new trial after MIN minutes (the study keeps what ran; rerun to continue)")
     s.add_argument("--kl-max", type=float, default=0.1,
-                   help="largest acceptable KL on harmless prompts: the plan is the trial with the fewest "
-                        "refusals under it (default 0.1)")
+                   help="largest acceptable KL on harmless prompts (evaluate's answer KL, see --kl-tokens): the plan "
+                        "is the trial with the fewest refusals under it (default 0.1)")
+    s.add_argument("--kl-tokens", type=int, default=16, metavar="N",
+                   help="the KL is the mean per-token KL(base || trial) along the base model's first N greedy "
+                        "answer tokens, teacher-forced, as evaluate's answer KL (default 16); 1 = the first answer "
+                        "token only (the peer's measure, about twice as large on real models)")
     s.add_argument("--kl-prune", type=float, default=4.0, metavar="FACTOR",
                    help="skip the answers of a trial whose KL exceeds FACTOR x --kl-max (default 4)")
     s.add_argument("--pick", type=int, default=None, metavar="N", help="write the plan of trial N instead")
@@ -111,7 +115,7 @@ def spread(prompts: list[str], n: int) -> list[str]:
 
 def _check_args(args) -> None:
     check_minimums((("--trials", args.trials, 1), ("--harmful-n", args.harmful_n, 1),
-                    ("--harmless-n", args.harmless_n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                    ("--harmless-n", args.harmless_n, 1), ("--max-new-tokens", args.max_new_tokens, 1), ("--kl-tokens", args.kl_tokens, 1),
                     ("--batch-size", args.batch_size, 1)))
     for flag, value in (("--kl-max", args.kl_max), ("--kl-prune", args.kl_prune), ("--timeout", args.timeout)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -167,7 +171,7 @@ def run(args) -> int:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system, seed=args.seed,
         pick=args.pick, storage=args.storage, output_model=args.output_model, labeller=labeller, loading=args,
         early_stop=not args.no_early_stop, progress=not args.no_progress, fidelity=args.fidelity,
-        confirm_share=args.confirm_share)
+        confirm_share=args.confirm_share, kl_tokens=args.kl_tokens)
     result = run_search(options, config, m)
     _summary(result, options)
     return 0

@@ -1,12 +1,13 @@
 """The two numbers a trial is scored on, and the rules that stop a trial once it cannot matter.
 
-- KL: KL(base || trial) of the next-token distribution at the first answer token (GPT-OSS: the first token of
-  the final channel) on the harmless search prompts the base model answers, averaged per prompt: evaluate's
-  `next_token_logprobs` and `kl_divergence`. A harmless prompt the base refuses (or answers brokenly) is left
+- KL: evaluate's answer KL (abliterate.search.answer_kl): KL(base || trial) along the base model's own greedy
+  answer (up to --kl-tokens tokens, teacher-forced; GPT-OSS: in the final channel) on the harmless search prompts
+  the base model answers, the mean per prompt, averaged over prompts (--kl-tokens 1: the first answer token). A harmless prompt the base refuses (or answers brokenly) is left
   out: there the edit is meant to change the answer, and counting that change as damage would steer the search
   away from the very edits that stop over-refusal (evaluate reports this KL as "base answered" too). When the
   base answers fewer than half of them, every prompt counts (the rule would leave too few). The base's answers
-  (greedy, the same token budget) and log-probabilities are computed once, before any edit, and reused.
+  (greedy, the same token budget, labelled to apply that rule; then its --kl-tokens answers for the KL) and
+  log-probabilities are computed once, before any edit, and reused.
 - Generation runs the chat-template prefix every harmful prompt shares once per trial (abliterate.search.generation,
   `prefix`), when a few of the unedited model's answers are the same tokens with and without it.
 - Refusals: the share of harmful search prompts whose short greedy answer is not an answer (labelled refusal or
@@ -26,6 +27,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
+
+from abliterate.search.answer_kl import DEFAULT_KL_TOKENS
 
 KL_PRUNE_FACTOR = 4.0
 PREFIX_PROBE = 4  # harmful prompts answered with and without the cached prefix before it is trusted
@@ -62,33 +65,36 @@ class Scorer:
     """Scores the model as it is now (the caller applies and restores each trial's edit around `score`)."""
 
     def __init__(self, model, tokenizer, harmful: Sequence[str], harmless: Sequence[str], labeller,
-                 max_new_tokens: int = 48, batch_size: int = 64, system: str | None = None):
-        from abliterate.evaluate.model_eval import next_token_logprobs
+                 max_new_tokens: int = 48, batch_size: int = 64, system: str | None = None,
+                 kl_tokens: int = DEFAULT_KL_TOKENS):
+        from abliterate.search.answer_kl import AnswerKL
 
         self.model, self.tokenizer, self.labeller = model, tokenizer, labeller
         self.harmful, self.harmless = list(harmful), list(harmless)
         self.max_new_tokens, self.batch_size, self.system = max_new_tokens, batch_size, system
-        self.kl_prompts, self.kl_note = self._prompts_the_base_answers()
+        self.kl_prompts, self.kl_note, answers = self._prompts_the_base_answers()
         self.prefix, self.prefix_note = self._shared_prefix()
-        # The unedited model's distributions, computed once: every trial's KL is against these.
-        self.base_logprobs = next_token_logprobs(model, tokenizer, self.kl_prompts, batch_size, system,
-                                                 progress=False)
+        # The unedited model's answers and distributions, computed once: every trial's KL is against these.
+        reusable = answers if max_new_tokens >= kl_tokens else None
+        self.answer_kl = AnswerKL(model, tokenizer, self.kl_prompts, kl_tokens, batch_size, system, reusable)
 
-    def _prompts_the_base_answers(self) -> tuple[list[str], str]:
-        """(the harmless prompts the KL is taken on, a line saying which): the module docstring's rule."""
+    def _prompts_the_base_answers(self) -> tuple[list[str], str, list[dict]]:
+        """(the harmless prompts the KL is taken on, a line saying which, the base's answers to them): the module
+        docstring's rule."""
         from abliterate.search.generation import greedy_answers
 
         gen = greedy_answers(self.model, self.tokenizer, self.harmless, self.max_new_tokens, self.labeller,
                              self.batch_size, self.system, early_stop=False)
-        answered = [a["prompt"] for a in gen.answers if a["label"] == "answer"]
+        kept = [a for a in gen.answers if a["label"] == "answer"]
+        answered = [a["prompt"] for a in kept]
         n, total = len(answered), len(self.harmless)
         if n == total:
-            return list(self.harmless), f"KL on all {total} harmless prompts (the base answers every one)"
+            return list(self.harmless), f"KL on all {total} harmless prompts (the base answers every one)", gen.answers
         if 2 * n < total:
             return list(self.harmless), (f"KL on all {total} harmless prompts: the base answers only {n} of them, "
-                                         "too few to leave the others out")
+                                         "too few to leave the others out"), gen.answers
         return answered, (f"KL on the {n} of {total} harmless prompts the base answers (the {total - n} it refuses "
-                          "or breaks are left out: changing those is the point)")
+                          "or breaks are left out: changing those is the point)"), kept
 
     def _shared_prefix(self) -> tuple[list[int], str]:
         """The chat-template prefix every harmful prompt shares, run once per trial's generation, when a few
@@ -109,11 +115,7 @@ class Scorer:
         return prefix, f"generation: the shared {len(prefix)}-token prompt prefix runs once per trial"
 
     def kl(self) -> float:
-        from abliterate.evaluate.model_eval import kl_divergence, next_token_logprobs
-
-        mine = next_token_logprobs(self.model, self.tokenizer, self.kl_prompts, self.batch_size, self.system,
-                                   progress=False)
-        return float(kl_divergence(self.base_logprobs, mine).mean())
+        return self.answer_kl.measure(self.model)
 
     def score(self, finished: Sequence[tuple[float, int]] = (), kl_max: float = 0.1,
               kl_prune: float = KL_PRUNE_FACTOR, early_stop: bool = True) -> TrialScore:

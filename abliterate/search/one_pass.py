@@ -4,8 +4,8 @@ The base model's greedy answers to the harmful search prompts are generated once
 trial's are (abliterate.search.generation, same budget and early stops) and labelled. A trial then runs ONE batched
 forward pass (split by --batch-size) over two kinds of rows, sorted by length so that little padding is run:
 
-- each harmless KL prompt (rendered for the first answer token): its next-token log-probabilities give the KL
-  against the base, exactly as abliterate.search.objectives takes it;
+- each harmless KL prompt followed by the base's answer (abliterate.search.answer_kl), teacher-forced: its
+  log-probabilities at the answer positions give the KL against the base, exactly as the full search takes it;
 - each harmful prompt followed by the OPENING of the base's answer (its first OPENING_TOKENS generated tokens,
   plus the end-of-sequence token when the answer ended within them), teacher-forced.
 
@@ -95,24 +95,20 @@ def openings(tokenizer, answers: Sequence[dict], system: str | None = None,
 class OnePass:
     """Scores the model as it is now (the caller applies and restores each trial's edit around `score`)."""
 
-    def __init__(self, model, tokenizer, rows: list[Opening], kl_prompts: Sequence[str], base_logprobs,
-                 n_harmful: int, batch_size: int = 64, system: str | None = None):
-        from abliterate.evaluate.answers import render_prompts
-
+    def __init__(self, model, tokenizer, rows: list[Opening], answer_kl, n_harmful: int, batch_size: int = 64):
         self.model, self.rows, self.n_harmful, self.batch_size = model, rows, n_harmful, batch_size
-        self.base_logprobs = base_logprobs
+        self.answer_kl = answer_kl  # abliterate.search.answer_kl.AnswerKL: the base's side of the KL
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else 0
-        rendered = render_prompts(tokenizer, kl_prompts, system, final_channel=True)
-        kl_ids = [list(x) for x in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
-        # (input ids, positions to read, kind, index): the KL rows read their last position, the openings their
-        # last len(tokens) (the position before each opening token predicts it).
-        items = [(ids, 1, "kl", i) for i, ids in enumerate(kl_ids)]
+        kl_rows = answer_kl.rows()
+        # (input ids, positions to read, kind, index): every row reads its last len(tokens) positions (the position
+        # before each answer or opening token predicts it).
+        items = [(p + a[:-1], len(a), "kl", i) for i, (p, a) in enumerate(kl_rows)]
         items += [(o.prompt_ids + o.tokens[:-1], len(o.tokens), "open", i) for i, o in enumerate(rows)]
         items.sort(key=lambda x: -len(x[0]))  # similar lengths share a batch: less padding
         self.batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
         self.keeps = prompting.forward_takes(model, "logits_to_keep")
-        self.n_kl = len(kl_ids)
+        self.n_kl = len(kl_rows)
         self.prefix: list[int] = []
         self.prefix_note = self._check_prefix([x for x, *_ in items])
 
@@ -187,8 +183,6 @@ class OnePass:
 
         import torch
 
-        from abliterate.evaluate.kl import kl_divergence
-
         started = time.perf_counter()
         kl_rows: dict[int, torch.Tensor] = {}
         min_margin: dict[int, float] = {}
@@ -201,11 +195,10 @@ class OnePass:
                 certain_margin = CERTAIN_MARGIN.get(str(logits.dtype).removeprefix("torch."), CERTAIN_MARGIN_HALF)
             for b, (_, k, kind, index) in enumerate(chunk):
                 if kind == "kl":
-                    kl_rows[index] = torch.log_softmax(logits[b, -1].to("cpu", torch.float64), dim=-1)
+                    kl_rows[index] = torch.log_softmax(logits[b, keep - k:].to("cpu", torch.float64), dim=-1)
                 else:
                     min_margin[index] = _min_margin(logits[b, keep - k:], self.rows[index].tokens)
-        mine = torch.stack([kl_rows[i] for i in range(self.n_kl)])
-        kl = float(kl_divergence(self.base_logprobs, mine).mean())
+        kl = self.answer_kl.of(kl_rows[i] for i in range(self.n_kl))
         q, certain = [], 0
         for i, o in enumerate(self.rows):
             keeps = _sigmoid(min_margin[i] / TEMPERATURE)

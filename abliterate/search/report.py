@@ -36,12 +36,17 @@ def plan_text(plan_dict: dict, comments: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan_comments(r: TrialRecord, rule: str, feasible: bool, kl_max: float, n_trials: int, tool: str) -> list[str]:
+def kl_words(kl_tokens: int) -> str:
+    return "first answer token" if kl_tokens == 1 else f"mean along the base's first {kl_tokens} answer tokens"
+
+
+def plan_comments(r: TrialRecord, rule: str, feasible: bool, kl_max: float, n_trials: int, tool: str,
+                  kl_tokens: int = 16) -> list[str]:
     lines = [
         f"Ablation plan found by {tool}; run: sharded_ablate.py THIS_FILE",
         f"Trial {r.number} of {n_trials}" + (f" (seed: {r.seed})" if r.seed else "") +
         f": refusals {r.failures}/{r.n_harmful} ({r.refusal_rate:.1%}) on the harmful search prompts, "
-        f"KL {r.kl:.4g} on the harmless ones the base answers (first answer token).",
+        f"KL {r.kl:.4g} on the harmless ones the base answers ({kl_words(kl_tokens)}).",
         f"Chosen by the rule: {rule}.",
     ]
     if not feasible:
@@ -88,7 +93,8 @@ def front_table(rs: list[TrialRecord], chosen: int | None) -> str:
     return "\n".join(lines)
 
 
-def draw_pareto(rs: list[TrialRecord], path: str | Path, chosen: int | None, kl_max: float, title: str = "") -> None:
+def draw_pareto(rs: list[TrialRecord], path: str | Path, chosen: int | None, kl_max: float, title: str = "",
+                kl_tokens: int = 16) -> None:
     """Refusal rate against KL: every complete trial, pruned ones at their certain refusals, the front joined,
     the chosen trial marked, --kl-max as a line. Written as PNG to `path` (any name)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -136,7 +142,7 @@ def draw_pareto(rs: list[TrialRecord], path: str | Path, chosen: int | None, kl_
     ax.axvline(kl_max, color="black", linestyle="--", linewidth=1, label=f"--kl-max {kl_max:g}")
     ax.set_xscale("log")
     ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("KL(base || trial), harmless prompts, first answer token (log scale)")
+    ax.set_xlabel(f"KL(base || trial), harmless prompts, {kl_words(kl_tokens)} (log scale)")
     ax.set_ylabel("refusal rate, harmful search prompts (refusals + degenerate; generated unless marked)")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")

@@ -17,6 +17,7 @@ from abliterate.ablate.architectures import METHODS
 from abliterate.ablate.record import file_sha256
 from abliterate.cli import UserError, atomic_output_file
 from abliterate.loading import quantization_method, text_config
+from abliterate.search.answer_kl import definition as kl_definition
 
 SUPPORTED_SEARCH = "abliterate.search/1"
 
@@ -45,6 +46,7 @@ class SearchOptions:
     progress: bool = True
     fidelity: str = "multi"  # "multi": one-pass score for all, generation to confirm (search.fidelity); "full"
     confirm_share: float = 0.1  # the audit share of the multi-fidelity confirm rule
+    kl_tokens: int = 16  # the KL is read along this many tokens of the base's answers (abliterate.search.answer_kl)
 
 
 @dataclass
@@ -121,7 +123,7 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
         "measurements_sha256": file_sha256(o.measurements),
         "harmful_sha256": _sha(o.harmful), "harmless_sha256": _sha(o.harmless),
         "max_new_tokens": o.max_new_tokens, "system": o.system, "labeller": o.labeller.describe(),
-        "kl": "first answer token, on the harmless prompts the base answers",
+        "kl": kl_definition(o.kl_tokens),
         "space": space.to_dict(),
     }
     location = o.storage or str(paths["study"])
@@ -195,10 +197,12 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> in
 
     model, tokenizer = load_from_args(o.model, o.loading, "--model")
     # Scoring the base takes a generation and a forward pass: say so, or the first minute looks hung.
-    print(f"scoring the base model once: greedy answers to {len(o.harmless)} harmless prompts, then its first-token "
-          "logits (every trial's KL is against them) ...", file=sys.stderr, flush=True)
+    print(f"scoring the base model once: greedy answers to {len(o.harmless)} harmless prompts, then its "
+          f"log-probabilities along its first {o.kl_tokens} answer tokens (every trial's KL is against them) ...",
+          file=sys.stderr, flush=True)
     started = time.perf_counter()
-    scorer = Scorer(model, tokenizer, o.harmful, o.harmless, o.labeller, o.max_new_tokens, o.batch_size, o.system)
+    scorer = Scorer(model, tokenizer, o.harmful, o.harmless, o.labeller, o.max_new_tokens, o.batch_size, o.system,
+                    o.kl_tokens)
     print(f"base scored in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     print(f"note: {scorer.kl_note}", file=sys.stderr)
     print(f"note: {scorer.prefix_note}", file=sys.stderr)
@@ -250,8 +254,8 @@ def _one_pass(o: SearchOptions, model, tokenizer, scorer):
           "prompts; every trial is scored by one forward pass over their openings, and only trials that may join "
           "the front are confirmed by generating their answers (--fidelity full generates every trial)",
           file=sys.stderr)
-    one_pass = OnePass(model, tokenizer, openings(tokenizer, answers, o.system), scorer.kl_prompts,
-                       scorer.base_logprobs, len(o.harmful), o.batch_size, o.system)
+    one_pass = OnePass(model, tokenizer, openings(tokenizer, answers, o.system), scorer.answer_kl, len(o.harmful),
+                       o.batch_size)
     print(f"note: {one_pass.prefix_note}", file=sys.stderr)
     return one_pass
 
@@ -310,11 +314,12 @@ def _write_outputs(o: SearchOptions, paths: dict, recs, chosen, rule: str, feasi
     # the plan parser: what is written is what sharded_ablate accepts.
     plan = dict(chosen.plan, output=str(plan_output))
     parse_plan(plan, f"trial {chosen.number}", o.output.resolve().parent)
-    comments = plan_comments(chosen, rule, feasible, o.kl_max, len(recs), f"search.py ({versions_line()})")
+    comments = plan_comments(chosen, rule, feasible, o.kl_max, len(recs), f"search.py ({versions_line()})",
+                              o.kl_tokens)
     with atomic_output_file(paths["plan"]) as tmp:
         tmp.write_text(plan_text(plan, comments), encoding="utf-8")
     with atomic_output_file(paths["trials"]) as tmp:
         tmp.write_text(trials_lines(recs), encoding="utf-8")
     with atomic_output_file(paths["pareto"]) as tmp:
-        draw_pareto(recs, tmp, chosen.number, o.kl_max, f"{o.model}: {len(recs)} trials")
+        draw_pareto(recs, tmp, chosen.number, o.kl_max, f"{o.model}: {len(recs)} trials", o.kl_tokens)
     return {k: paths[k] for k in ("plan", "trials", "pareto")}
