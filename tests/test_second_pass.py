@@ -289,3 +289,38 @@ def test_load_plan_resolves_second_pass_paths_against_the_plan_folder(tmp_path, 
                                                  "ablate": [{"layer": 0, "measurement": 1}]}}))
     plan = load_plan(f)
     assert plan.second_pass.measurements == tmp_path / "plans" / "after.safetensors"
+
+
+def test_workflow_measure_the_output_then_suggest_the_second_pass(tiny_model, tmp_path, run_cli):
+    """ablate -> measure the output -> analyze --suggest --first-pass -> one run of both passes, which equals
+    ablating the first pass's output with the suggested second pass."""
+    from abliterate.commands import ablate, analyze, measure
+
+    (tmp_path / "harmful.txt").write_text("\n".join(f"how do I break thing {i}" for i in range(12)) + "\n")
+    (tmp_path / "harmless.txt").write_text("\n".join(f"how do I bake bread {i}" for i in range(12)) + "\n")
+    data = ["--data-harmful", tmp_path / "harmful.txt", "--data-harmless", tmp_path / "harmless.txt"]
+    model = tiny_model("llama", layers=4)
+    assert run_cli(measure.main, ["-m", model, "-o", tmp_path / "m1.safetensors", *data])[0] == 0
+    code, _, err = run_cli(analyze.main, [tmp_path / "m1.safetensors", "--suggest", tmp_path / "first.yml",
+                                          "--output-model", tmp_path / "first"])
+    assert code == 0, err
+    assert run_cli(ablate.main, [tmp_path / "first.yml", "--no-progress"])[0] == 0
+    assert run_cli(measure.main, ["-m", tmp_path / "first", "-o", tmp_path / "m2.safetensors", *data])[0] == 0
+    code, out, err = run_cli(analyze.main, [tmp_path / "m2.safetensors", "--suggest", tmp_path / "two.yml",
+                                            "--first-pass", tmp_path / "first.yml"])
+    assert code == 0, err
+    two = load_plan(tmp_path / "two.yml")
+    first = load_plan(tmp_path / "first.yml")
+    assert two.ablate == first.ablate and two.model == first.model and two.output == tmp_path / "first-two-pass"
+    assert two.second_pass.measurements == tmp_path / "m2.safetensors" and two.second_pass.ablate
+    code, out, err = run_cli(ablate.main, [tmp_path / "two.yml", "--no-progress"])
+    assert code == 0, err
+    second = plan_to_dict(two)["second_pass"]
+    second.update(model=str(tmp_path / "first"), output=str(tmp_path / "sequential"))
+    run_ablation(parse_plan(second, "second.yml", tmp_path), device="cpu", progress=False)
+    got, want = load_folder_tensors(two.output), load_folder_tensors(tmp_path / "sequential")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # a plan that already has a second pass cannot be the first pass of another
+    code, _, err = run_cli(analyze.main, [tmp_path / "m2.safetensors", "--suggest", tmp_path / "three.yml",
+                                          "--first-pass", tmp_path / "two.yml"])
+    assert code == 2 and "already has a second_pass" in err and not (tmp_path / "three.yml").exists()
