@@ -324,3 +324,39 @@ def test_workflow_measure_the_output_then_suggest_the_second_pass(tiny_model, tm
     code, _, err = run_cli(analyze.main, [tmp_path / "m2.safetensors", "--suggest", tmp_path / "three.yml",
                                           "--first-pass", tmp_path / "two.yml"])
     assert code == 2 and "already has a second_pass" in err and not (tmp_path / "three.yml").exists()
+
+
+def test_two_pass_crash_then_rerun_reuses_shards_and_is_byte_identical(tiny_model, meas, tmp_path, monkeypatch):
+    import os
+
+    from abliterate.ablate.job import CRASH_ENV
+    from tests.ablate_helpers import folder_bytes
+
+    model = tiny_model("llama", max_shard_size="20KB")  # several shards
+    plan_file = tmp_path / "p.yml"
+    plan_file.write_text(yaml.safe_dump(_two_pass(model, meas, tmp_path / "out", SECONDS["conventional"])))
+    run_ablation(load_plan(plan_file), device="cpu", progress=False)
+    reference = folder_bytes(tmp_path / "out")
+    os.rename(tmp_path / "out", tmp_path / "reference")
+    monkeypatch.setenv(CRASH_ENV, "24")  # inside phase 3, after some shards are sealed
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_ablation(load_plan(plan_file), device="cpu", progress=False)
+    monkeypatch.delenv(CRASH_ENV)
+    assert not (tmp_path / "out").exists()
+    summary = run_ablation(load_plan(plan_file), device="cpu", progress=False)
+    assert summary.shards_reused > 0 and folder_bytes(tmp_path / "out") == reference
+    # new contents of the second measurement file (same path, so the plan's record is unchanged) change every
+    # shard's key: nothing is reused from a crashed run
+    shutil.rmtree(tmp_path / "out")
+    second = tmp_path / "second_here.safetensors"
+    write_measurements(second, layers=2, hidden=32, seed=5)
+    plan_file.write_text(yaml.safe_dump(_two_pass(model, (meas[0], second), tmp_path / "out", SECONDS["conventional"])))
+    monkeypatch.setenv(CRASH_ENV, "24")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_ablation(load_plan(plan_file), device="cpu", progress=False)
+    monkeypatch.delenv(CRASH_ENV)
+    shutil.copyfile(meas[1], second)
+    summary = run_ablation(load_plan(plan_file), device="cpu", progress=False)
+    assert summary.shards_reused == 0
+    got, want = load_folder_tensors(tmp_path / "out"), load_folder_tensors(tmp_path / "reference")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
