@@ -29,6 +29,7 @@ from abliterate.cli import UserError
 from abliterate.startup import bound_heap_growth, prepare_progress_bars
 from abliterate.ablate.preflight import (check_device_name, check_free_space, check_output_location, pick_device,
                                         space_error)
+from abliterate.ablate.second_pass import check_second_pass_file, loaded_second_pass
 from abliterate.ablate.resume import MARKER_DIR, clean_partial, seal_shard, shard_done, shard_key, sync_file
 from abliterate.ablate.tensor_edits import bind_edits, keeps_layout, plan_tensor_edits
 from abliterate.ablate.warnings import directions_projected, emit, measurement_warnings, plan_warnings
@@ -59,6 +60,8 @@ class Summary:
     mxfp4: dict | None = None
     types: dict | None = None  # GGUF: tensor name -> "TYPE" or "TYPE -> Q8_0" (dry-run and verbose listings)
     notes: list = field(default_factory=list)  # extra summary lines (GGUF: residual after re-encoding, fallbacks)
+    passes: dict | None = None  # a two-pass plan: tensor key -> "1", "2" or "1+2"
+    pass_layers: tuple | None = None  # a two-pass plan: (layers of pass 1, layers of pass 2)
 
 
 def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry_run: bool = False,
@@ -74,6 +77,10 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     is then made durable, renamed and marked done. Bad input found in phase 3 removes what phase 2 wrote, so a
     failed run leaves nothing behind either way.
     """
+    if is_gguf_model(plan.model) and plan.second_pass is not None:
+        raise UserError(f"{plan.source}: second_pass is not available for GGUF models (each pass would re-encode the "
+                        "quantized tensors in between, so the composition would not be exact); ablate the HF "
+                        "checkpoint, or run the two passes as two plans")
     if is_gguf_model(plan.model):
         from abliterate.ablate.gguf_job import run_gguf_ablation
 
@@ -87,10 +94,15 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
     contents = measurement_contents(plan.measurements)
     if contents is not None:  # token positions and direction sets the file cannot give: before any byte is copied
         check_plan_contents(plan, *contents)
+    if plan.second_pass is not None:
+        check_second_pass_file(plan, folder.num_layers, folder.hidden_size)
     check_device_name(device)
     work = plan_tensor_edits(folder, plan)
     header_meta = measurement_metadata(plan.measurements)
     emit(plan_warnings(plan, folder, work, header_meta))
+    second_meta = measurement_metadata(plan.second_pass.measurements) if plan.second_pass is not None else None
+    if second_meta is not None:
+        emit(measurement_warnings(plan.second_pass, second_meta))
     output = plan.output.resolve()
     partial = output.with_name(output.name + ".partial")
     fresh = not dry_run and not partial.exists()
@@ -114,7 +126,8 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
                 early = _copy_untouched(folder, work, partial, crash, progress,
                                         [n for n in folder.shards if keeps_layout(work.edits.get(n, {}))],
                                         disk, syncing)
-            directions, dev, projected = _bind(plan, folder, work, device, dev, header_meta is None)
+            directions, dev, projected, second = _bind(plan, folder, work, device, dev, header_meta is None,
+                                                       second_meta is None)
         except (UserError, OSError) as exc:
             # Bad input found after phase 2 wrote, or no space: nothing in a fresh partial folder is finished work
             # yet, so the failed run leaves nothing behind. (A crash or kill leaves it; the next run cleans it up.)
@@ -124,10 +137,12 @@ def run_ablation(plan: Plan, device: str | None = None, force: bool = False, dry
                 shutil.rmtree(partial, ignore_errors=True)
             raise error or exc
         summary = Summary(plan.output, work.counts_by_role, sorted(work.layers), rows=work.rows, dry_run=dry_run,
-                          mxfp4=({"mode": work.mxfp4_mode} if work.mxfp4_mode else None))
+                          mxfp4=({"mode": work.mxfp4_mode} if work.mxfp4_mode else None), passes=work.passes,
+                          pass_layers=(None if work.passes is None else
+                                       (sorted(work.first_layers), sorted(work.second_layers))))
         if not dry_run:
             _write_shards(plan, folder, work, directions, dev, partial, early, force, crash, progress, summary,
-                          disk, syncing, projected)
+                          disk, syncing, projected, second)
             summary.mxfp4 = work.mxfp4_report() if work.mxfp4_mode else None
     finally:
         disk.shutdown(wait=True)
@@ -164,23 +179,40 @@ def _copy_untouched(folder: ModelFolder, work, partial: Path, crash: "_CrashHook
     return written
 
 
-def _bind(plan: Plan, folder: ModelFolder, work, device: str | None, dev, warn_metadata: bool):
+def _bind(plan: Plan, folder: ModelFolder, work, device: str | None, dev, warn_metadata: bool,
+          warn_second_metadata: bool = False):
     """Phase 3's checks: load the measured values, check them (finite, usable directions), bind the edits.
-    Returns the prepared directions, the device (`dev` when already checked, else picked from `device`) and
-    whether those directions are projected. `warn_metadata`: the file's metadata was not in a header (a .pt
-    file), so its warnings are given now."""
+    Returns the prepared directions, the device (`dev` when already checked, else picked from `device`),
+    whether those directions are projected, and for a two-pass plan the second pass's SecondPass (else None).
+    `warn_metadata`: the file's metadata was not in a header (a .pt file), so its warnings are given now."""
     measurements = load_measurements(plan.measurements)
     if warn_metadata:
         emit(measurement_warnings(plan, measurements.metadata))
     directions = check_plan_against(plan, measurements, folder.num_layers, folder.hidden_size)
+    second = None
+    if plan.second_pass is not None:
+        meas2, directions2 = loaded_second_pass(plan, folder.num_layers, folder.hidden_size)
+        if warn_second_metadata:
+            emit(measurement_warnings(plan.second_pass, meas2.metadata))
+        second = SecondPass(directions2, directions_projected(plan.second_pass, meas2.metadata))
     dev = dev if dev is not None else pick_device(device)
-    bind_edits(work, folder, plan, directions, dev)
-    return directions, dev, directions_projected(plan, measurements.metadata)
+    bind_edits(work, folder, plan, directions, dev, second.directions if second is not None else None)
+    return directions, dev, directions_projected(plan, measurements.metadata), second
+
+
+@dataclass
+class SecondPass:
+    """What the record needs of a plan's second pass, once its measurements are loaded."""
+
+    directions: dict
+    projected: bool
+    sha256: str = ""
 
 
 def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partial: Path,
                   early: dict[str, set[str]], force: bool, crash: "_CrashHook", progress: bool,
-                  summary: Summary, disk: ThreadPoolExecutor, syncing: list, projected: bool) -> None:
+                  summary: Summary, disk: ThreadPoolExecutor, syncing: list, projected: bool,
+                  second: SecondPass | None = None) -> None:
     """Phase 3's writing: every shard's edited tensors (and, for shards phase 2 did not start, everything else),
     then the other files, then the rename into place."""
     import torch
@@ -189,7 +221,11 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
 
     output = plan.output.resolve()
     meas_sha = file_sha256(plan.measurements)
-    keys = {name: shard_key(folder, name, plan, meas_sha, dev.type) for name in folder.shards}
+    key_sha = meas_sha
+    if second is not None:  # both files determine the bytes (the plan's record names the second file's path only)
+        second.sha256 = file_sha256(plan.second_pass.measurements)
+        key_sha = f"{meas_sha}+{second.sha256}"
+    keys = {name: shard_key(folder, name, plan, key_sha, dev.type) for name in folder.shards}
     done: set[str] = set()
     if not early:
         done = {name for name in folder.shards if shard_done(partial, name, keys[name])}
@@ -241,7 +277,7 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
             crash.tick()
         for f in syncing:
             f.result()
-        _finish_folder(folder, plan, partial, work, directions, meas_sha, dev.type, projected)
+        _finish_folder(folder, plan, partial, work, directions, meas_sha, dev.type, projected, second)
         crash.tick()
         _move_into_place(partial, output, force)
     except OSError as exc:
@@ -254,7 +290,7 @@ def _write_shards(plan: Plan, folder: ModelFolder, work, directions, dev, partia
 
 
 def _finish_folder(folder: ModelFolder, plan: Plan, partial: Path, work, directions, meas_sha: str,
-                   device_type: str, projected: bool) -> None:
+                   device_type: str, projected: bool, second: SecondPass | None = None) -> None:
     """Copy the other files, write the index, config changes, abliteration.json and README into `partial`."""
     for rel in folder.other_files:
         dst = partial / rel
@@ -273,7 +309,10 @@ def _finish_folder(folder: ModelFolder, plan: Plan, partial: Path, work, directi
         else:
             shutil.copyfile(folder.root / INDEX_NAME, partial / INDEX_NAME)
     rec = build_record(plan, folder.model_type, meas_sha, directions, work.counts_by_role, sorted(work.layers),
-                       device_type, work.mxfp4_report() if work.mxfp4_mode else None, directions_projected=projected)
+                       device_type, work.mxfp4_report() if work.mxfp4_mode else None, directions_projected=projected,
+                       second_pass=(None if second is None else
+                                    (second.sha256, second.directions, second.projected,
+                                     sorted(work.first_layers), sorted(work.second_layers))))
     (partial / RECORD_NAME).write_bytes(record_bytes(rec))
     (partial / "README.md").write_bytes(model_card(plan, rec))
     shutil.rmtree(partial / MARKER_DIR)

@@ -13,6 +13,8 @@ The format, every key with its default and meaning, is documented in docs/plan.m
     directions: {source: mean, k: 1}          # a direction set: mean | clusters | pca, k directions at once
     ablate: [{layer, measurement, scale: 1.0, sparsity: 1.0, scales: {attention_output, mlp_output, router},
               position, directions}, ...]    # position / directions per entry override the plan's
+    second_pass: {measurements, ablate, and optionally scale, method, projected, invert, roles,
+                  embeddings_measurement, position, directions}   # measured on the first pass's output
 
 Relative paths are resolved against the folder holding the plan file. Model-dependent checks (layer ranges,
 hidden size, usable directions) live in `check_plan_against`, run once the model's config and the measurement
@@ -42,8 +44,13 @@ ROLE_DEFAULTS = {
 }
 TOP_KEYS = (
     "model", "measurements", "output", "scale", "method", "projected", "invert", "roles",
-    "embeddings_measurement", "requantize_mxfp4", "ablate", "position", "directions",
+    "embeddings_measurement", "requantize_mxfp4", "ablate", "position", "directions", "second_pass",
 )
+# A second pass is a pass of its own (its measurement file, its entries); the edit settings it does not give are the
+# first pass's. The model, the output and MXFP4 re-quantization belong to the whole plan.
+SECOND_PASS_INHERITED = ("scale", "method", "projected", "invert", "roles", "embeddings_measurement", "position",
+                         "directions")
+SECOND_PASS_KEYS = ("measurements", "ablate") + SECOND_PASS_INHERITED
 ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "scales", "position", "directions")
 DIRECTIONS_KEYS = ("source", "k")
 DIRECTION_SOURCES = ("mean", "clusters", "pca")  # see DirectionSet; parsing a plan imports no tensor library
@@ -113,6 +120,9 @@ class Plan:
     requantize_mxfp4: bool = False
     position: int = -1  # token position the directions are taken at (measurement file `positions`)
     directions: DirectionSet | None = None  # None: the mean difference alone (k = 1)
+    # A second pass (abliterate.ablate.second_pass): a Plan with the same model and output whose measurements were
+    # taken on the first pass's output; every tensor gets the first pass's edit, then the second's, in float32.
+    second_pass: "Plan | None" = None
     source: str = field(default="plan", compare=False)  # where it came from, for messages
 
     def entry_position(self, entry: AblateEntry) -> int:
@@ -145,6 +155,7 @@ class Plan:
         """A JSON-ready dict of every setting (paths as strings), for abliteration.json and resume keys."""
         d = asdict(self)
         d.pop("source")
+        d.pop("second_pass")  # added last, and only when there is one: one-pass records keep their bytes
         d["measurements"] = str(self.measurements)
         d["output"] = str(self.output)
         d["ablate"] = [e.to_dict() for e in self.ablate]
@@ -155,6 +166,10 @@ class Plan:
             d.pop("directions")
         else:
             d["directions"] = self.directions.to_dict()
+        if self.second_pass is not None:
+            d["second_pass"] = self.second_pass.to_record()
+            for key in ("model", "output", "requantize_mxfp4"):  # the whole plan's, said once
+                d["second_pass"].pop(key)
         return d
 
 
@@ -171,10 +186,10 @@ def plan_to_dict(plan: Plan) -> dict:
     """A YAML-ready mapping of the plan (paths as absolute strings): parse_plan of it gives an equal Plan.
 
     Every key is written, defaults included, so the file says exactly what runs; `scales` and
-    `embeddings_measurement` only when set."""
-    d: dict = {"model": str(plan.model), "measurements": str(plan.measurements), "output": str(plan.output),
-               "scale": float(plan.scale), "method": plan.method, "projected": bool(plan.projected),
-               "invert": bool(plan.invert), "roles": {k: bool(v) for k, v in plan.roles.items()}}
+    `embeddings_measurement` only when set. A second pass gives every setting it inherits explicitly (its
+    position, direction set and embeddings index too), so the file does not depend on inheritance."""
+    d: dict = {"model": str(plan.model), "measurements": str(plan.measurements), "output": str(plan.output)}
+    d.update(_pass_settings(plan))
     if plan.embeddings_measurement is not None:
         d["embeddings_measurement"] = int(plan.embeddings_measurement)
     d["requantize_mxfp4"] = bool(plan.requantize_mxfp4)
@@ -182,6 +197,25 @@ def plan_to_dict(plan: Plan) -> dict:
         d["position"] = int(plan.position)
     if plan.directions is not None:
         d["directions"] = plan.directions.to_dict()
+    d["ablate"] = _entries_to_dicts(plan)
+    if plan.second_pass is not None:
+        second = plan.second_pass
+        d2 = {"measurements": str(second.measurements), **_pass_settings(second),
+              "embeddings_measurement": (None if second.embeddings_measurement is None
+                                         else int(second.embeddings_measurement)),
+              "position": int(second.position),
+              "directions": (second.directions or DirectionSet("mean", 1)).to_dict(),
+              "ablate": _entries_to_dicts(second)}
+        d["second_pass"] = d2
+    return d
+
+
+def _pass_settings(plan: Plan) -> dict:
+    return {"scale": float(plan.scale), "method": plan.method, "projected": bool(plan.projected),
+            "invert": bool(plan.invert), "roles": {k: bool(v) for k, v in plan.roles.items()}}
+
+
+def _entries_to_dicts(plan: Plan) -> list[dict]:
     entries = []
     for e in plan.ablate:
         m = e.measurement if isinstance(e.measurement, int) else float(e.measurement)
@@ -193,8 +227,7 @@ def plan_to_dict(plan: Plan) -> dict:
         if e.directions is not None:
             item["directions"] = e.directions.to_dict()
         entries.append(item)
-    d["ablate"] = entries
-    return d
+    return entries
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -301,9 +334,34 @@ def parse_plan(data: Any, source: str, base_dir: Path) -> Plan:
     if method == "row_normalized" and (directions is not None or any(e.directions is not None for e in entries)):
         raise UserError(f"{source}: method row_normalized removes one direction per layer; a direction set "
                         "(directions with k > 1) needs method conventional or norm_preserving")
+    second = _second_pass(data, source, base_dir) if data.get("second_pass") is not None else None
     return Plan(model=model, measurements=measurements, output=output, ablate=tuple(entries), scale=scale,
                 method=method, projected=projected, invert=invert, roles=roles, embeddings_measurement=emb_meas,
-                requantize_mxfp4=requantize, position=position, directions=directions, source=source)
+                requantize_mxfp4=requantize, position=position, directions=directions, second_pass=second,
+                source=source)
+
+
+def _second_pass(data: dict, source: str, base_dir: Path) -> Plan:
+    """The `second_pass` mapping as a Plan of its own: its measurements and entries, every edit setting it does not
+    give taken from the first pass (roles key by key), the model and output the whole plan's. Messages name
+    `second_pass`. Every method composes exactly (each is a function of one tensor: the second edit is applied to
+    the first's float32 result), so none is refused here; sharded_ablate refuses GGUF models and the search's
+    trials refuse hooked (quantized) weights, where the two edits cannot be chained on one float tensor."""
+    raw = data["second_pass"]
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: second_pass must be a mapping like {{measurements: second.safetensors, ablate: "
+                        f"[...]}}, got {raw!r}")
+    _check_keys(raw, SECOND_PASS_KEYS, source, "second_pass.")
+    for key in ("measurements", "ablate"):
+        if raw.get(key) is None:
+            raise UserError(f"{source}: second_pass.{key} is missing; a second pass needs its own measurement file "
+                            "(measure.py -m FIRST-PASS-OUTPUT) and its own ablate entries")
+    sub = {k: data[k] for k in SECOND_PASS_INHERITED if k in data}
+    sub.update({k: data[k] for k in ("model", "output", "requantize_mxfp4") if k in data})
+    sub.update(raw)
+    if isinstance(raw.get("roles"), dict) and isinstance(data.get("roles"), dict):
+        sub["roles"] = {**data["roles"], **raw["roles"]}
+    return parse_plan(sub, f"{source}: second_pass", base_dir)
 
 
 def apply_overrides(plan: Plan, output: str | None = None, invert: bool = False, normpreserve: bool = False,
@@ -320,6 +378,9 @@ def apply_overrides(plan: Plan, output: str | None = None, invert: bool = False,
         changes["projected"] = True
     if requantize_mxfp4:
         changes["requantize_mxfp4"] = True
+    if changes and plan.second_pass is not None:  # the flags are the whole plan's: both passes get them
+        changes["second_pass"] = apply_overrides(plan.second_pass, output, invert, normpreserve, projected,
+                                                 requantize_mxfp4)
     return replace(plan, **changes) if changes else plan
 
 

@@ -30,11 +30,45 @@ def versions() -> dict:
 
 def build_record(plan, model_type: str, measurement_sha: str, directions: dict, counts_by_role: dict,
                  edited_layers: list[int], device_type: str, mxfp4: dict | None,
-                 directions_projected: bool | None = None) -> dict:
+                 directions_projected: bool | None = None, second_pass: tuple | None = None) -> dict:
     """The JSON record: plan, measurement hash, per-entry directions, what was edited, versions.
 
     `directions_projected`: whether the removed directions were projected against the harmless mean, by the plan
-    or already in the measurement file (measure.py --projected); the plan's own `projected` may say false."""
+    or already in the measurement file (measure.py --projected); the plan's own `projected` may say false.
+    `second_pass`: a two-pass plan's (measurement sha256, prepared directions, projected, layers of pass 1, layers
+    of pass 2); the record then has a `second_pass` section like the top level's (`edited_layers`: both passes)."""
+    rec = {
+        "format": RECORD_FORMAT,
+        "plan": plan.to_record(),
+        "model_type": model_type,
+        "measurements": {"path": str(plan.measurements), "sha256": measurement_sha},
+        "directions": _direction_entries(plan, directions),
+        "directions_projected": bool(plan.projected if directions_projected is None else directions_projected),
+        "edited_tensors_by_role": dict(sorted(counts_by_role.items())),
+        "edited_layers": sorted(edited_layers),
+        "edit_device": device_type,
+        "versions": versions(),
+    }
+    if plan.roles.get("embeddings") and plan.embeddings_measurement is not None:
+        rec["embeddings_direction"] = _embeddings_direction(plan, directions)
+    if mxfp4:
+        rec["mxfp4"] = mxfp4
+    if second_pass is not None:
+        sha, directions2, projected2, first_layers, second_layers = second_pass
+        second = plan.second_pass
+        rec["second_pass"] = {
+            "measurements": {"path": str(second.measurements), "sha256": sha},
+            "directions": _direction_entries(second, directions2),
+            "directions_projected": bool(projected2),
+            "first_pass_edited_layers": sorted(first_layers),
+            "edited_layers": sorted(second_layers),
+        }
+        if second.roles.get("embeddings") and second.embeddings_measurement is not None:
+            rec["second_pass"]["embeddings_direction"] = _embeddings_direction(second, directions2)
+    return rec
+
+
+def _direction_entries(plan, directions: dict) -> list[dict]:
     entries = []
     for i, e in enumerate(plan.ablate):
         d = directions[plan.direction_key(e)]
@@ -49,25 +83,13 @@ def build_record(plan, model_type: str, measurement_sha: str, directions: dict, 
         if d.basis is not None:
             entry["directions"] = int(d.basis.shape[0])
         entries.append(entry)
-    rec = {
-        "format": RECORD_FORMAT,
-        "plan": plan.to_record(),
-        "model_type": model_type,
-        "measurements": {"path": str(plan.measurements), "sha256": measurement_sha},
-        "directions": entries,
-        "directions_projected": bool(plan.projected if directions_projected is None else directions_projected),
-        "edited_tensors_by_role": dict(sorted(counts_by_role.items())),
-        "edited_layers": sorted(edited_layers),
-        "edit_device": device_type,
-        "versions": versions(),
-    }
-    if plan.roles.get("embeddings") and plan.embeddings_measurement is not None:
-        d = directions[plan.embeddings_key()]
-        rec["embeddings_direction"] = {"measurement": plan.embeddings_measurement, "direction_norm": d.raw_norm,
-                                       "unit_direction_sha256": d.sha256}
-    if mxfp4:
-        rec["mxfp4"] = mxfp4
-    return rec
+    return entries
+
+
+def _embeddings_direction(plan, directions: dict) -> dict:
+    d = directions[plan.embeddings_key()]
+    return {"measurement": plan.embeddings_measurement, "direction_norm": d.raw_norm,
+            "unit_direction_sha256": d.sha256}
 
 
 def record_bytes(rec: dict) -> bytes:
@@ -113,6 +135,11 @@ def model_card(plan, rec: dict) -> bytes:
     ]
     if "mxfp4" in rec:
         lines.append(f"- MXFP4 experts: {rec['mxfp4']['mode']}")
+    if "second_pass" in rec:
+        p2, r2 = plan.second_pass, rec["second_pass"]
+        lines.append(f"- second pass (measured on the first pass's output, applied after it): method {p2.method}, "
+                     f"global scale {p2.scale}, layers {', '.join(str(x) for x in r2['edited_layers'])}, "
+                     f"measurement file sha256 `{r2['measurements']['sha256']}`")
     lines += [
         "",
         "The full record (plan, per-layer direction norms and hashes) is in `abliteration.json`.",

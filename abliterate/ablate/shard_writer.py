@@ -159,6 +159,14 @@ def _write_in_bands(fh: BinaryIO, info: TensorInfo, e: TensorEdit, ctx: WriteCon
         for r0, r1 in bands:
             _write_tensor(fh, e.edit(band(r0, r1), False))
         return
+    stages = getattr(e.edit, "stages", None)
+    if stages is not None:  # a two-pass plan: each pass's column sums over the bands as the earlier passes leave them
+        from abliterate.ablate.second_pass import chained_column_edits
+
+        compute = torch.float64 if info.dtype == "F64" else torch.float32
+        for _r0, edited in chained_column_edits(stages, cols, band, bands, compute):
+            _write_tensor(fh, edited.to(TORCH_DTYPES[info.dtype]))
+        return
     column_edit = e.edit.column_edit(cols)
     for r0, r1 in bands:
         column_edit.accumulate(band(r0, r1), r0)

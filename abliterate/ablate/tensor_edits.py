@@ -45,7 +45,8 @@ class TensorEdit:
     # (tensor in its stored dtype, expert_slice, out=None) -> the edited tensor in that dtype, on the edit device.
     # Set by bind_edits; None for a tensor that is converted (MXFP4 -> dense) but not edited.
     edit: Callable | None = None
-    target: EditTarget | None = None  # None: converted but not edited
+    target: EditTarget | None = None  # None: converted but not edited (or edited by the second pass only)
+    second: EditTarget | None = None  # the plan's second pass's edit of this tensor, applied after `target`
     fused_experts: bool = False  # leading axis is the expert axis: edit expert by expert
     mxfp4_blocks: TensorInfo | None = None
     mxfp4_scales: TensorInfo | None = None
@@ -63,6 +64,9 @@ class EditWork:
     config_override: bytes | None = None  # new config.json bytes (MXFP4 dequantized: no quantization_config)
     index_override: bytes | None = None  # new index bytes when tensor names change
     mxfp4_edits: list = field(default_factory=list)
+    passes: dict | None = None  # a two-pass plan: key -> "1", "2" or "1+2" (which passes edit it), for --dry-run
+    first_layers: set | None = None  # a two-pass plan: the layers each pass edits (`layers` holds both)
+    second_layers: set | None = None
 
     def mxfp4_report(self) -> dict:
         rep: dict = {"mode": self.mxfp4_mode}
@@ -122,6 +126,9 @@ def plan_tensor_edits(folder, plan) -> EditWork:
     no tensor library imported); `bind_edits` completes them."""
     model_type, hidden = folder.model_type, folder.hidden_size
     entry_by_layer = {e.layer: e for e in plan.ablate}
+    second = plan.second_pass
+    second_by_layer = {e.layer: e for e in second.ablate} if second is not None else {}
+    second_layers: set = set()
     is_mxfp4 = folder.quant_method == "mxfp4"
     work = EditWork({}, [], Counter(), set())
     found: dict[int, list[str]] = {}
@@ -145,12 +152,15 @@ def plan_tensor_edits(folder, plan) -> EditWork:
                 found.setdefault(layer, []).append(f"{key} ({role_name(role) if role else 'not a residual role'})")
             group = getattr(role, "group", None) if role is not None else None
             edit = edit_target(role, layer, plan, entry_by_layer) if role is not None else None
-            if edit is not None and mx is None and info.dtype not in FLOAT_DTYPES:
+            edit2 = (edit_target(role, layer, second, second_by_layer)
+                     if role is not None and second is not None else None)
+            edited = edit is not None or edit2 is not None
+            if edited and mx is None and info.dtype not in FLOAT_DTYPES:
                 raise UserError(f"{folder.root / shard}: tensor {key} has dtype {info.dtype}; only float tensors can "
                                 "be edited (dequantize the checkpoint first)")
-            if edit is None and mx is None:
+            if not edited and mx is None:
                 continue
-            te = TensorEdit(key, target=edit, fused_experts=_is_fused(role, shape),
+            te = TensorEdit(key, target=edit, second=edit2, fused_experts=_is_fused(role, shape),
                             mxfp4_blocks=mx[0] if mx else None, mxfp4_scales=mx[1] if mx else None,
                             requantize=bool(mx) and plan.requantize_mxfp4)
             table[info.name if mx is None else key] = te
@@ -159,15 +169,25 @@ def plan_tensor_edits(folder, plan) -> EditWork:
                 if not te.requantize:
                     renamed[mx[0].name] = (key, shard)
                     renamed[mx[1].name] = None
-            if edit is not None:
+            if edited:
                 work.rows.append((key, role_name(role), group, _axis(role), shard))
                 work.counts_by_role[role_name(role)] += 1
-                if layer is not None and group != "embeddings":
+                in_layer = layer is not None and group != "embeddings"
+                if edit is not None and in_layer:
                     work.layers.add(layer)
+                if edit2 is not None and in_layer:
+                    second_layers.add(layer)
+                if second is not None:
+                    work.passes = work.passes or {}
+                    work.passes[key] = "+".join(n for n, t in (("1", edit), ("2", edit2)) if t is not None)
         if table:
             work.edits[shard] = table
 
     check_every_layer_edited(plan, work.layers, found, model_type)
+    if second is not None:
+        check_every_layer_edited(second, second_layers, found, model_type)
+        work.first_layers, work.second_layers = set(work.layers), second_layers
+        work.layers |= second_layers
 
     if work.mxfp4_edits:
         work.mxfp4_mode = "requantized to MXFP4" if plan.requantize_mxfp4 else "dequantized to bf16"
@@ -213,16 +233,30 @@ def role_name(role) -> str:
     return f"{role.group}:{role.kind}"
 
 
-def bind_edits(work: EditWork, folder, plan, directions: dict, device) -> None:
+def bind_edits(work: EditWork, folder, plan, directions: dict, device, second_directions: dict | None = None) -> None:
     """Give every planned edit its function: the prepared direction (through the post-sublayer norm's gain where
-    the architecture has one) on `device`. Reads only the small norm weights."""
+    the architecture has one) on `device`. Reads only the small norm weights. A two-pass plan's tensors get the
+    first pass's edit, then the second's (`second_directions`: the second pass's prepared directions), chained in
+    float32 and encoded once (abliterate.ablate.second_pass.chained_edit)."""
+    from abliterate.ablate.second_pass import chained_edit
+
+    norms: dict = {}
+
+    def norm_of(role):
+        if not role.post_norm:
+            return None
+        if role.post_norm not in norms:
+            norms[role.post_norm] = _read_tensor(folder, role.post_norm)
+        return norms[role.post_norm]
+
     for table in work.edits.values():
         for te in table.values():
-            t = te.target
-            if t is None:
-                continue
-            norm_weight = _read_tensor(folder, t.role.post_norm) if t.role.post_norm else None
-            te.edit = _make_edit(t.role, directions[t.direction_key], t.scale, plan.method, device, norm_weight)
+            stages = []
+            for t, p, dirs in ((te.target, plan, directions), (te.second, plan.second_pass, second_directions)):
+                if t is not None:
+                    stages.append(_make_edit(t.role, dirs[t.direction_key], t.scale, p.method, device, norm_of(t.role)))
+            if stages:
+                te.edit = stages[0] if len(stages) == 1 else chained_edit(stages, device)
 
 
 def keeps_layout(edits: dict[str, TensorEdit]) -> bool:

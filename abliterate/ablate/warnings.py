@@ -52,7 +52,8 @@ def scale_warnings(plan, work) -> list[str]:
     """Entries whose tensors all get effective scale 0 (entry scale x its role scales x plan scale) edit nothing;
     when every planned tensor does: an error."""
     targets = [te.target for table in work.edits.values() for te in table.values() if te.target is not None]
-    if all(t.scale == 0.0 for t in targets):
+    second = [te.second for table in work.edits.values() for te in table.values() if te.second is not None]
+    if all(t.scale == 0.0 for t in targets + second):
         why = "the plan's scale is 0" if plan.scale == 0.0 else "every ablate entry has scale 0"
         raise UserError(f"{plan.source}: {why}, so nothing would be edited and the output would be a copy of the "
                         "input; give the entries a scale (1.0 removes the whole component along the direction)")

@@ -84,3 +84,39 @@ def render_plan(model: str, measurements: Path, output: Path, s: Suggestion, a: 
         f"  - {{layer: {layer}, measurement: {s.measurement}, scale: 1.0, sparsity: 1.0}}" for layer in s.layers
     ]
     return "\n".join(lines) + "\n"
+
+
+def render_two_pass_plan(first, measurements: Path, output: Path, s: Suggestion, a: Analysis, tool: str) -> str:
+    """`analyze.py SECOND --suggest PLAN.yml --first-pass FIRST.yml`: the first pass's plan (every key, from the
+    parsed FIRST.yml) with the suggestion for `measurements` (measured on the first pass's output) as its
+    `second_pass`, writing `output`. The second pass inherits the first's method and roles; the file says so."""
+    import yaml
+
+    from abliterate.ablate.plan import plan_to_dict
+
+    top = plan_to_dict(first)
+    top["output"] = str(output)
+    lines = [
+        f"# Two-pass ablation plan written by {tool}; review it, then run: sharded_ablate.py THIS_FILE",
+        f"# First pass: {first.source}. Second pass: suggested from {measurements.name}, measured on the first "
+        "pass's output;",
+        "# sharded_ablate applies both to every tensor of the original model in one run (docs/plan.md, "
+        "\"A second pass\").",
+        yaml.safe_dump(top, sort_keys=False, width=118).rstrip("\n"),
+        "second_pass:",
+    ]
+    for reason in s.reasons:
+        lines += textwrap.wrap(reason, width=100, initial_indent="  # - ", subsequent_indent="  #   ")
+    lines += [
+        f"  # method, invert and roles: the first pass's ({first.method}); add them here to change them.",
+        f"  measurements: {json.dumps(str(measurements))}",
+        "  scale: 1.0",
+        f"  projected: {'true' if s.projected else 'false'}",
+        f"  position: {s.position}",
+        "  directions: {source: mean, k: 1}",
+        "  embeddings_measurement: null",
+        "  ablate:",
+    ]
+    lines += [f"    - {{layer: {layer}, measurement: {s.measurement}, scale: 1.0, sparsity: 1.0}}"
+              for layer in s.layers]
+    return "\n".join(lines) + "\n"

@@ -86,11 +86,18 @@ def run(args) -> int:
             print(f"{'tensor':<40} {'type':<16} {'role':<24} {'group':<17} {'axis':>4}  file")
             for key, role, group, axis, shard in s.rows:
                 print(f"{key:<40} {types[key]:<16} {role:<24} {group:<17} {axis:>4}  {shard}")
+        elif s.passes is not None:  # a two-pass plan: which pass edits each tensor
+            print(f"{'key':<60} {'pass':<4} {'role':<24} {'group':<17} {'axis':>4}  shard")
+            for key, role, group, axis, shard in s.rows:
+                print(f"{key:<60} {s.passes[key]:<4} {role:<24} {group:<17} {axis:>4}  {shard}")
         else:
             print(f"{'key':<60} {'role':<24} {'group':<17} {'axis':>4}  shard")
             for key, role, group, axis, shard in s.rows:
                 print(f"{key:<60} {role:<24} {group:<17} {axis:>4}  {shard}")
         print(f"dry run: {len(s.rows)} tensors in layers {_ranges(s.layers)} would be edited; nothing written")
+        if s.pass_layers is not None:
+            print(f"  pass 1: layers {_ranges(s.pass_layers[0])}; pass 2 (second_pass): layers "
+                  f"{_ranges(s.pass_layers[1])}, applied after pass 1 to each tensor")
         return 0
     if args.verbose:
         for key, role, group, axis, shard in s.rows:
@@ -99,6 +106,8 @@ def run(args) -> int:
     print(f"wrote {s.output}")
     print("  edited tensors: " + ", ".join(f"{k} {v}" for k, v in sorted(s.counts_by_role.items())))
     print(f"  layers: {_ranges(s.layers)}")
+    if s.pass_layers is not None:
+        print(f"  pass 1: layers {_ranges(s.pass_layers[0])}; pass 2: layers {_ranges(s.pass_layers[1])}")
     unit = "files" if types else "shards"
     print(f"  {unit}: {s.shards_written} written, {s.shards_reused} reused from an interrupted run")
     print(f"  bytes written: {s.bytes_written:,}  time: {s.seconds:.1f} s")

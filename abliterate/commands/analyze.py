@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default) or k-means clusters of the harmful prompts, as a plan's directions: source")
     p.add_argument("--left-position", type=int, default=-1, metavar="P",
                    help="token position of the separation-left columns (default -1, the last prompt token)")
+    p.add_argument("--first-pass", metavar="FIRST.yml",
+                   help="with --suggest, for MEASUREMENTS measured on a first ablation's output (measure.py -m "
+                        "FIRST-OUTPUT): write FIRST.yml's plan with the suggestion as its second_pass, streamed "
+                        "from the original model in one run (docs/plan.md, \"A second pass\")")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     return p
 
@@ -98,8 +102,19 @@ def run(args) -> int:
             "decoder layer (re-measure)"
         )
     outputs = _outputs(args, source)
-    plan_model = plan_output = None
-    if "--suggest" in outputs:
+    plan_model = plan_output = first = None
+    if args.first_pass is not None:
+        if "--suggest" not in outputs:
+            raise UserError("--first-pass needs --suggest PLAN.yml (the two-pass plan it writes)")
+        from abliterate.ablate.plan import load_plan
+
+        first = load_plan(args.first_pass)
+        if first.second_pass is not None:
+            raise UserError(f"{first.source} already has a second_pass; give --first-pass a plan with one pass")
+        # the two-pass plan edits the first pass's model, into a folder of its own
+        plan_model, plan_output = plan_paths(first.model, args.output_model or f"{first.output}-two-pass",
+                                             Path.cwd())
+    elif "--suggest" in outputs:
         model = model_reference(m.metadata, args.model, str(source))
         plan_model, plan_output = plan_paths(model, args.output_model, Path.cwd())
 
@@ -137,7 +152,13 @@ def run(args) -> int:
             tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
         written.append(outputs["--json"])
     if "--suggest" in outputs:
-        text = render_plan(plan_model, source.resolve(), plan_output, s, a, f"analyze.py ({versions_line()})")
+        tool = f"analyze.py ({versions_line()})"
+        if first is not None:
+            from abliterate.analyze.suggested_plan import render_two_pass_plan
+
+            text = render_two_pass_plan(first, source.resolve(), plan_output, s, a, tool)
+        else:
+            text = render_plan(plan_model, source.resolve(), plan_output, s, a, tool)
         with atomic_output_file(outputs["--suggest"]) as tmp:
             tmp.write_text(text)
         written.append(outputs["--suggest"])

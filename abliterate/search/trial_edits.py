@@ -91,6 +91,7 @@ class TrialEditor:
         self._weights = OriginalWeights(folder) if folder is not None else None
         self._origin: dict[str, Source | torch.Tensor] = {}  # verified checkpoint source, or a CPU copy
         self._applied: list[str] = []
+        self._second_measurements: dict = {}  # second passes' measurement files by path
         self._handles: list = []  # this trial's forward hooks
         self._warned = False
         self.backup_bytes = 0  # CPU memory held by copies of parameters the checkpoint cannot restore
@@ -114,31 +115,47 @@ class TrialEditor:
         m = self.measurements
         check_plan_shapes(plan, m.num_indices, m.hidden_size, self.num_layers, self.hidden_size, m.has_final_norm)
         directions = prepared_directions(plan, m)
-        entry_by_layer = {e.layer: e for e in plan.ablate}
-        targets, layers, counts = [], set(), Counter()
+        # (plan, its entries by layer, its directions) of each pass: a second pass is applied after the first
+        passes = [(plan, {e.layer: e for e in plan.ablate}, directions)]
+        if plan.second_pass is not None:
+            passes.append((plan.second_pass, {e.layer: e for e in plan.second_pass.ablate},
+                           self._second_pass_directions(plan)))
+        targets, counts = [], Counter()
+        pass_layers: list[set] = [set() for _ in passes]
         for name, role in self._roles.items():
-            target = edit_target(role, role.layer, plan, entry_by_layer)
-            if target is None:
+            stages = []
+            for i, (p, entries, dirs) in enumerate(passes):
+                target = edit_target(role, role.layer, p, entries)
+                if target is not None:
+                    stages.append((target, p.method, dirs))
+                    if role.layer is not None and role.group != "embeddings":
+                        pass_layers[i].add(role.layer)
+            if not stages:
                 continue
             if role.post_norm is not None and role.post_norm not in self._params:
                 raise UserError(f"model parameter {name}: its post-sublayer norm {role.post_norm} is not a parameter "
                                 "of the loaded model; the trial cannot edit it along the norm's gain")
-            targets.append((name, target))
+            targets.append((name, role, stages))
             counts[role.group] += 1
-            if role.layer is not None and role.group != "embeddings":
-                layers.add(role.layer)
-        hook_specs = self._hook_specs(plan, entry_by_layer, counts, layers)
-        check_every_layer_edited(plan, layers, self._found, self.model_type)
+        if plan.second_pass is not None:
+            self._refuse_hooked_second_pass(passes)
+        hook_specs = self._hook_specs(plan, passes[0][1], counts, pass_layers[0])
+        for (p, _entries, _dirs), layers in zip(passes, pass_layers):
+            check_every_layer_edited(p, layers, self._found, self.model_type)
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False  # edits in true float32, as sharded_ablate does
         try:
             with torch.no_grad():
-                for name, target in targets:
+                for name, role, stages in targets:
                     value = self._params[name].detach()
                     stored = self._remember(name, value)
                     self._applied.append(name)
-                    r = self._direction_for(target.role, directions[target.direction_key].vectors)
-                    edit_in_place(value, target.role, r, target.scale, plan.method, stored)
+                    edits = [(self._direction_for(role, dirs[t.direction_key].vectors), t.scale, method)
+                             for t, method, dirs in stages]
+                    if len(edits) == 1:
+                        edit_in_place(value, role, *edits[0], stored)
+                    else:
+                        edit_in_place_chained(value, role, edits, stored)
                 for site, key, scale, bias_scale in hook_specs:
                     r = self._direction_for(site.weight_role, directions[key].vectors)
                     module = self.model.get_submodule(site.module_name)
@@ -150,6 +167,32 @@ class TrialEditor:
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
         return dict(sorted(counts.items()))
+
+    def _second_pass_directions(self, plan) -> dict:
+        """The prepared directions of the plan's second pass, from its own measurement file (loaded once per path:
+        a search applies many plans with the same file)."""
+        from abliterate.ablate.second_pass import check_second_pass_shape
+        from abliterate.measure.measurement_file import load_measurements
+
+        second = plan.second_pass
+        key = str(second.measurements)
+        if key not in self._second_measurements:
+            self._second_measurements[key] = load_measurements(second.measurements)
+        m = self._second_measurements[key]
+        check_second_pass_shape(plan, m.num_indices, m.hidden_size, self.num_layers, self.hidden_size)
+        check_plan_shapes(second, m.num_indices, m.hidden_size, self.num_layers, self.hidden_size, m.has_final_norm)
+        return prepared_directions(second, m)
+
+    def _refuse_hooked_second_pass(self, passes: list) -> None:
+        """A hook reproduces one edit of a module's output or input; two chained passes (the second's bias term
+        taken on the first's edited bias, readers in reverse order) are not built: refuse, before any edit."""
+        for site in self._sites:
+            for p, entries, _dirs in passes:
+                for role in (site.weight_role, site.bias_role):
+                    if role is not None and edit_target(role, role.layer, p, entries) is not None:
+                        raise UserError(f"{passes[0][0].source}: a second pass cannot be applied through a hook "
+                                        f"({site.describe()}): load the model with float weights (without --quant, "
+                                        "MXFP4 experts dequantized)")
 
     def _direction_for(self, role, r: torch.Tensor) -> torch.Tensor:
         """r (a direction [H] or a set [k, H]), or it through the role's post-sublayer norm gain (edits.through_norm)."""
@@ -261,6 +304,24 @@ def edit_in_place(value: torch.Tensor, role, r: torch.Tensor, scale: float, meth
                 column_edit.apply(band, i * step, out=band)
     else:
         edit_tensor(value, role, r, scale, method, out=value)
+    _round_through(value, stored_dtype)
+
+
+def edit_in_place_chained(value: torch.Tensor, role, edits: list, stored_dtype: torch.dtype | None = None) -> None:
+    """A two-pass plan's edits [(r, scale, method), ...] of one parameter, in order, as sharded_ablate streams them
+    (abliterate.ablate.second_pass): in float32 (float64 for float64) with no rounding in between, then rounded once
+    through `stored_dtype`. A half-precision parameter takes a float32 work copy for it (one tensor's)."""
+    compute = torch.float64 if value.dtype == torch.float64 else torch.float32
+    work = value if value.dtype == compute else value.to(compute)
+    for r, scale, method in edits:
+        edit_in_place(work, role, r, scale, method)
+    if work is not value:
+        value.copy_(work.to(stored_dtype) if stored_dtype is not None else work)
+    _round_through(value, stored_dtype)
+
+
+def _round_through(value: torch.Tensor, stored_dtype: torch.dtype | None) -> None:
+    """Round `value` through `stored_dtype` when that differs from its own dtype, as writing and loading would."""
     if stored_dtype is not None and stored_dtype != value.dtype:
         for piece in (value.split(max(1, BAND_ELEMENTS // max(1, value[0].numel()))) if value.dim() else (value,)):
             piece.copy_(piece.to(stored_dtype))
