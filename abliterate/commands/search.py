@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "token only (the peer's measure, about twice as large on real models)")
     s.add_argument("--kl-prune", type=float, default=4.0, metavar="FACTOR",
                    help="skip the answers of a trial whose KL exceeds FACTOR x --kl-max (default 4)")
+    s.add_argument("--first-pass", default=None, metavar="PLAN.yml",
+                   help="search a SECOND pass on top of this plan: --measurements is then the file measured on its "
+                        "output (sharded_ablate.py PLAN.yml; measure.py -m ITS-OUTPUT); every trial applies the "
+                        "plan, then the trial's edit, and the written plan holds both (second_pass)")
     s.add_argument("--pick", type=int, default=None, metavar="N", help="write the plan of trial N instead")
     s.add_argument("--seed", type=int, default=0, help="sampler seed (default 0; give each parallel process its own)")
     s.add_argument("--storage", default=None, metavar="URL_OR_FILE",
@@ -171,7 +175,8 @@ def run(args) -> int:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system, seed=args.seed,
         pick=args.pick, storage=args.storage, output_model=args.output_model, labeller=labeller, loading=args,
         early_stop=not args.no_early_stop, progress=not args.no_progress, fidelity=args.fidelity,
-        confirm_share=args.confirm_share, kl_tokens=args.kl_tokens)
+        confirm_share=args.confirm_share, kl_tokens=args.kl_tokens,
+        first_pass=Path(args.first_pass) if args.first_pass else None)
     result = run_search(options, config, m)
     _summary(result, options)
     return 0

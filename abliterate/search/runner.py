@@ -8,6 +8,7 @@ loaded only when trials remain to run: a finished study with --pick N rewrites t
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class SearchOptions:
     fidelity: str = "multi"  # "multi": one-pass score for all, generation to confirm (search.fidelity); "full"
     confirm_share: float = 0.1  # the audit share of the multi-fidelity confirm rule
     kl_tokens: int = 16  # the KL is read along this many tokens of the base's answers (abliterate.search.answer_kl)
+    first_pass: Path | None = None  # search a second pass on top of this plan (`measurements`: its output's file)
 
 
 @dataclass
@@ -118,6 +120,10 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
                        measurements.has_activations("harmful"), measurements.has_final_norm)
     seeds = seed_parameters(space, suggestion)
     ctx = PlanContext(plan_model, o.measurements.resolve(), plan_output, moe)
+    first = first_pass_plan(o, plan_model, hooked) if o.first_pass else None
+    if first is not None and not o.output_model:  # never the first pass's own output folder
+        plan_output = first.output.with_name(first.output.name + "-two-pass")
+        ctx = dataclasses.replace(ctx, output=plan_output)
     identity = {
         "format": SUPPORTED_SEARCH, "model": plan_model, "model_type": model_type,
         "measurements_sha256": file_sha256(o.measurements),
@@ -126,6 +132,8 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
         "kl": kl_definition(o.kl_tokens),
         "space": space.to_dict(),
     }
+    if first is not None:  # a study of second passes on top of another first pass is another study
+        identity["first_pass_sha256"] = file_sha256(o.first_pass)
     location = o.storage or str(paths["study"])
     study = st.open_study(location, o.seed, len(seeds))
     st.check_identity(study, identity, location)
@@ -136,7 +144,7 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
 
     ran = 0
     if st.counted(study) < o.trials:
-        ran = _run_trials(o, study, space, ctx, config, measurements)
+        ran = _run_trials(o, study, space, ctx, config, measurements, first)
     recs = st.records(study)
     picked = _chosen(o, recs)
     if picked is None:
@@ -186,7 +194,37 @@ def _chosen(o: SearchOptions, recs):
     return r, f"--pick {o.pick}", r.kl <= o.kl_max
 
 
-def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> int:
+def first_pass_plan(o: SearchOptions, plan_model: str, hooked: str | None):
+    """The --first-pass plan, checked: a one-pass plan of this model whose own measurement file is not
+    --measurements (that one is measured on the first pass's output). Every trial is this plan with the trial's
+    edit as its `second_pass` (abliterate.ablate.second_pass)."""
+    from abliterate.ablate.plan import load_plan
+
+    first = load_plan(o.first_pass)
+    hint = (f"ablate it (sharded_ablate.py {o.first_pass}), measure the output (measure.py -m FIRST-OUTPUT -o "
+            "second.safetensors) and give that file as --measurements")
+    if first.second_pass is not None:
+        raise UserError(f"--first-pass {o.first_pass}: the plan already has a second_pass; give its first pass alone")
+    if _same_model(first.model) != _same_model(plan_model):
+        raise UserError(f"--first-pass {o.first_pass}: the plan is for model {first.model}, not --model {o.model}; "
+                        "give the plan written for this model")
+    if first.measurements.resolve() == o.measurements.resolve():
+        raise UserError(f"--first-pass {o.first_pass}: --measurements is the first pass's own file; {hint}")
+    if not first.measurements.is_file():
+        raise UserError(f"--first-pass {o.first_pass}: its measurement file {first.measurements} does not exist; "
+                        "the first pass's edit needs it")
+    if hooked:
+        raise UserError(f"--first-pass: {hooked}, edited through forward hooks, which cannot chain two passes; load "
+                        "the model without --quant (or dequantized) to search a second pass")
+    return first
+
+
+def _same_model(location: str) -> str:
+    path = Path(location)
+    return str(path.resolve()) if path.exists() else location
+
+
+def _run_trials(o: SearchOptions, study, space, ctx, config, measurements, first=None) -> int:
     """Load the model, score the base once, and run trials until the study holds --trials."""
     from abliterate.ablate.plan import plan_to_dict
     from abliterate.loading import load_from_args
@@ -207,7 +245,7 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> in
     print(f"note: {scorer.kl_note}", file=sys.stderr)
     print(f"note: {scorer.prefix_note}", file=sys.stderr)
     one_pass = _one_pass(o, model, tokenizer, scorer) if o.fidelity == "multi" else None
-    editor = TrialEditor(model, measurements)
+    editor = TrialEditor(model, measurements if first is None else _first_measurements(first))
     hooked_only = bool(editor.hooked)  # weights edited through hooks: only the conventional method applies
     if hooked_only:
         print(f"note: {len(editor.hooked)} modules are edited through forward hooks, e.g. {editor.hooked[0]}",
@@ -224,6 +262,8 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> in
         plan = params_to_plan(params, space, ctx, source=f"trial {trial.number}")
         if plan is None:
             return unscored("empty")
+        if first is not None:
+            plan = dataclasses.replace(first, output=plan.output, second_pass=plan, source=plan.source)
         trial.set_user_attr("plan", plan_to_dict(plan))
         if hooked_only and plan.method != "conventional":
             return unscored("method needs float weights")
@@ -242,6 +282,14 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements) -> in
     refresh = lambda: _write_trials(o, study)  # noqa: E731  (the table stays current if the run is killed)
     timeout = o.timeout_min * 60 if o.timeout_min else None
     return st.run_trials(study, o.trials, run_one, o.kl_max, timeout, o.progress, refresh)
+
+
+def _first_measurements(first):
+    from abliterate.measure.measurement_file import load_measurements
+
+    m = load_measurements(first.measurements)
+    m.validate(str(first.measurements))
+    return m
 
 
 def _one_pass(o: SearchOptions, model, tokenizer, scorer):
