@@ -9,6 +9,7 @@ The format, every key with its default and meaning, is documented in docs/plan.m
     roles: {attention_output, mlp_output, biases, router, embeddings}
     embeddings_measurement: null
     requantize_mxfp4: false
+    gguf_error_feedback: true                 # GGUF output: keep quantization noise off the direction
     position: -1                              # token position the directions come from (-1: the last token)
     directions: {source: mean, k: 1}          # a direction set: mean | clusters | pca, k directions at once
     ablate: [{layer, measurement, scale: 1.0, sparsity: 1.0, scales: {attention_output, mlp_output, router},
@@ -42,7 +43,7 @@ ROLE_DEFAULTS = {
 }
 TOP_KEYS = (
     "model", "measurements", "output", "scale", "method", "projected", "invert", "roles",
-    "embeddings_measurement", "requantize_mxfp4", "ablate", "position", "directions",
+    "embeddings_measurement", "requantize_mxfp4", "ablate", "position", "directions", "gguf_error_feedback",
 )
 ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "scales", "position", "directions")
 DIRECTIONS_KEYS = ("source", "k")
@@ -113,6 +114,8 @@ class Plan:
     requantize_mxfp4: bool = False
     position: int = -1  # token position the directions are taken at (measurement file `positions`)
     directions: DirectionSet | None = None  # None: the mean difference alone (k = 1)
+    # GGUF output only: re-encode quantized tensors with error feedback (abliterate.ablate.gguf_feedback)
+    gguf_error_feedback: bool = True
     source: str = field(default="plan", compare=False)  # where it came from, for messages
 
     def entry_position(self, entry: AblateEntry) -> int:
@@ -155,6 +158,8 @@ class Plan:
             d.pop("directions")
         else:
             d["directions"] = self.directions.to_dict()
+        if not self.model.lower().endswith(".gguf"):
+            d.pop("gguf_error_feedback")  # a folder's record (and resume key) stays as it was
         return d
 
 
@@ -178,6 +183,8 @@ def plan_to_dict(plan: Plan) -> dict:
     if plan.embeddings_measurement is not None:
         d["embeddings_measurement"] = int(plan.embeddings_measurement)
     d["requantize_mxfp4"] = bool(plan.requantize_mxfp4)
+    if plan.model.lower().endswith(".gguf") or not plan.gguf_error_feedback:
+        d["gguf_error_feedback"] = bool(plan.gguf_error_feedback)
     if plan.position != -1:
         d["position"] = int(plan.position)
     if plan.directions is not None:
@@ -232,6 +239,7 @@ def parse_plan(data: Any, source: str, base_dir: Path) -> Plan:
     projected = _bool(data, "projected", source, False)
     invert = _bool(data, "invert", source, False)
     requantize = _bool(data, "requantize_mxfp4", source, False)
+    error_feedback = _bool(data, "gguf_error_feedback", source, True)
 
     roles = dict(ROLE_DEFAULTS)
     raw_roles = data.get("roles")
@@ -303,11 +311,13 @@ def parse_plan(data: Any, source: str, base_dir: Path) -> Plan:
                         "(directions with k > 1) needs method conventional or norm_preserving")
     return Plan(model=model, measurements=measurements, output=output, ablate=tuple(entries), scale=scale,
                 method=method, projected=projected, invert=invert, roles=roles, embeddings_measurement=emb_meas,
-                requantize_mxfp4=requantize, position=position, directions=directions, source=source)
+                requantize_mxfp4=requantize, position=position, directions=directions,
+                gguf_error_feedback=error_feedback, source=source)
 
 
 def apply_overrides(plan: Plan, output: str | None = None, invert: bool = False, normpreserve: bool = False,
-                    projected: bool = False, requantize_mxfp4: bool = False) -> Plan:
+                    projected: bool = False, requantize_mxfp4: bool = False,
+                    no_error_feedback: bool = False) -> Plan:
     """CLI flags override the file: a flag given on the command line wins (paths relative to the shell)."""
     changes: dict = {}
     if output is not None:
@@ -320,6 +330,8 @@ def apply_overrides(plan: Plan, output: str | None = None, invert: bool = False,
         changes["projected"] = True
     if requantize_mxfp4:
         changes["requantize_mxfp4"] = True
+    if no_error_feedback:
+        changes["gguf_error_feedback"] = False
     return replace(plan, **changes) if changes else plan
 
 
