@@ -7,8 +7,10 @@ the tensor. Two layouts (numpy order; GGUF rows are the last axis):
 - hidden axis second to last ([H, in] writers, [E, H, I] experts, one expert at a time): every column is a
   hidden-space vector, so the edit is `edits.ColumnEdit`'s two passes over row bands (the first gathers each
   column's component along r, the second writes); a tensor that fits one band is decoded once.
-Both are the safetensors path's edit math. After re-encoding, each band is decoded again to measure what the
-quantization left along r: |r . v| for every hidden-space vector before and after (`Residual`).
+Both are the safetensors path's edit math. Quantized types are re-encoded with error feedback
+(abliterate.ablate.gguf_feedback: the second layout's last TAIL_ROWS rows then form one band, so the peak is a
+band or TAIL_ROWS rows, whichever is larger). What was written is decoded again to measure what the quantization
+left along r: |r . v| for every hidden-space vector before and after (`Residual`).
 """
 
 from __future__ import annotations
