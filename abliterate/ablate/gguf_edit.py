@@ -8,8 +8,8 @@ the tensor. Two layouts (numpy order; GGUF rows are the last axis):
   hidden-space vector, so the edit is `edits.ColumnEdit`'s two passes over row bands (the first gathers each
   column's component along r, the second writes); a tensor that fits one band is decoded once.
 Both are the safetensors path's edit math. Quantized types are re-encoded with error feedback
-(abliterate.ablate.gguf_feedback: the second layout's last TAIL_ROWS rows then form one band, so the peak is a
-band or TAIL_ROWS rows, whichever is larger). What was written is decoded again to measure what the quantization
+(abliterate.ablate.gguf_feedback: in the second layout the band reaching into the last TAIL_ROWS rows takes them
+all, so the peak grows by at most TAIL_ROWS rows). What was written is decoded again to measure what the quantization
 left along r: |r . v| for every hidden-space vector before and after (`Residual`).
 """
 
@@ -134,13 +134,12 @@ def edit_gguf_tensor(read: Callable[[int, int], np.ndarray], type_id: int, shape
 
 
 def _column_bands(hidden: int, step: int, tail: int) -> list[tuple[int, int]]:
-    """Row bands [r0, r1) of an [H, n] matrix: `step` rows each, and with error feedback the last `tail` rows as
-    one band of their own (ColumnFeedback encodes them in |r_h| order, so they must be in memory together)."""
-    cut = max(0, hidden - tail) if tail else hidden
-    bands = [(r0, min(cut, r0 + step)) for r0 in range(0, cut, step)]
-    if cut < hidden:
-        bands.append((cut, hidden))
-    return bands
+    """Row bands [r0, r1) of an [H, n] matrix, `step` rows each; with error feedback the bands that reach into the
+    last `tail` rows are merged into one (ColumnFeedback encodes the tail in |r_h| order, so it must be in memory
+    at once): the last band holds at most step + tail rows."""
+    bands = [(r0, min(hidden, r0 + step)) for r0 in range(0, hidden, step)]
+    first = next((i for i, (_, r1) in enumerate(bands) if r1 > hidden - tail), len(bands)) if tail else len(bands)
+    return bands[:first] + ([(bands[first][0], hidden)] if first < len(bands) else [])
 
 
 def _edit_rows(band, role, r, scale: float, method: str):

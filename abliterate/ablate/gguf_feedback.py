@@ -81,19 +81,23 @@ class ColumnFeedback:
         row1 = row0 + target.shape[0]
         if row1 <= self.tail_start:
             return self._step(target, np.arange(row0, row1))
-        if row0 > self.tail_start or row1 != self.hidden:
+        if row1 != self.hidden:
             raise ValueError(f"internal error: band [{row0}, {row1}) cuts the feedback tail at {self.tail_start}")
         data = np.empty((target.shape[0], gguf_codec.row_nbytes(self.out_type, target.shape[1])), dtype=np.uint8)
         back = np.empty(target.shape, dtype=np.float32)
-        # Larger |r_h| first: the rows left for the last steps take small corrections and leave little error.
-        order = np.argsort(-np.abs(self.r[row0:row1]), kind="stable")
+        head = max(0, self.tail_start - row0)  # rows of this band before the tail: one step in file order
+        if head:
+            step_bytes, back[:head] = self._step(target[:head], np.arange(row0, row0 + head))
+            data[:head] = np.frombuffer(step_bytes, dtype=np.uint8).reshape(head, -1)
+        # The tail: larger |r_h| first, so the rows left for the last steps take small corrections and leave
+        # little error of their own.
+        order = head + np.argsort(-np.abs(self.r[row0 + head:row1]), kind="stable")
         i = 0
         while i < order.size:
             k = max(1, (order.size - i) // SHRINK)
             local = order[i:i + k]
-            step_bytes, step_back = self._step(target[local], row0 + local)
+            step_bytes, back[local] = self._step(target[local], row0 + local)
             data[local] = np.frombuffer(step_bytes, dtype=np.uint8).reshape(k, -1)
-            back[local] = step_back
             i += k
         return data.tobytes(), back
 
