@@ -103,16 +103,18 @@ class ColumnFeedback:
 
     def _step(self, target: np.ndarray, rows: np.ndarray) -> tuple[bytes, np.ndarray]:
         """Encode the rows `rows` (hidden indices) of the matrix, whose edited values are `target`."""
+        # float32 [k, n] temporaries (a band's size each); D and the sums along r in float64
         r = self.r[rows]
-        goal = target.astype(np.float64)
+        goal = np.array(target, dtype=np.float32)
         if self.rest > 0.0:
-            corr = np.outer(r, self.d / self.rest)
-            lim = CLIP * np.sqrt(np.mean(np.square(goal), axis=1, keepdims=True))  # per row
-            np.clip(corr, -lim, lim, out=corr)
+            corr = np.outer(r.astype(np.float32), (self.d / self.rest).astype(np.float32))
+            lim = CLIP * np.sqrt(np.mean(np.square(goal, dtype=np.float64), axis=1, keepdims=True))  # per row
+            np.clip(corr, -lim.astype(np.float32), lim.astype(np.float32), out=corr)
             goal -= corr
-        goal32 = goal.astype(np.float32)
-        data, back = encode_decode(goal32, self.out_type)
-        self.d += r @ (back.astype(np.float64) - target)
+            del corr
+        data, back = encode_decode(goal, self.out_type)
+        np.subtract(back, target, out=goal)  # the step's error, in goal's buffer
+        self.d += r.astype(np.float32) @ goal  # a float32 sum over the step's rows (a float64 one would copy goal)
         self.rest -= float(r @ r)
         return data, back
 
@@ -163,7 +165,7 @@ def _best_of_candidates(goal, target, rb, d, out_type: int, sigma: float):
     unit = sigma / math.sqrt(rsq) if rsq > 0.0 else 0.0
     best_bytes = best_back = None
     best = np.full(rows, np.inf)
-    for t in SHIFTS * unit:  # t = 0 (the goal itself) first
+    for t in SHIFTS * unit if unit > 0.0 else (0.0,):  # t = 0 (the goal itself) first
         step_bytes, step_back = _encode_block_column(goal + t * rb, out_type)
         left = np.abs(d + (step_back.astype(np.float64) - target) @ rb)
         step_bytes = np.frombuffer(step_bytes, dtype=np.uint8).reshape(rows, -1)
