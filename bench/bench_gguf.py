@@ -100,6 +100,8 @@ def main() -> int:
     ap.add_argument("--edit-layers", type=int, default=2, help="layers the 'few layers' plan edits (default 2)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temp folder, removed at the end)")
+    ap.add_argument("--no-error-feedback", action="store_true",
+                    help="ablate with sharded_ablate's --no-error-feedback (each band re-encoded on its own)")
     args = ap.parse_args()
 
     import torch
@@ -138,7 +140,8 @@ def main() -> int:
 
             def run_ablate():
                 wall, peak, code = timed_child([sys.executable, "-m", "abliterate", "ablate", str(plan),
-                                                "--no-progress", "--force"])
+                                                "--no-progress", "--force"]
+                                               + (["--no-error-feedback"] if args.no_error_feedback else []))
                 if code:
                     raise SystemExit(f"ablation failed with exit code {code}")
                 ab_times.append(wall + timed_child(["sync"])[0])
@@ -157,7 +160,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print(f"Llama-3-8B-shaped {args.type} GGUF: {layers} layers, hidden {H}, FFN {FF}, vocab {VOCAB}, "
-          f"{size / 1e6:.0f} MB; one layer's weights {per_layer / 1e6:.0f} MB; {args.repeat} runs each")
+          f"{size / 1e6:.0f} MB; one layer's weights {per_layer / 1e6:.0f} MB; {args.repeat} runs each; error "
+          f"feedback {'off' if args.no_error_feedback else 'on'}")
     print(f"child that only starts Python and imports torch, gguf and the modules: {import_wall:.2f} s, peak RSS "
           f"{import_rss:.0f} MB")
     print(f"{'plan':>5} {'layers':>6} {'edited MB':>9}  {'cp s':>6} {'ablate s':>8} {'ratio':>6}  "

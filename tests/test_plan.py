@@ -232,3 +232,21 @@ def test_plan_to_dict_round_trips(tmp_path):
         assert back == p
         assert [type(e.measurement) for e in back.ablate] == [type(e.measurement) for e in p.ablate]
         assert back.to_record() == p.to_record()
+
+
+def test_gguf_error_feedback_key(tmp_path):
+    """On by default; `gguf_error_feedback: false` or --no-error-feedback turns it off. A GGUF plan's record says
+    which; a folder plan's record (and resume key) has no such key, as before."""
+    import yaml
+
+    gguf = _parse(tmp_path, model="m.gguf")
+    assert gguf.gguf_error_feedback is True and gguf.to_record()["gguf_error_feedback"] is True
+    off = _parse(tmp_path, model="m.gguf", gguf_error_feedback=False)
+    assert off.to_record()["gguf_error_feedback"] is False
+    assert apply_overrides(gguf, no_error_feedback=True) == off
+    assert "gguf_error_feedback" not in _parse(tmp_path, model="openai/gpt-oss-20b").to_record()
+    for p in (gguf, off, _parse(tmp_path, model="openai/gpt-oss-20b", gguf_error_feedback=False)):
+        back = parse_plan(yaml.safe_load(yaml.safe_dump(plan_to_dict(p))), "written.yml", tmp_path)
+        assert back == p
+    with pytest.raises(UserError, match="gguf_error_feedback"):
+        _parse(tmp_path, model="m.gguf", gguf_error_feedback="sometimes")

@@ -7,8 +7,10 @@ the tensor. Two layouts (numpy order; GGUF rows are the last axis):
 - hidden axis second to last ([H, in] writers, [E, H, I] experts, one expert at a time): every column is a
   hidden-space vector, so the edit is `edits.ColumnEdit`'s two passes over row bands (the first gathers each
   column's component along r, the second writes); a tensor that fits one band is decoded once.
-Both are the safetensors path's edit math. After re-encoding, each band is decoded again to measure what the
-quantization left along r: |r . v| for every hidden-space vector before and after (`Residual`).
+Both are the safetensors path's edit math. Quantized types are re-encoded with error feedback
+(abliterate.ablate.gguf_feedback: in the second layout the band reaching into the last TAIL_ROWS rows takes them
+all, so the peak grows by at most TAIL_ROWS rows). What was written is decoded again to measure what the quantization
+left along r: |r . v| for every hidden-space vector before and after (`Residual`).
 """
 
 from __future__ import annotations
@@ -55,12 +57,16 @@ class Residual:
 
 def edit_gguf_tensor(read: Callable[[int, int], np.ndarray], type_id: int, shape: tuple[int, ...], role, r,
                      scale: float, method: str, out_type: int, write: Callable[[bytes], None],
-                     band_values: int | None = None) -> Residual:
+                     band_values: int | None = None, error_feedback: bool = True) -> Residual:
     """Edit one tensor (type `type_id`, numpy `shape`) along the unit direction `r` (torch float32 [H]) and `write`
     its bytes in `out_type`, band by band in file order. `read(begin, length)` gives the tensor's raw bytes
     [begin, begin + length) as uint8 (read with pread, not through a memory map: mapped pages the edit has read
-    would stay in the process's resident set, tensor after tensor)."""
+    would stay in the process's resident set, tensor after tensor). With `error_feedback` (and a quantized
+    out_type) the bands are re-encoded so that the quantization error has almost no component along r
+    (abliterate.ablate.gguf_feedback); without it, each band is encoded on its own."""
     import torch
+
+    from abliterate.ablate import gguf_feedback
 
     n = shape[-1]
     rows = math.prod(shape[:-1])
@@ -73,18 +79,27 @@ def edit_gguf_tensor(read: Callable[[int, int], np.ndarray], type_id: int, shape
     def decode(r0: int, r1: int) -> torch.Tensor:
         return torch.from_numpy(gguf_codec.decode_rows(read(r0 * in_row, (r1 - r0) * in_row), type_id, n))
 
+    feedback = error_feedback and gguf_feedback.wants_feedback(out_type)
+    r_np = r.numpy()
+
     def encode(values: torch.Tensor) -> torch.Tensor:
         """Write the band in out_type; return the values the file now holds (decoded again)."""
-        data = gguf_codec.encode_rows(values.numpy(), out_type)
+        data, back = gguf_feedback.encode_decode(values.numpy(), out_type)
         write(data)
-        return torch.from_numpy(gguf_codec.decode_rows(np.frombuffer(bytearray(data), dtype=np.uint8), out_type, n))
+        return torch.from_numpy(back)
 
     if role.hidden_axis == len(shape) - 1:  # rows are hidden-space vectors
         row_role = replace(role, hidden_axis=1, expert_axis=None)
         for r0 in range(0, rows, step):
             band = decode(r0, min(rows, r0 + step))
             before = (band @ r).numpy()
-            written = encode(_edit_rows(band, row_role, r, scale, method))
+            edited = _edit_rows(band, row_role, r, scale, method)
+            if feedback:  # the values decoded from exactly the bytes written, block by block
+                data, back = gguf_feedback.encode_blocks_with_feedback(edited.numpy(), r_np, out_type)
+                write(data)
+                written = torch.from_numpy(back)
+            else:
+                written = encode(edited)
             res.add(before, (written @ r).numpy())
         return res
     if role.hidden_axis != len(shape) - 2:
@@ -93,10 +108,11 @@ def edit_gguf_tensor(read: Callable[[int, int], np.ndarray], type_id: int, shape
     from abliterate.ablate.edits import ColumnEdit
 
     hidden = shape[-2]
+    bands = _column_bands(hidden, step, gguf_feedback.TAIL_ROWS if feedback else 0)
     for g in range(rows // hidden):  # one [H, n] matrix (one expert) at a time
         base = g * hidden
-        bands = [(r0, min(hidden, r0 + step)) for r0 in range(0, hidden, step)]
         column_edit = ColumnEdit(r, n, scale, method)
+        shaper = gguf_feedback.ColumnFeedback(r_np, n, out_type) if feedback else None
         kept = None
         for r0, r1 in bands:
             band = decode(base + r0, base + r1)
@@ -105,10 +121,25 @@ def edit_gguf_tensor(read: Callable[[int, int], np.ndarray], type_id: int, shape
         after = torch.zeros(n, dtype=torch.float64)
         for r0, r1 in bands:
             band = kept if kept is not None else decode(base + r0, base + r1)
-            written = encode(column_edit.apply(band, r0, out=band))
+            edited = column_edit.apply(band, r0, out=band)
+            if shaper is not None:  # the values decoded from exactly the bytes written, step by step
+                data, back = shaper.encode_band(edited.numpy(), r0)
+                write(data)
+                written = torch.from_numpy(back)
+            else:
+                written = encode(edited)
             after += (r[r0:r1] @ written).double()
         res.add(column_edit.coeff.numpy(), after.numpy())
     return res
+
+
+def _column_bands(hidden: int, step: int, tail: int) -> list[tuple[int, int]]:
+    """Row bands [r0, r1) of an [H, n] matrix, `step` rows each; with error feedback the bands that reach into the
+    last `tail` rows are merged into one (ColumnFeedback encodes the tail in |r_h| order, so it must be in memory
+    at once): the last band holds at most step + tail rows."""
+    bands = [(r0, min(hidden, r0 + step)) for r0 in range(0, hidden, step)]
+    first = next((i for i, (_, r1) in enumerate(bands) if r1 > hidden - tail), len(bands)) if tail else len(bands)
+    return bands[:first] + ([(bands[first][0], hidden)] if first < len(bands) else [])
 
 
 def _edit_rows(band, role, r, scale: float, method: str):

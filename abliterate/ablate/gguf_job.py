@@ -302,10 +302,12 @@ def _gguf_record(model: GGUFModel, outputs: list[Path], types: dict, writer, ext
         "architecture": model.arch,
         "metadata_keys_added": {k: v for k, v in extra},
         "written_as_q8_0": sorted(k for k, (a, b) in types.items() if a != b),
+        "error_feedback": writer.plan.gguf_error_feedback,
         "edited_tensors": writer.residuals,
         "residual_note": "projection = |r . v| over each edited tensor's hidden-space vectors v, r the removed "
                          "unit direction (through the post-norm gain where there is one); before = the input "
-                         "tensor, after = the re-encoded tensor as written (what quantization left)",
+                         "tensor, after = the re-encoded tensor as written (what quantization left); "
+                         "error_feedback: re-encoded with error feedback (plan key gguf_error_feedback)",
     }
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from tqdm import tqdm
 
-from abliterate.ablate import gguf_codec
+from abliterate.ablate import gguf_codec, gguf_feedback
 from abliterate.ablate.gguf_edit import edit_gguf_tensor, read_vector
 from abliterate.ablate.gguf_file import GGUFPart, OutputLayout, type_name
 from abliterate.ablate.safetensors_io import POSITIONAL_IO, PositionedWriter, copy_range
@@ -111,12 +111,14 @@ class PartWriter:
                 raise UserError(f"{part.path}: the file shrank while reading {t.name}; rerun on a complete file")
             return np.frombuffer(bytearray(data), dtype=np.uint8)
 
-        res = edit_gguf_tensor(read, t.type_id, t.shape, role, r, target.scale, self.plan.method, out_type, write)
+        feedback = self.plan.gguf_error_feedback and gguf_feedback.wants_feedback(out_type)
+        res = edit_gguf_tensor(read, t.type_id, t.shape, role, r, target.scale, self.plan.method, out_type, write,
+                               error_feedback=feedback)
         expected = gguf_codec.row_nbytes(out_type, t.shape[-1]) * (t.nbytes // gguf_codec.row_nbytes(t.type_id,
                                                                                                      t.shape[-1]))
         if written["n"] != expected:
             raise RuntimeError(f"internal error: {t.name} was written as {written['n']} bytes, expected {expected}")
         self.residuals.append({"tensor": t.name, "type": t.type_name, "written_type": type_name(out_type),
-                               "scale": target.scale, **res.record()})
+                               "scale": target.scale, "error_feedback": feedback, **res.record()})
         bar.update(t.nbytes)
         self.crash.tick()

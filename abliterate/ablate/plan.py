@@ -9,6 +9,7 @@ The format, every key with its default and meaning, is documented in docs/plan.m
     roles: {attention_output, mlp_output, biases, router, embeddings}
     embeddings_measurement: null
     requantize_mxfp4: false
+    gguf_error_feedback: true                 # GGUF output: keep quantization noise off the direction
     position: -1                              # token position the directions come from (-1: the last token)
     directions: {source: mean, k: 1}          # a direction set: mean | clusters | pca, k directions at once
     ablate: [{layer, measurement, scale: 1.0, sparsity: 1.0, scales: {attention_output, mlp_output, router},
@@ -45,6 +46,7 @@ ROLE_DEFAULTS = {
 TOP_KEYS = (
     "model", "measurements", "output", "scale", "method", "projected", "invert", "roles",
     "embeddings_measurement", "requantize_mxfp4", "ablate", "position", "directions", "second_pass",
+    "gguf_error_feedback",
 )
 # A second pass is a pass of its own (its measurement file, its entries); the edit settings it does not give are the
 # first pass's. The model, the output and MXFP4 re-quantization belong to the whole plan.
@@ -123,6 +125,8 @@ class Plan:
     # A second pass (abliterate.ablate.second_pass): a Plan with the same model and output whose measurements were
     # taken on the first pass's output; every tensor gets the first pass's edit, then the second's, in float32.
     second_pass: "Plan | None" = None
+    # GGUF output only: re-encode quantized tensors with error feedback (abliterate.ablate.gguf_feedback)
+    gguf_error_feedback: bool = True
     source: str = field(default="plan", compare=False)  # where it came from, for messages
 
     def entry_position(self, entry: AblateEntry) -> int:
@@ -166,10 +170,12 @@ class Plan:
             d.pop("directions")
         else:
             d["directions"] = self.directions.to_dict()
+        if not self.model.lower().endswith(".gguf"):
+            d.pop("gguf_error_feedback")  # a folder's record (and resume key) stays as it was
         if self.second_pass is not None:
             d["second_pass"] = self.second_pass.to_record()
-            for key in ("model", "output", "requantize_mxfp4"):  # the whole plan's, said once
-                d["second_pass"].pop(key)
+            for key in ("model", "output", "requantize_mxfp4", "gguf_error_feedback"):  # the whole plan's, said once
+                d["second_pass"].pop(key, None)
         return d
 
 
@@ -193,6 +199,8 @@ def plan_to_dict(plan: Plan) -> dict:
     if plan.embeddings_measurement is not None:
         d["embeddings_measurement"] = int(plan.embeddings_measurement)
     d["requantize_mxfp4"] = bool(plan.requantize_mxfp4)
+    if plan.model.lower().endswith(".gguf") or not plan.gguf_error_feedback:
+        d["gguf_error_feedback"] = bool(plan.gguf_error_feedback)
     if plan.position != -1:
         d["position"] = int(plan.position)
     if plan.directions is not None:
@@ -265,6 +273,7 @@ def parse_plan(data: Any, source: str, base_dir: Path) -> Plan:
     projected = _bool(data, "projected", source, False)
     invert = _bool(data, "invert", source, False)
     requantize = _bool(data, "requantize_mxfp4", source, False)
+    error_feedback = _bool(data, "gguf_error_feedback", source, True)
 
     roles = dict(ROLE_DEFAULTS)
     raw_roles = data.get("roles")
@@ -338,7 +347,7 @@ def parse_plan(data: Any, source: str, base_dir: Path) -> Plan:
     return Plan(model=model, measurements=measurements, output=output, ablate=tuple(entries), scale=scale,
                 method=method, projected=projected, invert=invert, roles=roles, embeddings_measurement=emb_meas,
                 requantize_mxfp4=requantize, position=position, directions=directions, second_pass=second,
-                source=source)
+                gguf_error_feedback=error_feedback, source=source)
 
 
 def _second_pass(data: dict, source: str, base_dir: Path) -> Plan:
@@ -357,7 +366,7 @@ def _second_pass(data: dict, source: str, base_dir: Path) -> Plan:
             raise UserError(f"{source}: second_pass.{key} is missing; a second pass needs its own measurement file "
                             "(measure.py -m FIRST-PASS-OUTPUT) and its own ablate entries")
     sub = {k: data[k] for k in SECOND_PASS_INHERITED if k in data}
-    sub.update({k: data[k] for k in ("model", "output", "requantize_mxfp4") if k in data})
+    sub.update({k: data[k] for k in ("model", "output", "requantize_mxfp4", "gguf_error_feedback") if k in data})
     sub.update(raw)
     if isinstance(raw.get("roles"), dict) and isinstance(data.get("roles"), dict):
         sub["roles"] = {**data["roles"], **raw["roles"]}
@@ -365,7 +374,8 @@ def _second_pass(data: dict, source: str, base_dir: Path) -> Plan:
 
 
 def apply_overrides(plan: Plan, output: str | None = None, invert: bool = False, normpreserve: bool = False,
-                    projected: bool = False, requantize_mxfp4: bool = False) -> Plan:
+                    projected: bool = False, requantize_mxfp4: bool = False,
+                    no_error_feedback: bool = False) -> Plan:
     """CLI flags override the file: a flag given on the command line wins (paths relative to the shell)."""
     changes: dict = {}
     if output is not None:
@@ -378,9 +388,11 @@ def apply_overrides(plan: Plan, output: str | None = None, invert: bool = False,
         changes["projected"] = True
     if requantize_mxfp4:
         changes["requantize_mxfp4"] = True
+    if no_error_feedback:
+        changes["gguf_error_feedback"] = False
     if changes and plan.second_pass is not None:  # the flags are the whole plan's: both passes get them
         changes["second_pass"] = apply_overrides(plan.second_pass, output, invert, normpreserve, projected,
-                                                 requantize_mxfp4)
+                                                 requantize_mxfp4, no_error_feedback)
     return replace(plan, **changes) if changes else plan
 
 

@@ -24,7 +24,8 @@ and no quantization_config unless --requantize-mxfp4.
 GGUF: a plan whose model is a .gguf file (or the first part NAME-00001-of-0000N.gguf of a split set) writes its
 output as GGUF (output: NAME.gguf): edited tensors re-encoded in their own types (Q8_0, with a warning, where
 no encoder exists), everything else and all metadata copied byte for byte, a record NAME.abliteration.json
-beside it. Measurements of the HF checkpoint of the same model apply (hidden size and layer count are
+beside it. Quantized tensors are re-encoded with error feedback, so quantization noise stays off the
+direction (--no-error-feedback turns it off). Measurements of the HF checkpoint of the same model apply (hidden size and layer count are
 checked). docs/gguf.md has the workflow.
 
 details: docs/ablate.md; every plan key: docs/plan.md
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="project each direction against its index's harmless mean before use")
     p.add_argument("--requantize-mxfp4", action="store_true",
                    help="MXFP4 checkpoints: re-quantize edited experts and keep the quantization config")
+    p.add_argument("--no-error-feedback", action="store_true",
+                   help="GGUF output: re-encode each edited band on its own instead of with error feedback, "
+                        "which leaves more of the direction in 4-bit types (plan key gguf_error_feedback: false)")
     p.add_argument("--dry-run", action="store_true",
                    help="list every tensor that would be edited (key, role, group, hidden axis) and write nothing")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -75,7 +79,8 @@ def run(args) -> int:
     try:
         plan = apply_overrides(load_plan(args.plan), output=args.output, invert=args.invert,
                                normpreserve=args.normpreserve, projected=args.projected,
-                               requantize_mxfp4=args.requantize_mxfp4)
+                               requantize_mxfp4=args.requantize_mxfp4,
+                               no_error_feedback=getattr(args, "no_error_feedback", False))
         s = run_ablation(plan, device=args.device, force=args.force, dry_run=args.dry_run, verbose=args.verbose,
                          progress=not args.no_progress)
     finally:
