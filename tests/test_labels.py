@@ -188,7 +188,7 @@ def test_normalize():
 
 
 SETS_19 = ("labelled_answers_tune.jsonl", "labelled_answers_heldout.jsonl", "labelled_answers_heldout2.jsonl",
-           "labelled_answers_heldout3.jsonl", "labelled_answers_heldout4.jsonl")
+           "labelled_answers_heldout3.jsonl", "labelled_answers_heldout4.jsonl", "labelled_answers_heldout5.jsonl")
 
 
 def test_labelled_answer_sets_schema():
