@@ -46,12 +46,11 @@ SEARCH_ARGS = ["--harmful-n", "48", "--harmless-n", "48", "--max-new-tokens", "2
 
 def organism(workdir: Path, arch: str) -> Path:
     """The trained organism's folder: the demo's (workdir/model, same arch) or workdir/<arch>/model."""
-    from abliterate.demo.organism import is_current, train_organism
+    from abliterate.demo.organism import is_current, organism_prompts, train_organism
     from abliterate.demo.workflow import organism_config
-    from abliterate.prompts.bundled import bundled_prompts
 
     config = organism_config(arch, quick=False)
-    harmful, harmless = bundled_prompts("harmful", "train"), bundled_prompts("harmless", "train")
+    harmful, harmless = organism_prompts()
     for folder in (workdir / "model", workdir / arch / "model"):
         if is_current(folder, config, harmful, harmless):
             return folder

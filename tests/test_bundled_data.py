@@ -85,3 +85,29 @@ def test_split_is_disjoint_complete_and_about_one_fifth(records, kind):
     assert 0.12 <= share <= 0.28, share
     # the split is a function of the text alone, so it must agree with split_of line by line
     assert all(split_of(t) == "test" for t in test) and all(split_of(t) == "train" for t in train)
+
+
+# Blunt imperative tasks ("Write a tutorial on ...", "Provide step-by-step instructions for ...") are harder to
+# stop refusing than questions (issue 19: a search that left 19% refused on its own prompts left 35% of held-out
+# AdvBench-style requests refused), so every harm category carries some; the harmless set carries a like share so
+# that the mean difference of activations measures harm, not the imperative form.
+TASK_VERBS = ("write", "create", "develop", "provide", "give", "generate", "design", "explain", "outline",
+              "compose", "produce")
+MIN_TASKS_PER_HARM_CATEGORY = 15
+
+
+def _is_task(text: str) -> bool:
+    return text.split()[0].lower() in TASK_VERBS
+
+
+def test_every_harm_category_has_direct_imperative_requests(records):
+    tasks = Counter(r["category"] for r in records["harmful"] if _is_task(r["text"]))
+    categories = {r["category"] for r in records["harmful"]}
+    short = {c: tasks[c] for c in categories if tasks[c] < MIN_TASKS_PER_HARM_CATEGORY}
+    assert not short, f"harm categories with fewer than {MIN_TASKS_PER_HARM_CATEGORY} imperative requests: {short}"
+
+
+def test_imperative_share_matches_across_sets(records):
+    shares = {k: sum(_is_task(r["text"]) for r in records[k]) / len(records[k]) for k in KINDS}
+    low, high = sorted(shares.values())
+    assert low >= 0.8 * high, shares

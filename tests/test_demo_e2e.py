@@ -81,9 +81,9 @@ def test_plan_uses_the_projected_direction_and_the_model_decides_at_the_measured
     assert "<|start|>assistant<|channel|>final<|message|>{% endif %}" in template
 
 
-# Target not met, and why: on held-out prompts the organism refuses about a quarter of the harmless ones (27.2% on
-# the quick organism, 25.2% on the default). The train split does not teach enough to do better: a bag-of-words
-# naive Bayes classifier fitted on it (test below) reaches only ~76% of held-out harmful prompts at 10% harmless
+# Target not met, and why: on held-out prompts the organism refuses about a quarter of the harmless ones (25.9% on
+# the quick organism, 25.2% on the default before the sets grew). Its training prompts do not teach enough to do better: a bag-of-words
+# naive Bayes classifier fitted on them (test below) reaches only ~79% of held-out harmful prompts at 10% harmless
 # false alarms; the misses need knowledge the 760 training prompts do not hold (what GHB or LSD is). strict=True:
 # if the organism ever meets the target, this reports XPASS as a failure so the mark goes.
 @pytest.mark.xfail(strict=True, reason="held-out harmless refusal <= 10% needs more than the train split teaches; "
@@ -93,21 +93,23 @@ def test_harmless_refusal_before_target(quick_demo):
 
 
 def test_train_split_alone_cannot_reach_the_harmless_target():
-    """The reason the test above fails: a word-level naive Bayes classifier trained on the train split cannot
+    """The reason the test above fails: a word-level naive Bayes classifier trained on the organism's prompts cannot
     flag 80% of held-out harmful prompts while flagging at most 10% of held-out harmless ones."""
     import collections
     import math
     import re
 
+    from abliterate.demo.organism import organism_prompts
     from abliterate.prompts.bundled import bundled_prompts
 
     words = lambda p: set(re.findall(r"[a-z']+", p.lower()))  # noqa: E731
     counts = {}
-    for kind in ("harmful", "harmless"):
+    # fitted on what the organism learns from (organism_prompts), judged on the test split the demo evaluates
+    for kind, train in zip(("harmful", "harmless"), organism_prompts()):
         c = collections.Counter()
-        for p in bundled_prompts(kind, "train"):
+        for p in train:
             c.update(words(p))
-        counts[kind] = (c, len(bundled_prompts(kind, "train")))
+        counts[kind] = (c, len(train))
 
     def score(p):
         (ch, nh), (cl, nl) = counts["harmful"], counts["harmless"]

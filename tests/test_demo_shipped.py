@@ -9,8 +9,7 @@ import pytest
 
 from abliterate.cli import UserError
 from abliterate.demo import shipped
-from abliterate.demo.organism import QUICK, RECORD_NAME, fingerprint
-from abliterate.prompts.bundled import bundled_prompts
+from abliterate.demo.organism import QUICK, RECORD_NAME, fingerprint, organism_prompts
 
 
 @pytest.fixture
@@ -20,7 +19,7 @@ def fake_organism(tiny_model, tmp_path):
     src.mkdir()
     for p in tiny_model("gpt_oss").iterdir():
         (src / p.name).write_bytes(p.read_bytes())
-    harmful, harmless = bundled_prompts("harmful", "train"), bundled_prompts("harmless", "train")
+    harmful, harmless = organism_prompts()
     record = {"fingerprint": fingerprint(QUICK, harmful, harmless), "config": QUICK.to_dict()}
     (src / RECORD_NAME).write_text(json.dumps(record))
     return shipped.ship(src, tmp_path / "shipped")
@@ -48,7 +47,7 @@ def test_damaged_or_incomplete_copy_is_refused(fake_organism, tmp_path):
 
 
 def test_shipped_folder_only_for_the_current_recipe(fake_organism, monkeypatch):
-    harmful, harmless = bundled_prompts("harmful", "train"), bundled_prompts("harmless", "train")
+    harmful, harmless = organism_prompts()
     monkeypatch.setattr(shipped, "SHIPPED_ROOT", fake_organism.parent)
     assert shipped.shipped_folder(QUICK, harmful, harmless) == fake_organism
     assert shipped.shipped_folder(QUICK, harmful[1:], harmless) is None   # other prompts: train instead
@@ -62,6 +61,6 @@ def test_the_repository_copy_when_present_is_intact_and_current():
     if not folder.exists():
         pytest.skip("no organism shipped in this checkout: the demo trains it (abliterate/demo/shipped.py)")
     shipped.verify(folder)
-    harmful, harmless = bundled_prompts("harmful", "train"), bundled_prompts("harmless", "train")
+    harmful, harmless = organism_prompts()
     assert shipped.shipped_folder(QUICK, harmful, harmless) == folder, \
         "the shipped organism is stale: retrain and ship it again (see abliterate/demo/shipped.py)"

@@ -57,6 +57,10 @@ def test_search_writes_a_plan_that_sharded_ablate_streams(run_cli, measured, tmp
     plan = yaml.safe_load(text)
     assert plan["measurements"] == str(measured[1].resolve()) and plan["ablate"]
     assert chosen in [t["number"] for t in trials] and "Pareto front" in stdout
+    # the summary says its figures are on its own prompts and names the held-out judge
+    said = " ".join(stdout.split())
+    assert "on the search's own scoring prompts" in said
+    assert f"evaluate -m {tmp_path / 'ablated'} --base {measured[0]}" in said
     code, _, err = run_cli(ablate_cmd.main, [out])
     assert code == 0, err
     assert (tmp_path / "ablated" / "config.json").is_file()

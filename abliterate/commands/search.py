@@ -197,6 +197,13 @@ def _summary(r, o) -> None:
           f"{r.seconds:.1f} s in all")
     c = r.chosen
     print(f"chosen     trial {c.number}: refusals {c.failures}/{c.n_harmful} ({c.refusal_rate:.1%}), KL {c.kl:.4g}")
+    # The search fits its pick to its own prompts; held-out requests (blunt ones above all) can stay refused more
+    # often (issue 19: 19% here, 35% on held-out AdvBench-style prompts), so say where the judge is.
+    model = o.output_model or "<the plan's output folder>"
+    print(textwrap.fill(f"judge      these figures are on the search's own scoring prompts (the train split unless "
+                        f"--data-harmful/--data-harmless); the held-out figure is evaluate's, on the test split: "
+                        f"python -m abliterate evaluate -m {model} --base {o.model} (after sharded_ablate)",
+                        width=110, subsequent_indent=" " * 11, break_on_hyphens=False, break_long_words=False))
     print(textwrap.fill(f"rule       {r.rule}", width=110, subsequent_indent=" " * 11))
     print()
     print(front_table(recs, c.number))

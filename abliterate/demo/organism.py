@@ -65,6 +65,23 @@ DEMO = OrganismConfig()
 QUICK = OrganismConfig(hidden=48, layers=3, instruct_steps=60, refusal_steps=300)
 
 
+# The organism learns from the bundled sets as they were when it was first shipped: the train split of their
+# first lines. Prompts appended to the sets since (issue 19: direct, imperative requests and tasks) reach measure,
+# search and evaluate but not the organism's training, so the shipped organism keeps its fingerprint and the demo
+# its model; retraining on the grown sets would change every figure the demo prints. New prompts are appended,
+# never inserted, so these prefixes stay fixed (tests/test_demo_shipped.py checks the shipped fingerprint).
+ORGANISM_SET_LINES = {"harmful": 476, "harmless": 474}
+
+
+def organism_prompts() -> tuple[list[str], list[str]]:
+    """The organism's training prompts: (harmful, harmless), the train split of each set's first lines."""
+    from abliterate.prompts.bundled import bundled_records, split_of
+
+    harmful, harmless = ([r["text"] for r in bundled_records(kind)[:ORGANISM_SET_LINES[kind]]
+                          if split_of(r["text"]) == "train"] for kind in ("harmful", "harmless"))
+    return harmful, harmless
+
+
 def fingerprint(config: OrganismConfig, harmful: Sequence[str], harmless: Sequence[str]) -> str:
     """SHA-256 of the recipe version, the configuration and the training prompts."""
     h = hashlib.sha256()

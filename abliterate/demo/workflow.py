@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 from abliterate.cli import UserError
 from abliterate.versions import tool_versions
-from abliterate.demo.organism import DEMO, QUICK, OrganismConfig, is_current, train_organism
+from abliterate.demo.organism import DEMO, QUICK, OrganismConfig, is_current, organism_prompts, train_organism
 
 MODEL_DIR = "model"
 ABLATED_DIR = "model-abliterated"
@@ -85,7 +85,6 @@ def _remove(path: Path) -> None:
 def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, quick: bool = False,
              progress: bool = True, search: bool = False, search_trials: int = SEARCH_TRIALS) -> DemoResult:
     """Train or reuse the organism, then measure -> analyze -> (search ->) ablate -> evaluate inside `workdir`."""
-    from abliterate.prompts.bundled import bundled_prompts
     from abliterate.commands import ablate, analyze, evaluate, measure
     from abliterate.commands import search as search_command
 
@@ -93,7 +92,7 @@ def run_demo(workdir: str | Path, arch: str = "gpt_oss", retrain: bool = False, 
     workdir.mkdir(parents=True, exist_ok=True)
     w = lambda name: str(workdir / name)  # noqa: E731
     config = organism_config(arch, quick)
-    harmful, harmless = bundled_prompts("harmful", "train"), bundled_prompts("harmless", "train")
+    harmful, harmless = organism_prompts()
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
