@@ -76,7 +76,7 @@ dataset = "{harmless}"
 dataset = "{harmful}"
 """)
     env = dict(os.environ, KAGGLE_KERNEL_RUN_TYPE="1", PYTHONUNBUFFERED="1")  # the peer's numbered-menu mode
-    log = open(work / "peer.log", "w")
+    log = open(work / "peer.log", "w", buffering=1)  # line-buffered: the log shows where the peer is
     started = time.perf_counter()
     # heretic.main has no __main__ guard: call its main() the way its console script does.
     proc = subprocess.Popen([args.heretic_python, "-c", "import sys; from heretic.main import main; sys.exit(main())",
@@ -107,7 +107,7 @@ dataset = "{harmful}"
             proc.stdin.write(f"{answer}\n".encode())
             proc.stdin.flush()
             buf = ""
-        elif buf.rstrip().endswith(":") and "directory" in buf.lower() and buf.endswith(": "):
+        elif buf.endswith(": ") and any(w in buf.lower() for w in ("directory", "folder")):  # "Path to the folder:"
             proc.stdin.write(f"{out}\n".encode())
             proc.stdin.flush()
             buf = ""
