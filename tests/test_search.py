@@ -4,6 +4,7 @@ answers where refusals, answers and degenerate ones are known)."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -77,6 +78,28 @@ def test_seeds_are_points_of_the_space_and_the_first_is_the_suggestion(tmp_path)
     weights = {e.layer: e.scales["mlp_output"] for e in strong.ablate}
     assert max(weights.values()) == weights[5] == pytest.approx(1.4, abs=1e-3)
     assert weights[5] > weights[3] > weights[min(weights)] >= 0.5 - 1e-3 and len(weights) > 8
+
+
+def test_a_per_layer_set_trial_removes_one_direction_after_the_final_norm(tmp_path):
+    """The file keeps per-prompt activations up to index L only: a per-layer trial with a set (k > 1) gives the last
+    layer's entry, at index L+1, the mean difference alone, and the plan passes the checks a trial runs (a search
+    on a real model crashed on this combination)."""
+    from abliterate.ablate.plan import check_plan_shapes
+
+    s = suggestion(k=6, first=3, last=10, projected=True)
+    space = make_space(12, 13, ("attention_output", "mlp_output"), s, positions=(-2, -1), sets=True, final_norm=True)
+    params = {**dict(seed_parameters(space, s))["per-layer directions, late kernels"], "set_k": 2,
+              "set_source": "pca", "position": -2}
+    plan = params_to_plan(params, space, ctx(tmp_path))
+    last = plan.ablate[-1]
+    assert last.layer == 11 and last.measurement == 13 and plan.entry_directions(last).k == 1
+    assert all(plan.entry_directions(e).k == 2 for e in plan.ablate[:-1])
+    check_plan_shapes(plan, 13, 32, 12, 32, final_norm=True)
+    again = parse_plan(plan_to_dict(plan), "round trip", tmp_path)
+    assert again == plan
+    with pytest.raises(Exception, match="direction set at index 13"):  # a real set there is still refused
+        check_plan_shapes(dataclasses.replace(plan, ablate=plan.ablate[:-1] + (dataclasses.replace(
+            last, directions=None),)), 13, 32, 12, 32, final_norm=True)
 
 
 def test_index_range_holds_the_suggestion_and_widens_the_band():

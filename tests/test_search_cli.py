@@ -271,3 +271,28 @@ def test_the_default_search_picks_a_confirmed_trial(run_cli, measured, tmp_path)
     assert by[chosen]["confirmed"] and by[chosen]["state"] == "complete" and by[chosen]["refusals"] is not None
     assert all(t["predicted_refusal_rate"] is not None for t in trials if t["pruned"] is None)
     assert all(t["refusals"] is None for t in trials if not t["confirmed"])
+
+
+def test_a_trial_whose_plan_the_model_refuses_is_pruned_and_the_search_goes_on(run_cli, measured, tmp_path,
+                                                                               monkeypatch):
+    """A point the trial editor refuses (one line, before any edit) costs that trial only, with a warning; a long
+    search does not end at it."""
+    from abliterate.cli import UserError
+    from abliterate.search.trial_edits import TrialEditor
+
+    real = TrialEditor.apply
+
+    def apply(self, plan):
+        if plan.source == "trial 1":
+            raise UserError("trial 1: this model cannot take the plan")
+        return real(self, plan)
+
+    monkeypatch.setattr(TrialEditor, "apply", apply)
+    out = tmp_path / "plan.yml"
+    code, _, err = search(run_cli, measured, out, "--trials", "3")
+    assert code == 0, err
+    assert "warning: trial 1 not run: trial 1: this model cannot take the plan" in err
+    trials = lines(tmp_path / "plan.trials.jsonl")
+    assert [t["number"] for t in trials] == [0, 1, 2]
+    assert trials[1]["pruned"].startswith("plan refused") and trials[1]["kl"] is None
+    assert trials[2]["kl"] is not None

@@ -432,7 +432,8 @@ def check_plan_shapes(plan: Plan, num_indices: int, measured_hidden: int, num_la
                 f"indices 0..{top} (0 = embedding output, k = after decoder layer k-1, "
                 f"{num_indices} = after the final norm){more}"
             )
-        if e.measurement > last_index and plan.entry_directions(e) is not None:
+        spec = plan.entry_directions(e)
+        if e.measurement > last_index and spec is not None and spec.k > 1:  # k = 1 is the mean difference
             raise UserError(f"{src}: ablate[{i}]: a direction set at index {e.measurement} (after the final norm) "
                             f"is not available; use an index up to {last_index} for sets")
     if plan.roles.get("embeddings") and plan.embeddings_measurement is not None:

@@ -267,6 +267,13 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements, first
         trial.set_user_attr("plan", plan_to_dict(plan))
         if hooked_only and plan.method != "conventional":
             return unscored("method needs float weights")
+        try:
+            return scored(trial, plan)
+        except UserError as exc:  # the editor refuses a plan before any edit: this point cannot be run here
+            print(f"warning: trial {trial.number} not run: {exc}", file=sys.stderr)
+            return unscored(f"plan refused: {exc}")
+
+    def scored(trial, plan):
         if one_pass is not None:
             return _multi_fidelity_trial(o, trial, study, editor, plan, scorer, one_pass)
         finished = st.finished_points(study)

@@ -184,22 +184,25 @@ def params_to_plan(params: dict, space: SearchSpace, ctx: PlanContext, source: s
     weights = {g: layer_weights(params, g, space.num_layers) for g in space.groups}
     # Seeds and studies from before the scope existed hold no "direction_scope": they meant one global index.
     per_layer = params.get("direction_scope", "global") == "per_layer"
+    k = int(params.get("set_k", 1))
+    directions = (DirectionSet(params["set_source"], k)
+                  if k > 1 and params["method"] != "row_normalized" else None)
     entries = []
     for layer in range(space.num_layers):
         scales = {g: weights[g][layer] for g in space.groups}
         if not any(scales.values()):
             continue
-        own = layer + 2 if layer == space.num_layers - 1 and space.final_norm else layer + 1
-        entries.append(AblateEntry(layer=layer, measurement=own if per_layer else index, scale=1.0, scales=scales))
+        after_norm = per_layer and layer == space.num_layers - 1 and space.final_norm
+        # The file keeps per-prompt activations up to index L only: at L+1 the entry removes the mean difference.
+        one = DirectionSet("mean", 1) if after_norm and directions is not None else None
+        entries.append(AblateEntry(layer=layer, measurement=(layer + 2 if after_norm else layer + 1) if per_layer
+                                   else index, scale=1.0, scales=scales, directions=one))
     if not entries:
         return None
     roles = dict(ROLE_DEFAULTS)
     roles["router"] = "router" in space.groups and ctx.moe
     for g in ("attention_output", "mlp_output"):
         roles[g] = g in space.groups
-    k = int(params.get("set_k", 1))
-    directions = (DirectionSet(params["set_source"], k)
-                  if k > 1 and params["method"] != "row_normalized" else None)
     return Plan(model=ctx.model, measurements=ctx.measurements, output=ctx.output, ablate=tuple(entries),
                 method=params["method"], projected=bool(params["projected"]), roles=roles, source=source,
                 position=int(params.get("position", -1)), directions=directions)
