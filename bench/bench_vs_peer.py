@@ -183,6 +183,8 @@ def main() -> int:
     if not args.skip_peer:
         model, seconds = peer(args, work)
         rows["peer"] = (judge(args, model, work, "peer"), seconds)
+    elif (work / "eval-peer.json").is_file():  # an earlier run's judgement of the peer, shown beside ours
+        rows["peer (earlier run)"] = (json.loads((work / "eval-peer.json").read_text()), float("nan"))
     if not args.skip_ours:
         model, seconds = ours(args, work)
         rows["ours"] = (judge(args, model, work, "ours"), seconds)
@@ -192,18 +194,20 @@ def main() -> int:
 
 
 def _summary(result: dict) -> str:
-    """The figures evaluate's JSON holds for the harmful refusal and the KLs (keys as evaluate writes them)."""
-    model = result.get("model", result)
+    """Refusal and degenerate rates (counts) and the KLs from evaluate's JSON (its `result` for the model)."""
+    model = result.get("result", result)
     parts = []
     for kind in ("harmful", "harmless"):
-        r = model.get(kind, {}).get("refusal", {})
+        r = model.get(kind) or {}
         if r:
-            parts.append(f"refusal {kind} {r.get('rate', float('nan')):.3f} ({r.get('count')}/{r.get('n')})")
-    for key in ("kl_first_token_base_answered", "answer_kl_base_answered", "kl_first_token", "answer_kl"):
-        if key in model:
-            v = model[key]
-            parts.append(f"{key} {v if isinstance(v, (int, float)) else v.get('mean')}")
-    return "; ".join(parts) or json.dumps(result)[:300]
+            n = r.get("count") or 0
+            parts.append(f"{kind} refused {r['refusal_rate']:.1%} ({r['refusals']}/{n}), degenerate "
+                         f"{r['degenerate_rate']:.1%}")
+    for key in ("kl_base_answered", "answer_kl_base_answered", "kl", "answer_kl"):
+        v = model.get(key)
+        if isinstance(v, dict) and "mean" in v:
+            parts.append(f"{key} {v['mean']:.4f}")
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":
