@@ -144,8 +144,9 @@ def ours(args, work: Path) -> tuple[Path, float]:
     started = time.perf_counter()
     harmful, harmless = prompt_files(args, work)
     data = ["--data-harmful", str(harmful), "--data-harmless", str(harmless)]
-    run([py, str(ROOT / "measure.py"), "-m", str(model), "-o", str(meas), "--dtype", "float32", *data],
-        work / "measure.log")
+    if not meas.exists():  # a rerun reuses it: the study beside the plan continues only with the same file
+        run([py, str(ROOT / "measure.py"), "-m", str(model), "-o", str(meas), "--dtype", "float32", *data],
+            work / "measure.log")
     run([py, str(ROOT / "search.py"), "-m", str(model), "--measurements", str(meas), "-o", str(plan),
          "--trials", str(args.trials), "--max-new-tokens", str(args.max_new_tokens), "--dtype", "float32",
          "--kl-max", str(args.kl_max), "--output-model", str(out), *data, *args.search_args], work / "search.log")

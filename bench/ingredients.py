@@ -27,7 +27,7 @@ def variants(space, base: dict) -> list[tuple[str, dict]]:
     from abliterate.search.space import SET_SOURCES
 
     out = [("base", dict(base))]
-    for pos in space.positions:
+    for pos in space.positions[-2:]:  # the position just before the last (the others are reported by analyze)
         if pos != base.get("position", -1):
             out.append((f"position {pos}", {**base, "position": pos}))
     if space.sets and base["method"] != "row_normalized":
