@@ -44,14 +44,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 SEARCH_ARGS = ["--harmful-n", "48", "--harmless-n", "48", "--max-new-tokens", "24", "--batch-size", "48"]
 
 
+QUICK = False  # --quick: the demo's quick organism (the one shipped in abliterate/demo/shipped), no training
+
+
 def organism(workdir: Path, arch: str) -> Path:
-    """The trained organism's folder: the demo's (workdir/model, same arch) or workdir/<arch>/model."""
+    """The trained organism's folder: the demo's (workdir/model, same arch) or workdir/<arch>/model; with --quick,
+    the shipped quick organism when it matches."""
     from abliterate.demo.organism import is_current, organism_prompts, train_organism
     from abliterate.demo.workflow import organism_config
 
-    config = organism_config(arch, quick=False)
+    config = organism_config(arch, quick=QUICK)
     harmful, harmless = organism_prompts()
-    for folder in (workdir / "model", workdir / arch / "model"):
+    shipped = Path(__file__).resolve().parent.parent / "abliterate" / "demo" / "shipped" / arch
+    for folder in (workdir / "model", workdir / arch / "model") + ((shipped,) if QUICK else ()):
         if is_current(folder, config, harmful, harmless):
             return folder
     folder = workdir / arch / "model"
@@ -320,7 +325,10 @@ def main() -> int:
     p.add_argument("--data-harmless", default=None, help="with --model: harmless search prompts")
     p.add_argument("--search-args", default=None, help="with --fidelity-minutes: search flags instead of the "
                    "organism's (one string, e.g. '--harmful-n 32 --max-new-tokens 32')")
+    p.add_argument("--quick", action="store_true", help="the demo's quick organism (shipped: nothing to train)")
     args = p.parse_args()
+    global QUICK
+    QUICK = args.quick
     import torch
 
     torch.set_num_threads(args.threads)
