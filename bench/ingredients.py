@@ -48,8 +48,8 @@ def main() -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--measurements", required=True)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--bases", default="analyze suggestion,per-layer directions, late kernels",
-                   help="seed names (abliterate.search.space.seed_parameters), comma-separated... by prefix")
+    p.add_argument("--bases", default="analyze suggestion;per-layer directions, late kernels",
+                   help="seed names (abliterate.search.space.seed_parameters) or their beginnings, ';'-separated")
     p.add_argument("--json")
     args = p.parse_args()
 
@@ -92,7 +92,7 @@ def main() -> int:
     print(f"base model: {base_score['refused']}/{base_score['n']} refused ({time.perf_counter() - t0:.0f} s)",
           file=sys.stderr)
     results = {"base_model": base_score, "bases": {}}
-    for base_name in args.bases.split(","):
+    for base_name in args.bases.split(";"):
         name = next((n for n in seeds if n.startswith(base_name.strip())), None)
         if name is None:
             raise SystemExit(f"--bases: no seed named {base_name!r}; seeds: {list(seeds)}")
