@@ -74,10 +74,10 @@ def measured(model_dir: Path, out: Path) -> Path:
 
 
 def limit_seconds(model_dir: Path, n: int, tokens: int) -> float:
-    """One batched generate + one KL forward, best of 2."""
+    """One batched generate + one KL forward pass (the search's answer KL), best of 2."""
     from abliterate.commands.search import spread
     from abliterate.evaluate.labels import AnswerLabeller
-    from abliterate.evaluate.model_eval import generate_answers, kl_divergence, next_token_logprobs
+    from abliterate.evaluate.model_eval import generate_answers
     from abliterate.search.objectives import Scorer
     from abliterate.loading import load_model, load_tokenizer
     from abliterate.prompts.bundled import bundled_prompts
@@ -91,7 +91,7 @@ def limit_seconds(model_dir: Path, n: int, tokens: int) -> float:
     for _ in range(2):
         t = time.perf_counter()
         generate_answers(model, tok, harmful, tokens, n, progress=False)
-        kl_divergence(scorer.base_logprobs, next_token_logprobs(model, tok, scorer.kl_prompts, n, progress=False))
+        scorer.answer_kl.measure(model)  # the trial's KL pass (evaluate's answer KL, teacher-forced)
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -253,8 +253,7 @@ def one_pass_after(model_dir: Path, meas: Path, recs, harmful: list[str], harmle
 
     model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
     scorer = Scorer(model, tok, harmful, harmless, AnswerLabeller(), tokens, batch)
-    one = OnePass(model, tok, openings(tok, scorer.base_harmful_answers()), scorer.kl_prompts, scorer.base_logprobs,
-                  len(harmful), batch)
+    one = OnePass(model, tok, openings(tok, scorer.base_harmful_answers()), scorer.answer_kl, len(harmful), batch)
     editor = TrialEditor(model, load_measurements(meas))
     out = []
     for r in complete(recs):
