@@ -100,6 +100,7 @@ def main() -> int:
     ap.add_argument("--edit-layers", type=int, default=2, help="layers the 'few layers' plan edits (default 2)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temp folder, removed at the end)")
+    ap.add_argument("--plans", default="few,all", help="which plans to time: few, all or both (default few,all)")
     ap.add_argument("--no-error-feedback", action="store_true",
                     help="ablate with sharded_ablate's --no-error-feedback (each band re-encoded on its own)")
     args = ap.parse_args()
@@ -125,7 +126,8 @@ def main() -> int:
         base_cmd = [sys.executable, "-c", "import torch, gguf, numpy, yaml, tqdm; import abliterate.ablate.gguf_job, "
                     "abliterate.ablate.gguf_writer, abliterate.commands.ablate"]
         import_wall, import_rss, _ = min(timed_child(base_cmd) for _ in range(2))
-        edited_layers = {"few": list(range(args.edit_layers)), "all": list(range(layers))}
+        edited_layers = {k: v for k, v in {"few": list(range(args.edit_layers)), "all": list(range(layers))}.items()
+                         if k in args.plans.split(",")}
         for label, plan_layers in edited_layers.items():
             plan = work / f"plan_{label}.yml"
             plan.write_text(json.dumps({
