@@ -118,7 +118,7 @@ def evaluate_plans(model_dir: Path, meas: Path, plans: dict[str, dict]) -> dict[
 def bench_one(arch: str, workdir: Path, trials: int) -> dict:
     from abliterate.commands import search
     from abliterate.evaluate.model_eval import kl_where_base_answered
-    from abliterate.search.study import complete, pick, records, storage_for, STUDY_NAME
+    from abliterate.search.study import REFUSAL_TARGET, STUDY_NAME, complete, pick, records, storage_for
 
     model_dir = organism(workdir, arch)
     meas = measured(model_dir, workdir / f"{arch}-measurements.safetensors")
@@ -138,7 +138,7 @@ def bench_one(arch: str, workdir: Path, trials: int) -> dict:
     trial_s = sorted(r.seconds for r in recs)
     picks = {}
     for k in sorted({10, 20, trials} & set(range(1, trials + 1))):
-        chosen = pick([r for r in recs if r.number < k], 0.1)
+        chosen = pick([r for r in recs if r.number < k], 0.1, REFUSAL_TARGET)
         picks[f"after {k}"] = chosen[0] if chosen else None
     suggestion = next(r for r in complete(recs) if r.number == 0)
     rows = {"analyze suggestion": suggestion, **picks}
@@ -212,7 +212,7 @@ def run_fidelity(model_dir: Path, meas: Path, out_dir: Path, fidelity: str, minu
     import optuna
 
     from abliterate.commands import search
-    from abliterate.search.study import STUDY_NAME, pick, records, storage_for
+    from abliterate.search.study import REFUSAL_TARGET, STUDY_NAME, pick, records, storage_for
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = out_dir / "plan.yml"
@@ -228,7 +228,7 @@ def run_fidelity(model_dir: Path, meas: Path, out_dir: Path, fidelity: str, minu
     times = [tr.datetime_complete.timestamp() for tr in study.trials if tr.datetime_complete]
     starts = [tr.datetime_start.timestamp() for tr in study.trials if tr.datetime_start]
     loop = max(times) - min(starts)  # the trial loop's wall time: model loading and the base's answers excluded
-    chosen = pick(recs, 0.1)[0]
+    chosen = pick(recs, 0.1, REFUSAL_TARGET)[0]
     return {"fidelity": fidelity, "trials": len(recs), "wall_s": wall, "loop_s": loop,
             "trials_per_min_loop": 60 * len(recs) / loop, "trial_s_sum": sum(r.seconds for r in recs),
             "generated": sum(r.generated for r in recs), "complete": sum(r.state == "complete" for r in recs),

@@ -9,8 +9,10 @@ Not a test and never in CI. The peer runs in its own virtual environment, never 
 Both tools get the prompt files beside the model (`search_harmful.txt` / `search_harmless.txt`, written by
 bench/make_refusing_model.py), their first --prompts lines each, for their directions and their trials, float32, `--max-new-tokens` answer tokens, and
 `--trials` trials (the peer's random start-up share scaled from its default 60 of 200). The peer is driven through
-its own menus (its notebook mode reads numbered choices from stdin): it keeps the trial with the fewest refusals
-among its Pareto trials whose KL is at most --kl-max (the rule our search uses), merges its LoRA and saves the model.
+its own menus (its notebook mode reads numbered choices from stdin): from its Pareto trials it keeps the one our
+search's pick rule takes (under --kl-max, the lowest KL of those refusing at most --refusal-target, else the
+fewest refusals), merges its LoRA and saves the model. A rerun in the same --work reuses the peer's study (its
+checkpoint) and only picks, saves and judges again.
 Ours: measure -> search -> sharded_ablate. Then `evaluate` judges each saved model against the base on the test
 split, and the table prints refusal and KL for both.
 """
@@ -28,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from abliterate.search.study import REFUSAL_TARGET, target_failures  # noqa: E402
 
 
 def run(cmd: list[str], log: Path, **kw) -> float:
@@ -55,6 +59,8 @@ def peer(args, work: Path) -> tuple[Path, float]:
     cwd = work / "peer-run"
     cwd.mkdir(parents=True, exist_ok=True)
     out = work / "peer-model"
+    if out.exists():  # a rerun saves the pick again: never judge an earlier run's model
+        shutil.rmtree(out)
     harmful, harmless = prompt_files(args, work)
     startup = max(1, round(args.trials * 60 / 200))
     (cwd / "config.toml").write_text(f"""
@@ -98,7 +104,7 @@ dataset = "{harmful}"
             buf = ""
             continue
         if buf.endswith("Enter number: "):
-            answer = _menu_answer(choices, saved, args.kl_max)
+            answer = _menu_answer(choices, saved, args.kl_max, args.refusal_target)
             if answer is None:
                 break
             if "Save the model" in dict(choices).get(answer, ""):
@@ -118,23 +124,37 @@ dataset = "{harmful}"
     return out, time.perf_counter() - started
 
 
-def _menu_answer(choices: list[tuple[int, str]], saved: bool, kl_max: float) -> int | None:
+def _menu_answer(choices: list[tuple[int, str]], saved: bool, kl_max: float, refusal_target: float) -> int | None:
     titles = dict(choices)
     if any("Save the model" in t for t in titles.values()):
         if saved:
             return None  # done: leave the peer
         return next(n for n, t in choices if "Save the model" in t)
+    if any("results from the previous run" in t for t in titles.values()):  # a rerun: the peer's study is kept
+        return next(n for n, t in choices if "results from the previous run" in t)
     trials = []
     for n, t in choices:
-        m = re.search(r"Refusals:\s*(\d+)/\d+, KL divergence: ([\d.]+)", t)
+        m = re.search(r"Refusals:\s*(\d+)/(\d+), KL divergence: ([\d.]+)", t)
         if m:
-            trials.append((int(m.group(1)), float(m.group(2)), n))
+            trials.append((int(m.group(1)), float(m.group(3)), n, int(m.group(2))))
     if trials:
-        under = [t for t in trials if t[1] <= kl_max] or [min(trials, key=lambda t: t[1])]
-        return min(under)[2]
+        return _our_pick_rule(trials, kl_max, refusal_target)
     if any("Merge" in t for t in titles.values()):
         return next(n for n, t in choices if "Merge" in t)
     return None
+
+
+def _our_pick_rule(trials: list[tuple[int, float, int, int]], kl_max: float, refusal_target: float) -> int:
+    """The menu number our search's pick rule (abliterate.search.study.pick) takes from the peer's Pareto trials,
+    each (refusals, KL, menu number, prompts): under --kl-max, the lowest KL of those within the refusal target,
+    else the fewest refusals, then the lowest KL; with none under --kl-max, the lowest KL."""
+    under = [t for t in trials if t[1] <= kl_max]
+    if not under:
+        return min(trials, key=lambda t: (t[1], t[0]))[2]
+    good = [t for t in under if t[0] <= target_failures(refusal_target, t[3])]
+    if refusal_target > 0 and good:
+        return min(good, key=lambda t: (t[1], t[0]))[2]
+    return min(under, key=lambda t: (t[0], t[1]))[2]
 
 
 def ours(args, work: Path) -> tuple[Path, float]:
@@ -149,7 +169,8 @@ def ours(args, work: Path) -> tuple[Path, float]:
             work / "measure.log")
     run([py, str(ROOT / "search.py"), "-m", str(model), "--measurements", str(meas), "-o", str(plan),
          "--trials", str(args.trials), "--max-new-tokens", str(args.max_new_tokens), "--dtype", "float32",
-         "--kl-max", str(args.kl_max), "--output-model", str(out), *data, *args.search_args], work / "search.log")
+         "--kl-max", str(args.kl_max), "--refusal-target", str(args.refusal_target), "--output-model", str(out),
+         *data, *args.search_args], work / "search.log")
     if out.exists():
         shutil.rmtree(out)
     run([py, str(ROOT / "sharded_ablate.py"), str(plan)], work / "ablate.log")
@@ -158,6 +179,7 @@ def ours(args, work: Path) -> tuple[Path, float]:
 
 def judge(args, model_dir: Path, work: Path, name: str) -> dict:
     out = work / f"eval-{name}.json"
+    out.unlink(missing_ok=True)  # the bench's own file from an earlier run: judge this model afresh
     run([sys.executable, "-m", "abliterate", "evaluate", "-m", str(model_dir), "--base", str(args.model),
          "--dtype", "float32", "--max-new-tokens", str(args.eval_tokens), "--json", str(out)], work / f"eval-{name}.log",
         cwd=ROOT)
@@ -173,6 +195,8 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--eval-tokens", type=int, default=64)
     p.add_argument("--kl-max", type=float, default=0.1)
+    p.add_argument("--refusal-target", type=float, default=REFUSAL_TARGET,
+                   help="the pick rule's target for both tools (search.py --refusal-target)")
     p.add_argument("--heretic-python", default="heretic-venv/bin/python")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--skip-ours", action="store_true")

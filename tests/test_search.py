@@ -210,6 +210,22 @@ def test_pick_fewest_refusals_under_kl_max_then_lowest_kl():
     assert best.number == 3  # with a looser limit the zero-refusal trial wins
 
 
+def test_pick_takes_the_lowest_kl_among_trials_within_the_refusal_target():
+    # The peer study's front (docs/benchmarks.md): 0/64 at KL 0.067, 1/64 at 0.036 and 0.030, 2/64 at 0.020.
+    rs = [rec(0, 0, 0.067, n=64), rec(1, 1, 0.036, n=64), rec(2, 1, 0.030, n=64), rec(3, 2, 0.020, n=64),
+          rec(4, 0, 0.2, n=64)]
+    best, rule, feasible = pick(rs, 0.1, 0.02)  # 2% of 64 = 1 prompt: trials 0, 1, 2 are good enough
+    assert best.number == 2 and feasible and "--refusal-target" in rule
+    assert pick(rs, 0.1, 0.0)[0].number == 0  # no target: the fewest refusals
+    assert pick(rs, 0.1, 0.04)[0].number == 3  # 4% of 64 = 2 prompts
+    assert pick(rs, 0.01, 0.02)[1].startswith("no trial")  # the KL limit still comes first
+    # No trial within the target: the fewest refusals, as without one.
+    best, rule, _ = pick([rec(0, 5, 0.05, n=64), rec(1, 3, 0.08, n=64)], 0.1, 0.02)
+    assert best.number == 1 and "fewest refusals" in rule
+    # 2% of 48 prompts allows none: the target counts whole prompts, rounded down.
+    assert pick([rec(0, 0, 0.08, n=48), rec(1, 1, 0.01, n=48)], 0.1, 0.02)[0].number == 0
+
+
 def test_pick_without_a_feasible_trial_takes_the_lowest_kl_and_says_so():
     best, rule, feasible = pick([rec(0, 1, 0.5), rec(1, 3, 0.3), rec(2, 0, 0.9)], 0.1)
     assert best.number == 1 and not feasible and "no trial" in rule

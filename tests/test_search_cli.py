@@ -53,7 +53,9 @@ def test_search_writes_a_plan_that_sharded_ablate_streams(run_cli, measured, tmp
         assert set(t) >= {"number", "params", "refusal_rate", "kl", "seconds"} and t["kl"] is not None
     text = out.read_text()
     chosen = int(text.split("# Trial ")[1].split()[0])
-    assert "Chosen by the rule: fewest refusals among the trials with KL <= 0.1" in text
+    rule = text.split("Chosen by the rule: ")[1].split("\n# Search")[0].replace("\n#  ", "")
+    assert rule.startswith(("fewest refusals among the trials with KL <= 0.1", "the lowest KL among the trials with "
+                                                                                "KL <= 0.1 that refuse at most 2%")), rule
     plan = yaml.safe_load(text)
     assert plan["measurements"] == str(measured[1].resolve()) and plan["ablate"]
     assert chosen in [t["number"] for t in trials] and "Pareto front" in stdout
@@ -296,3 +298,21 @@ def test_a_trial_whose_plan_the_model_refuses_is_pruned_and_the_search_goes_on(r
     assert [t["number"] for t in trials] == [0, 1, 2]
     assert trials[1]["pruned"].startswith("plan refused") and trials[1]["kl"] is None
     assert trials[2]["kl"] is not None
+
+
+def test_a_finished_study_can_be_read_after_the_labeller_changed(run_cli, measured, tmp_path):
+    """A newer labeller (here: a markers file) must not continue a study scored with another (its trials' counts
+    would mix two judges), but a finished study can still be picked from: no trial runs, the note says so."""
+    out = tmp_path / "plan.yml"
+    code, _, err = search(run_cli, measured, out, "--trials", "2")
+    assert code == 0, err
+    markers = tmp_path / "markers.txt"
+    markers.write_text("i cannot help\n")
+    code, _, err = search(run_cli, measured, out, "--trials", "3", "--refusal-markers", markers)
+    assert code == 2 and "different labeller" in err, err
+    picked = tmp_path / "picked.yml"
+    code, _, err = search(run_cli, measured, picked, "--trials", "2", "--refusal-markers", markers,
+                          "--storage", tmp_path / "plan.study.journal", "--pick", "1")
+    assert code == 0, err
+    assert "scored with a different labeller" in err and "--trials 2 reached" in err
+    assert "Trial 1 of 2" in picked.read_text()

@@ -144,6 +144,10 @@ def test_the_decision_rules_in_order():
     # Less KL than every confirmed trial, but predicted to refuse more than the pick (0.05, 1): never picked.
     assert decide(0.005, 0.5).reason == "predicted above the pick" and decide(0.005, 0.15).action == "confirm"
     assert decide(0.04, 0.9, done=confirmed[:3]).reason == "calibration"  # too few confirmed yet
+    # With --refusal-target allowing 3 of 10, a trial predicted at 3 with the least KL may become the pick.
+    targeted = fidelity.decide(0.005, 0.35, 0, 10, confirmed, cal, kl_max=0.1, kl_prune=4.0, draw=0.5, share=0.1,
+                               target_failures=3)
+    assert targeted.reason == "may join the front" and decide(0.005, 0.35).reason == "predicted above the pick"
 
 
 class FakeOnePass:

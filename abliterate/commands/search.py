@@ -17,11 +17,13 @@ from pathlib import Path
 
 from abliterate.cli import UserError, check_minimums, run_command
 from abliterate.loading import add_model_arguments
+from abliterate.search.study import REFUSAL_TARGET
 
 EPILOG = """\
 outputs (beside -o PLAN.yml):
   PLAN.yml            the chosen plan for sharded_ablate.py; its comments name the trial, its refusals and KL,
-                      and the rule that picked it (fewest refusals with KL <= --kl-max, then the lowest KL)
+                      and the rule that picked it (with KL <= --kl-max: the lowest KL among trials refusing at
+                      most --refusal-target, else the fewest refusals, then the lowest KL)
   PLAN.trials.jsonl   one line per finished trial: number, parameters, generated and predicted refusal rate,
                       whether generation confirmed it, KL, seconds
   PLAN.pareto.png     refusals against KL for every trial (generated, or predicted for trials not confirmed),
@@ -64,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no new trial after MIN minutes (the study keeps what ran; rerun to continue)")
     s.add_argument("--kl-max", type=float, default=0.1,
                    help="largest acceptable KL on harmless prompts (evaluate's answer KL, see --kl-tokens): the plan "
-                        "is the trial with the fewest refusals under it (default 0.1)")
+                        "is taken from the trials under it (default 0.1; see --refusal-target)")
+    s.add_argument("--refusal-target", type=float, default=REFUSAL_TARGET, metavar="SHARE",
+                   help="among trials under --kl-max, those refusing at most this share of the harmful prompts "
+                        "are all good enough and the one with the lowest KL is the plan; without one, the fewest "
+                        "refusals, then the lowest KL (default 0.02: 1 of 64 prompts, inside the count's noise; "
+                        "0 = always the fewest refusals)")
     s.add_argument("--kl-tokens", type=int, default=16, metavar="N",
                    help="the KL is the mean per-token KL(base || trial) along the base model's first N greedy "
                         "answer tokens, teacher-forced, as evaluate's answer KL (default 16); 1 = the first answer "
@@ -124,6 +131,8 @@ def _check_args(args) -> None:
     for flag, value in (("--kl-max", args.kl_max), ("--kl-prune", args.kl_prune), ("--timeout", args.timeout)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"{flag} {value}: must be a positive number")
+    if not (math.isfinite(args.refusal_target) and 0 <= args.refusal_target < 1):
+        raise UserError(f"--refusal-target {args.refusal_target}: must be a share from 0 up to (not including) 1")
     if not (math.isfinite(args.confirm_share) and 0 <= args.confirm_share <= 1):
         raise UserError(f"--confirm-share {args.confirm_share}: must be a share between 0 and 1")
     if args.kl_prune < 1:
@@ -175,7 +184,7 @@ def run(args) -> int:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system, seed=args.seed,
         pick=args.pick, storage=args.storage, output_model=args.output_model, labeller=labeller, loading=args,
         early_stop=not args.no_early_stop, progress=not args.no_progress, fidelity=args.fidelity,
-        confirm_share=args.confirm_share, kl_tokens=args.kl_tokens,
+        confirm_share=args.confirm_share, kl_tokens=args.kl_tokens, refusal_target=args.refusal_target,
         first_pass=Path(args.first_pass) if args.first_pass else None)
     result = run_search(options, config, m)
     _summary(result, options)

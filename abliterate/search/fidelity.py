@@ -17,9 +17,9 @@ Decision (`decide`), in order, against the confirmed trials (KL, generated failu
 3. confirm, "calibration": fewer than MIN_CONFIRMED trials are confirmed (the seeds come first).
 4. skip, "over --kl-max": KL above --kl-max while a confirmed trial is under it: it cannot be picked.
 5. skip, "predicted dominated": even its optimistic failures, max(certain, (a + b * raw - margin) x n) rounded
-   up, are dominated by a confirmed trial; or "predicted above the pick": they exceed the failures of the
-   current pick (the confirmed trial with the fewest failures under --kl-max), so the trial could join only the
-   part of the front the pick rule never takes (more refusals at less KL). Except a deterministic share
+   up, are dominated by a confirmed trial; or "predicted above the pick": they exceed both the fewest failures
+   of a confirmed trial under --kl-max and the failures --refusal-target allows, so the pick rule would never
+   take it (abliterate.search.study.pick: more refusals at less KL only count while within the target). Except a deterministic share
    (--confirm-share, drawn from the seed and the trial number) that is confirmed anyway ("audit") so the
    calibration keeps seeing trials of every kind.
 6. confirm, "may join the front": everything else (it may become the pick).
@@ -90,7 +90,8 @@ def audit_draw(seed: int, number: int) -> float:
 
 
 def decide(kl: float, raw_rate: float, certain: int, n_harmful: int, confirmed: Sequence[tuple[float, int]],
-           cal: Calibration, kl_max: float, kl_prune: float, draw: float, share: float = CONFIRM_SHARE) -> Decision:
+           cal: Calibration, kl_max: float, kl_prune: float, draw: float, share: float = CONFIRM_SHARE,
+           target_failures: int = 0) -> Decision:
     """What to do with a trial (module docstring); `confirmed` holds (KL, failures) of the confirmed trials."""
     from abliterate.search.objectives import dominated
 
@@ -107,7 +108,8 @@ def decide(kl: float, raw_rate: float, certain: int, n_harmful: int, confirmed: 
         return Decision("skip", "over --kl-max", predicted, optimistic)
     feasible = [failures for other, failures in confirmed if other <= kl_max]
     hopeless = ("predicted dominated" if dominated(kl, optimistic, confirmed)
-                else "predicted above the pick" if feasible and optimistic > min(feasible) else None)
+                else "predicted above the pick" if feasible and optimistic > max(min(feasible), target_failures)
+                else None)
     if hopeless:
         if draw < share:
             return Decision("confirm", "audit", predicted, optimistic)

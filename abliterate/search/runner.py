@@ -19,6 +19,7 @@ from abliterate.ablate.record import file_sha256
 from abliterate.cli import UserError, atomic_output_file
 from abliterate.loading import quantization_method, text_config
 from abliterate.search.answer_kl import definition as kl_definition
+from abliterate.search.study import REFUSAL_TARGET
 
 SUPPORTED_SEARCH = "abliterate.search/1"
 
@@ -31,6 +32,7 @@ class SearchOptions:
     trials: int = 40
     timeout_min: float | None = None
     kl_max: float = 0.1
+    refusal_target: float = REFUSAL_TARGET  # the pick rule's "good enough" share of refusals (abliterate.search.study.pick)
     kl_prune: float = 4.0
     harmful: list[str] = field(default_factory=list)
     harmless: list[str] = field(default_factory=list)
@@ -136,7 +138,12 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
         identity["first_pass_sha256"] = file_sha256(o.first_pass)
     location = o.storage or str(paths["study"])
     study = st.open_study(location, o.seed, len(seeds))
-    st.check_identity(study, identity, location)
+    # A finished study can still be read (--pick, the pick rule of a newer version) after the labeller changed:
+    # no trial runs, so its stored refusal counts are used as they were measured, and the note says so.
+    finished = st.counted(study) >= o.trials
+    for key in st.check_identity(study, identity, location, ("labeller",) if finished else ()):
+        notes.append(f"note: the study's trials were scored with a different {key} than this version's; no new "
+                     f"trial runs (--trials {o.trials} reached), so their stored figures are used as measured")
     stale = st.fail_stale_trials(study)
     if stale:
         notes.append(f"warning: {stale} trial(s) left running by a process that ended were marked failed")
@@ -189,7 +196,7 @@ def _chosen(o: SearchOptions, recs):
     from abliterate.search import study as st
 
     if o.pick is None:
-        return st.pick(recs, o.kl_max)
+        return st.pick(recs, o.kl_max, o.refusal_target)
     r = st.trial_record(recs, o.pick, str(o.output))
     return r, f"--pick {o.pick}", r.kl <= o.kl_max
 
@@ -288,7 +295,7 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements, first
 
     refresh = lambda: _write_trials(o, study)  # noqa: E731  (the table stays current if the run is killed)
     timeout = o.timeout_min * 60 if o.timeout_min else None
-    return st.run_trials(study, o.trials, run_one, o.kl_max, timeout, o.progress, refresh)
+    return st.run_trials(study, o.trials, run_one, o.kl_max, timeout, o.progress, refresh, o.refusal_target)
 
 
 def _first_measurements(first):
@@ -327,7 +334,8 @@ def _multi_fidelity_trial(o: SearchOptions, trial, study, editor, plan, scorer, 
     with editor.applied(plan):
         one = one_pass.score()
         d = fidelity.decide(one.kl, one.raw_rate, one.certain_failures, n, confirmed, cal, o.kl_max, o.kl_prune,
-                            fidelity.audit_draw(o.seed, trial.number), o.confirm_share)
+                            fidelity.audit_draw(o.seed, trial.number), o.confirm_share,
+                            st.target_failures(o.refusal_target, n))
         score = None
         if d.action == "confirm":
             score = scorer.answers(one.kl, confirmed, o.early_stop, dominance=d.reason == "may join the front")

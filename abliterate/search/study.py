@@ -23,13 +23,19 @@ generated is told COMPLETE with (its predicted refusal rate, its KL), so the sam
 record's state is "predicted" (user attribute `generated` false): the front, the pick and the plan use only
 generated ("complete") trials.
 
-Pick rule (`pick`): among finished trials with KL <= --kl-max, the fewest refusals, then the lowest KL, then the
-earlier trial. When none is that close to the base model, the trial with the lowest KL (the one nearest to the
-constraint) and a warning: raise --kl-max or run more trials.
+Pick rule (`pick`): among finished trials with KL <= --kl-max, those that refuse at most --refusal-target of the
+harmful prompts (default 2%: one prompt in 64; 0 prompts of 48) are all good enough, and the one with the lowest KL
+is taken; when none is that good, the fewest refusals, then the lowest KL, then the earlier trial. Why a target:
+one refusal in 64 is inside the count's own noise (a binomial standard error of about one prompt there), while
+the KL of two such plans can differ twofold (the peer study in docs/benchmarks.md: 0/64 at KL 0.067 against 1/64
+at 0.030, which left 4.0% against 8.9% of the test split refused at answer KL 0.157 against 0.089). When no trial
+is under --kl-max, the trial with the lowest KL (the one nearest to the constraint) and a warning: raise --kl-max
+or run more trials.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -42,6 +48,7 @@ from abliterate.cli import UserError, first_line
 
 STUDY_NAME = "abliterate-search"
 CONSTRAINT = "kl_over_max"
+REFUSAL_TARGET = 0.02  # --refusal-target's default (the pick rule above)
 RANDOM_AFTER_SEEDS = 3  # random trials between the seeds and the first TPE suggestion
 
 
@@ -112,19 +119,24 @@ def open_study(location: str, seed: int, n_seeds: int):
                                directions=["minimize", "minimize"], load_if_exists=True)
 
 
-def check_identity(study, identity: dict, where: str) -> None:
-    """A new study records `identity`; an existing one must match it (else the objectives would differ)."""
+def check_identity(study, identity: dict, where: str, tolerate: tuple[str, ...] = ()) -> list[str]:
+    """A new study records `identity`; an existing one must match it (else the objectives would differ). Keys in
+    `tolerate` may differ (the caller runs no new trial, so only the stored numbers are read): their names."""
     stored = study.user_attrs.get("identity")
     if stored is None:
         if study.get_trials(deepcopy=False):
             raise UserError(f"{where}: holds trials of a study this tool did not create; use another -o")
         study.set_user_attr("identity", identity)
-        return
+        return []
+    tolerated = []
     for key, value in identity.items():
-        if stored.get(key) != value:
+        if stored.get(key) != value and key in tolerate:
+            tolerated.append(key)
+        elif stored.get(key) != value:
             raise UserError(
                 f"{where}: the study there was run with a different {key} ({_short(stored.get(key))} instead of "
                 f"{_short(value)}); use another -o to start a new study, or delete {where} to start over")
+    return tolerated
 
 
 def _short(value) -> str:
@@ -178,7 +190,7 @@ def counted(study) -> int:
 
 
 def run_trials(study, total: int, run_one: Callable, kl_max: float, timeout_s: float | None = None,
-               progress: bool = True, on_finish: Callable | None = None) -> int:
+               progress: bool = True, on_finish: Callable | None = None, refusal_target: float = 0.0) -> int:
     """Ask, run and tell trials until the study holds `total` (or the time is up); the number this process ran.
 
     `run_one(trial)` returns ("complete", (refusal_rate, kl)) or ("pruned", None); an exception marks the trial
@@ -214,7 +226,7 @@ def run_trials(study, total: int, run_one: Callable, kl_max: float, timeout_s: f
                 study.tell(trial, state=TrialState.PRUNED)
             ran += 1
             bar.update(1)
-            best = pick(records(study), kl_max)
+            best = pick(records(study), kl_max, refusal_target)
             if best is not None:
                 bar.set_postfix_str(best_text(best[0]))
             if on_finish is not None:
@@ -262,12 +274,22 @@ def complete(rs: list[TrialRecord]) -> list[TrialRecord]:
     return [r for r in rs if r.state == "complete" and r.kl is not None and r.failures is not None]
 
 
-def pick(rs: list[TrialRecord], kl_max: float) -> tuple[TrialRecord, str, bool] | None:
+def target_failures(refusal_target: float, n_harmful: int) -> int:
+    """The most refusals a trial of n_harmful prompts may have and still meet --refusal-target."""
+    return max(0, math.floor(refusal_target * n_harmful + 1e-9))
+
+
+def pick(rs: list[TrialRecord], kl_max: float, refusal_target: float = 0.0) -> tuple[TrialRecord, str, bool] | None:
     """(chosen trial, the rule that chose it, feasible?) by the module docstring's rule; None without trials."""
     done = complete(rs)
     if not done:
         return None
     feasible = [r for r in done if r.kl <= kl_max]
+    good = [r for r in feasible if r.failures <= target_failures(refusal_target, r.n_harmful)]
+    if refusal_target > 0 and good:
+        best = min(good, key=lambda r: (r.kl, r.failures, r.number))
+        return best, (f"the lowest KL among the trials with KL <= {kl_max:g} that refuse at most "
+                      f"{refusal_target:.0%} of the harmful prompts (--refusal-target)"), True
     if feasible:
         best = min(feasible, key=lambda r: (r.failures, r.kl, r.number))
         return best, f"fewest refusals among the trials with KL <= {kl_max:g}, then the lowest KL", True
