@@ -343,8 +343,8 @@ def main() -> int:
         if args.model:
             runs = [(Path(args.model), Path(args.measurements))]
         else:
-            runs = [(m, measured(m, workdir / f"{arch}-measurements.safetensors"))
-                    for m in (organism(workdir, arch) for arch in args.arch)]
+            runs = [(organism(workdir, arch), workdir / f"{arch}-measurements.safetensors") for arch in args.arch]
+            runs = [(m, measured(m, meas)) for m, meas in runs]
         comparisons = []
         for i, (model_dir, meas) in enumerate(runs):
             with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
