@@ -89,6 +89,38 @@ def test_the_shared_prefix_runs_once_and_gives_the_plain_pass_numbers(llama):
     assert a.margins == pytest.approx(b.margins, abs=1e-4) and a.certain_failures == b.certain_failures
 
 
+@pytest.mark.parametrize("system", [None, "You are a careful assistant. Answer briefly, plainly and politely, in "
+                                           "one or two sentences."], ids=["no prefix", "shared prefix"])
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
+def test_a_trial_that_leaves_the_first_layers_unedited_starts_at_their_kept_output(tiny_model, arch, system):
+    """The layer cache: editing layers 2 and 3 of 4, the pass started at layer 1, 2 (the kept unedited residual)
+    gives exactly the numbers of the pass through every layer; with and without the shared-prefix cache."""
+    from abliterate.loading import load_tokenizer
+
+    folder = tiny_model(arch, layers=4)
+    model, tok = load_model(str(folder)), load_tokenizer(str(folder))
+    scorer = Scorer(model, tok, PROMPTS, PROMPTS, AnswerLabeller(), max_new_tokens=6, batch_size=4, system=system)
+    rows = openings(tok, scorer.base_harmful_answers(), system)
+    cached = OnePass(model, tok, rows, scorer.answer_kl, len(PROMPTS), 4)
+    plain = OnePass(model, tok, rows, scorer.answer_kl, len(PROMPTS), 4, layer_cache=False)
+    assert sorted(cached.layer_cache) == [1, 2, 3] and "starts there" in cached.layer_note, cached.layer_note
+    assert len(cached.layer_cache[2]) == len(cached.batches) == 3 and not plain.layer_cache
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers[2:]:
+            for p in layer.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    want = plain.score()
+    assert want.kl > 0
+    for first in (0, 1, 2):  # 0: every layer; 1 and 2: started at the kept residual entering layer 1 and 2
+        got = cached.score(first)
+        assert got.kl == pytest.approx(want.kl, rel=1e-6, abs=1e-12) and got.margins == pytest.approx(want.margins, abs=1e-6)
+        assert got.raw_rate == pytest.approx(want.raw_rate, abs=1e-9) and got.certain_failures == want.certain_failures
+    # Started past an edited layer (3, with layer 2 edited) the pass misses that edit: the cache is really used, and
+    # that is why the trial editor says where a trial may start.
+    assert cached.score(3).kl != pytest.approx(want.kl, rel=1e-3)
+
+
 def test_generation_with_the_shared_prefix_gives_the_plain_answers(llama):
     from abliterate.search.generation import shared_prefix
 
@@ -154,7 +186,7 @@ class FakeOnePass:
     def __init__(self, kl, raw, certain=0):
         self.result = OnePassScore(kl, raw, certain, 10, 0.01)
 
-    def score(self):
+    def score(self, first_edited_layer=0):
         return self.result
 
 
@@ -184,7 +216,7 @@ def test_a_trial_that_cannot_join_the_front_is_not_generated_and_is_never_picked
 
     study = confirmed_study([(x / 10, x, 0.01 * (x + 1)) for x in range(2, 8)])  # generated rate = raw
     o = SearchOptions("m", Path("m.safetensors"), Path("plan.yml"), harmful=["h"] * 10, confirm_share=0.0)
-    editor = SimpleNamespace(applied=lambda plan: contextlib.nullcontext())
+    editor = SimpleNamespace(applied=lambda plan: contextlib.nullcontext(), first_edited_layer=lambda: 0)
 
     def run(one, scorer):
         trial = study.ask()
@@ -252,3 +284,22 @@ def test_pick_n_refuses_a_trial_that_was_not_generated():
     rs = [TrialRecord(4, "predicted", 0.01, None, 0, 10, None, None, {}, {"ablate": []}, 0.1, False, 0.2)]
     with pytest.raises(UserError, match="--pick 4: trial 4 in plan.yml was scored by the one-pass score only"):
         trial_record(rs, 4, "plan.yml")
+
+
+def test_starting_at_a_layer_puts_back_a_forward_wrapper_the_layer_had(llama):
+    """accelerate (a device map) wraps a module's forward in an instance attribute; the layer cache must leave it."""
+    from abliterate.search.one_pass import _started_at
+
+    _, model, _ = llama
+    layers = model.model.layers
+    wrapper = layers[0].forward  # a bound method standing in for accelerate's wrapper
+    layers[0].forward = wrapper
+    try:
+        with _started_at(layers, 1, torch.zeros(1)):
+            assert layers[0].forward is not wrapper
+        assert layers[0].__dict__["forward"] is wrapper
+    finally:
+        del layers[0].forward
+    with _started_at(layers, 1, torch.zeros(1)):
+        pass
+    assert "forward" not in layers[0].__dict__

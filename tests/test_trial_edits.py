@@ -226,3 +226,18 @@ def test_errors(tiny_model, meas, tmp_path):
     other = write_measurements(tmp_path / "other.safetensors", layers=2, hidden=16)
     with pytest.raises(UserError, match="hidden size 16 but the model has hidden_size 32"):
         TrialEditor(model, load_measurements(other))
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "llama"])
+def test_first_edited_layer_is_where_the_trial_starts_to_change_the_model(tiny_model, meas, tmp_path, arch):
+    """The one-pass score skips the layers before it (abliterate.search.one_pass): 0 unless every edited parameter
+    lies in that layer or later; the embeddings and nothing applied give 0."""
+    folder = tiny_model(arch)
+    editor = TrialEditor(load_model(str(folder)), load_measurements(meas))
+    assert editor.first_edited_layer() == 0  # nothing applied
+    late = parse_plan({"model": str(folder), "measurements": str(meas), "output": str(tmp_path / "o"),
+                       "ablate": [{"layer": 1, "measurement": 1.5}]}, "late", tmp_path)
+    for plan, first in ((late, 1), (_plan(folder, meas, tmp_path / "o", "fractional_scales"), 0),
+                        (_plan(folder, meas, tmp_path / "o", "projected_invert_embeddings"), 0)):
+        with editor.applied(plan):
+            assert editor.first_edited_layer() == first

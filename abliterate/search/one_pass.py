@@ -26,6 +26,14 @@ a batch of one, and each batch continues its KV cache with the rows' own tokens,
 must agree (PREFIX_TOLERANCE); otherwise, and where a sliding window could lose prefix tokens to the padding, the
 pass runs plainly.
 
+A trial's edit leaves the decoder layers before its first edited one as they were, so their outputs on these
+fixed rows never change: before the first trial the unedited model's residual stream entering layers L/4, L/2 and
+3L/4 is kept for every batch (LAYER_CACHE_POINTS; memory: rows x width x hidden per point), and a trial whose
+first edited layer is at or past such a point starts the pass there: the layers before it are not run, the kept
+residual enters in their place. Exact (no float differs: the same rows, batches and padding feed the same layers);
+checked once on the unedited model like the prefix cache, and not used where the check fails, where the model
+cannot be split by layer, or when a trial edits the embeddings or works through forward hooks.
+
 One part is exact rather than predicted (up to float rounding, hence CERTAIN_MARGIN): when the base's whole row
 lies inside the opening (a refusal marker stop, an end-of-sequence token or the token budget within
 OPENING_TOKENS) and the trial keeps every token of it as its greedy choice, the trial's generated row is the same
@@ -35,6 +43,7 @@ on the failures generation would find, which prunes a dominated trial without ge
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -48,6 +57,7 @@ CERTAIN_MARGIN = {"float32": 1e-3, "float64": 1e-6}
 CERTAIN_MARGIN_HALF = 0.1
 MIN_PREFIX = 8  # a shorter shared prefix is not worth a cache
 PREFIX_TOLERANCE = 1e-3  # largest |difference| of logits with and without the cached prefix, over their scale
+LAYER_CACHE_POINTS = 4  # the residual entering layers L/4, 2L/4, 3L/4 is kept: a trial's pass starts at one of them
 
 
 @dataclass
@@ -95,7 +105,8 @@ def openings(tokenizer, answers: Sequence[dict], system: str | None = None,
 class OnePass:
     """Scores the model as it is now (the caller applies and restores each trial's edit around `score`)."""
 
-    def __init__(self, model, tokenizer, rows: list[Opening], answer_kl, n_harmful: int, batch_size: int = 64):
+    def __init__(self, model, tokenizer, rows: list[Opening], answer_kl, n_harmful: int, batch_size: int = 64,
+                 layer_cache: bool = True):
         self.model, self.rows, self.n_harmful, self.batch_size = model, rows, n_harmful, batch_size
         self.answer_kl = answer_kl  # abliterate.search.answer_kl.AnswerKL: the base's side of the KL
         pad = tokenizer.pad_token_id
@@ -110,7 +121,10 @@ class OnePass:
         self.keeps = prompting.forward_takes(model, "logits_to_keep")
         self.n_kl = len(kl_rows)
         self.prefix: list[int] = []
+        self._layers = None  # the decoder layers, found by _build_layer_cache
         self.prefix_note = self._check_prefix([x for x, *_ in items])
+        self.layer_cache: dict[int, list] = {}  # layer c -> the unedited residual entering it, per batch
+        self.layer_note = self._build_layer_cache() if layer_cache else "one-pass score: no layer cache (turned off)"
 
     def _check_prefix(self, all_ids: list[list[int]]) -> str:
         """Use the shared prefix when it is long enough and reproduces the plain pass on the (unedited) model;
@@ -140,6 +154,42 @@ class OnePass:
             return f"one-pass score: with the shared prefix cached the logits differ by {err:.1e}; no prefix cache"
         return f"one-pass score: the shared {n}-token prompt prefix runs once per trial (agrees to {err:.1e})"
 
+    def _build_layer_cache(self) -> str:
+        """Keep the unedited model's residual entering a few layers, per batch, when starting there reproduces the
+        full pass (checked on the first batch); a line saying what was decided."""
+        from abliterate.cli import UserError
+        from abliterate.measure.layers import find_decoder_layers
+
+        try:
+            _, self._layers = find_decoder_layers(self.model)
+        except UserError:
+            return "one-pass score: the decoder layers were not found; every pass runs every layer"
+        n = len(self._layers)
+        points = sorted({n * k // LAYER_CACHE_POINTS for k in range(1, LAYER_CACHE_POINTS)} - {0})
+        if not points:
+            return "one-pass score: too few layers for a layer cache"
+        try:
+            prefix_cache = self._prefix_cache() if self.prefix else None
+            kept: dict[int, list] = {c: [] for c in points}
+            for chunk in self.batches:
+                states = self._logits(chunk, prefix_cache, hidden=True)
+                for c in points:
+                    kept[c].append(states[c])
+            plain = self._logits(self.batches[0], prefix_cache)
+            scale = float(plain.abs().max().clamp_min(1e-30))
+            for c in points:
+                started = self._logits(self.batches[0], prefix_cache, start=(c, kept[c][0]))
+                err = float((started.float() - plain.float()).abs().max()) / scale
+                if err > PREFIX_TOLERANCE:
+                    return (f"one-pass score: starting at layer {c} from the kept residual changes the logits by "
+                            f"{err:.1e}; every pass runs every layer")
+        except Exception as exc:  # model-specific layer calls: any failure means the plain pass
+            return f"one-pass score: the layer cache could not be used ({type(exc).__name__}); every pass runs every layer"
+        self.layer_cache = kept
+        megabytes = sum(t.numel() * t.element_size() for ts in kept.values() for t in ts) / 2**20
+        return (f"one-pass score: a trial whose first edited layer is at or past layer {', '.join(map(str, points))} "
+                f"starts there from the unedited residual ({megabytes:.0f} MB kept)")
+
     def _prefix_cache(self):
         """The current model's KV cache of the shared prefix (batch of one)."""
         import torch
@@ -151,9 +201,11 @@ class OnePass:
             out = self.model(input_ids=torch.tensor([self.prefix], device=device), use_cache=True)
         return _cache_of(out)
 
-    def _logits(self, chunk, prefix_cache):
+    def _logits(self, chunk, prefix_cache, start=None, hidden: bool = False):
         """Logits [b, keep, V] at each row's last `keep` positions (keep = the chunk's largest), rows left-padded;
-        with `prefix_cache`, only the tokens after the shared prefix run, the padding between prefix and row."""
+        with `prefix_cache`, only the tokens after the shared prefix run, the padding between prefix and row.
+        `start` = (layer c, the residual entering it): layers before c are not run. `hidden`: the hidden states
+        (the residual entering each layer) instead of the logits."""
         import copy
 
         import torch
@@ -174,23 +226,30 @@ class OnePass:
             cache.batch_repeat_interleave(len(rows))
             extra[_cache_keyword(self.model)] = cache
             mask = torch.cat([mask.new_ones((len(rows), skip)), mask], dim=1)
-        with torch.inference_mode():
-            return self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              position_ids=positions.to(device), **extra).logits[:, -keep:, :]
+        if hidden:
+            extra["output_hidden_states"] = True
+        with torch.inference_mode(), _started_at(self._layers if start else None, *(start or (0, None))):
+            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             position_ids=positions.to(device), **extra)
+        return out.hidden_states if hidden else out.logits[:, -keep:, :]
 
-    def score(self) -> OnePassScore:
+    def score(self, first_edited_layer: int = 0) -> OnePassScore:
+        """The current model's score; `first_edited_layer`: layers before it are unedited (TrialEditor says which),
+        so the pass may start at a kept residual there (0: run every layer)."""
         import time
 
         import torch
 
         started = time.perf_counter()
+        point = max((c for c in self.layer_cache if c <= first_edited_layer), default=None)
         kl_rows: dict[int, torch.Tensor] = {}
         min_margin: dict[int, float] = {}
         certain_margin = None
         prefix_cache = self._prefix_cache() if self.prefix else None  # the trial's weights: once per trial
-        for chunk in self.batches:
+        for b_index, chunk in enumerate(self.batches):
             keep = max(k for _, k, *_ in chunk)
-            logits = self._logits(chunk, prefix_cache)
+            start = (point, self.layer_cache[point][b_index]) if point is not None else None
+            logits = self._logits(chunk, prefix_cache, start)
             if certain_margin is None:
                 certain_margin = CERTAIN_MARGIN.get(str(logits.dtype).removeprefix("torch."), CERTAIN_MARGIN_HALF)
             for b, (_, k, kind, index) in enumerate(chunk):
@@ -209,6 +268,37 @@ class OnePass:
         raw = sum(q) / max(self.n_harmful, 1)
         margins = [min_margin[i] for i in range(len(self.rows))]
         return OnePassScore(kl, raw, certain, self.n_harmful, time.perf_counter() - started, margins)
+
+
+@contextlib.contextmanager
+def _started_at(layers, c: int, residual):
+    """Run the model from layer c: layers before it return their input untouched (not computed) and layer c-1
+    hands on `residual`, the unedited residual entering layer c. Nothing changes when `layers` is None."""
+    if layers is None or c <= 0:
+        yield
+        return
+
+    def passthrough(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def hand_on(module, args, output):
+        return (residual, *output[1:]) if isinstance(output, tuple) else residual
+
+    # An instance attribute: the class's forward is untouched. accelerate's device hooks (a device map) put their
+    # own wrapper there; it is kept and put back.
+    own = [layers[i].__dict__.get("forward") for i in range(c)]
+    for i in range(c):
+        layers[i].forward = passthrough
+    handle = layers[c - 1].register_forward_hook(hand_on)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, previous in enumerate(own):
+            if previous is None:
+                del layers[i].forward
+            else:
+                layers[i].forward = previous
 
 
 def _min_margin(logits, tokens: list[int]) -> float:

@@ -319,6 +319,7 @@ def _one_pass(o: SearchOptions, model, tokenizer, scorer):
     one_pass = OnePass(model, tokenizer, openings(tokenizer, answers, o.system), scorer.answer_kl, len(o.harmful),
                        o.batch_size)
     print(f"note: {one_pass.prefix_note}", file=sys.stderr)
+    print(f"note: {one_pass.layer_note}", file=sys.stderr)
     return one_pass
 
 
@@ -332,7 +333,7 @@ def _multi_fidelity_trial(o: SearchOptions, trial, study, editor, plan, scorer, 
     cal = fidelity.calibrate(st.calibration_pairs(recs))
     n = len(o.harmful)
     with editor.applied(plan):
-        one = one_pass.score()
+        one = one_pass.score(editor.first_edited_layer())
         d = fidelity.decide(one.kl, one.raw_rate, one.certain_failures, n, confirmed, cal, o.kl_max, o.kl_prune,
                             fidelity.audit_draw(o.seed, trial.number), o.confirm_share,
                             st.target_failures(o.refusal_target, n))

@@ -231,6 +231,17 @@ class TrialEditor:
             specs.append((site, (wt or bt).direction_key, scale, bias_scale))
         return specs
 
+    def first_edited_layer(self) -> int:
+        """The first decoder layer whose computation the applied plan changes: the layers before it compute what the
+        unedited model does (the one-pass score starts after them). 0 when nothing is applied, when an edited
+        parameter belongs to no layer (the embeddings) or when the trial works through forward hooks."""
+        if self._handles or not self._applied:
+            return 0
+        layers = [self._roles[name].layer for name in self._applied]
+        if any(layer is None for layer in layers) or any(self._roles[n].group == "embeddings" for n in self._applied):
+            return 0
+        return min(layers)
+
     def restore(self) -> None:
         """Put every parameter the last apply edited back to its original value, bit for bit, and remove its hooks."""
         while self._handles:
