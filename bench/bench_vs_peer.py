@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from abliterate.search.study import REFUSAL_TARGET, target_failures  # noqa: E402
+from abliterate.search.study import REFUSAL_TARGET, TrialRecord, pick  # noqa: E402
 
 
 def run(cmd: list[str], log: Path, **kw) -> float:
@@ -145,16 +145,11 @@ def _menu_answer(choices: list[tuple[int, str]], saved: bool, kl_max: float, ref
 
 
 def _our_pick_rule(trials: list[tuple[int, float, int, int]], kl_max: float, refusal_target: float) -> int:
-    """The menu number our search's pick rule (abliterate.search.study.pick) takes from the peer's Pareto trials,
-    each (refusals, KL, menu number, prompts): under --kl-max, the lowest KL of those within the refusal target,
-    else the fewest refusals, then the lowest KL; with none under --kl-max, the lowest KL."""
-    under = [t for t in trials if t[1] <= kl_max]
-    if not under:
-        return min(trials, key=lambda t: (t[1], t[0]))[2]
-    good = [t for t in under if t[0] <= target_failures(refusal_target, t[3])]
-    if refusal_target > 0 and good:
-        return min(good, key=lambda t: (t[1], t[0]))[2]
-    return min(under, key=lambda t: (t[0], t[1]))[2]
+    """The menu number our search's own pick rule (abliterate.search.study.pick) takes from the peer's Pareto
+    trials, each (refusals, KL, menu number, prompts)."""
+    records = [TrialRecord(number, "complete", kl, refusals, refusals, prompts, None, None, {}, None, 0.0)
+               for refusals, kl, number, prompts in trials]
+    return pick(records, kl_max, refusal_target)[0].number
 
 
 def ours(args, work: Path) -> tuple[Path, float]:

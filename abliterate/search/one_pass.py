@@ -228,7 +228,7 @@ class OnePass:
             mask = torch.cat([mask.new_ones((len(rows), skip)), mask], dim=1)
         if hidden:
             extra["output_hidden_states"] = True
-        with torch.inference_mode(), _started_at(self._layers if start else None, *(start or (0, None))):
+        with torch.inference_mode(), (_started_at(self._layers, *start) if start else contextlib.nullcontext()):
             out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                              position_ids=positions.to(device), **extra)
         return out.hidden_states if hidden else out.logits[:, -keep:, :]
@@ -272,11 +272,8 @@ class OnePass:
 
 @contextlib.contextmanager
 def _started_at(layers, c: int, residual):
-    """Run the model from layer c: layers before it return their input untouched (not computed) and layer c-1
-    hands on `residual`, the unedited residual entering layer c. Nothing changes when `layers` is None."""
-    if layers is None or c <= 0:
-        yield
-        return
+    """Run the model from layer c (>= 1): layers before it return their input untouched (not computed) and layer
+    c-1 hands on `residual`, the unedited residual entering layer c."""
 
     def passthrough(*args, **kwargs):
         return args[0] if args else kwargs["hidden_states"]

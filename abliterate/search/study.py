@@ -130,9 +130,11 @@ def check_identity(study, identity: dict, where: str, tolerate: tuple[str, ...] 
         return []
     tolerated = []
     for key, value in identity.items():
-        if stored.get(key) != value and key in tolerate:
+        if stored.get(key) == value:
+            continue
+        if key in tolerate:
             tolerated.append(key)
-        elif stored.get(key) != value:
+        else:
             raise UserError(
                 f"{where}: the study there was run with a different {key} ({_short(stored.get(key))} instead of "
                 f"{_short(value)}); use another -o to start a new study, or delete {where} to start over")

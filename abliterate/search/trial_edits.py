@@ -237,10 +237,8 @@ class TrialEditor:
         parameter belongs to no layer (the embeddings) or when the trial works through forward hooks."""
         if self._handles or not self._applied:
             return 0
-        layers = [self._roles[name].layer for name in self._applied]
-        if any(layer is None for layer in layers) or any(self._roles[n].group == "embeddings" for n in self._applied):
-            return 0
-        return min(layers)
+        layers = [self._roles[name].layer for name in self._applied]  # the embeddings' role has no layer
+        return 0 if None in layers else min(layers)
 
     def restore(self) -> None:
         """Put every parameter the last apply edited back to its original value, bit for bit, and remove its hooks."""
