@@ -28,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from abliterate.evaluate import refusal_classifier as rc  # noqa: E402
-from abliterate.evaluate.labels import AnswerLabeller, degeneration  # noqa: E402
+from abliterate.evaluate.degeneration import degeneration  # noqa: E402
+from abliterate.evaluate.labels import AnswerLabeller  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data")
 TRAIN_SETS = ("answers_labelled.jsonl", "answers_holdout.jsonl", "labelled_answers_tune.jsonl", "labelled_answers_heldout.jsonl",

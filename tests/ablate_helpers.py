@@ -75,7 +75,7 @@ def load_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def reference_ablation(state: dict, model_type: str, hidden: int, plan, directions, measurements=None) -> dict:
     """The plan applied in memory by tests.reference_ablation.ablate_state_dict (no streaming), to compare with.
 
-    Integer measurement indices take their direction (or set) from `directions` (plan.prepared_directions). Fractional
+    Integer measurement indices take their direction (or set) from `directions` (plan_directions.prepared_directions). Fractional
     ones k + f need `measurements`: their direction is worked out here, unit((1 - f) u_k + f u_{k+1}) of the two
     neighbours prepared by directions.prepare_direction, independently of prepared_directions."""
     from tests.reference_ablation import ablate_state_dict

@@ -11,7 +11,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
-from abliterate.ablate.plan import load_plan, prepared_directions
+from abliterate.ablate.plan import load_plan
+from abliterate.ablate.plan_directions import prepared_directions
 from abliterate.measure.measurement_file import load_measurements
 
 

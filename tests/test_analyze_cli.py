@@ -59,7 +59,8 @@ def check_plan(path: Path, num_layers: int, hidden_size: int) -> dict:
         assert entry["scale"] == 1.0 and entry["sparsity"] == 1.0
     # And the real validator sharded_ablate.py uses accepts it (raises UserError otherwise).
     from abliterate.measure.measurement_file import load_measurements
-    from abliterate.ablate.plan import check_plan_against, load_plan
+    from abliterate.ablate.plan import load_plan
+    from abliterate.ablate.plan_checks import check_plan_against
 
     parsed = load_plan(path)
     check_plan_against(parsed, load_measurements(plan["measurements"]), num_layers, hidden_size)

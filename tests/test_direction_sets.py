@@ -17,7 +17,8 @@ import torch
 from abliterate.ablate.architectures import TensorRole
 from abliterate.ablate.edits import ColumnEdit, edit_tensor
 from abliterate.ablate.job import run_ablation
-from abliterate.ablate.plan import DirectionSet, parse_plan, prepared_directions
+from abliterate.ablate.plan import DirectionSet, parse_plan
+from abliterate.ablate.plan_directions import prepared_directions
 from abliterate.cli import UserError
 from abliterate.directions import (cluster_directions, extend_orthonormal, kmeans, orthonormal_rows,
                                    principal_directions, unit)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from abliterate.ablate.job import run_ablation
-from abliterate.ablate.plan import parse_plan, prepared_directions
+from abliterate.ablate.plan import parse_plan
+from abliterate.ablate.plan_directions import prepared_directions
 from abliterate.cli import UserError
 from abliterate.commands.measure import main
 from abliterate.measure.measurement_file import load_measurements, save_measurements

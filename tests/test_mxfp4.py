@@ -102,7 +102,8 @@ def test_mxfp4_checkpoint_to_bf16_matches_dense_reference(mxfp4_model, tmp_path)
     from transformers import AutoModelForCausalLM
 
     from abliterate.measure.measurement_file import load_measurements
-    from abliterate.ablate.plan import load_plan, prepared_directions
+    from abliterate.ablate.plan import load_plan
+    from abliterate.ablate.plan_directions import prepared_directions
     from abliterate.ablate.job import run_ablation
 
     meas = write_measurements(tmp_path / "m.safetensors", layers=2, hidden=32)
@@ -175,7 +176,7 @@ def test_requantize_keeps_mxfp4_and_reports_error(mxfp4_model, tmp_path):
             assert same, key
     # the requantized experts are the MXFP4 rounding of the edited dense experts, within the reported error
     from abliterate.measure.measurement_file import load_measurements
-    from abliterate.ablate.plan import prepared_directions
+    from abliterate.ablate.plan_directions import prepared_directions
 
     dense = _dense_input(mxfp4_model)
     ref = reference_ablation(dense, "gpt_oss", 32, plan, prepared_directions(plan, load_measurements(meas)))

@@ -10,8 +10,9 @@ import torch
 from abliterate.cli import UserError
 from abliterate.measure.measurement_file import Measurements
 from abliterate.ablate.architectures import classify
-from abliterate.ablate.plan import (apply_overrides, check_plan_against, load_plan, parse_plan, plan_to_dict,
-                                  prepared_directions)
+from abliterate.ablate.plan import apply_overrides, load_plan, parse_plan, plan_to_dict
+from abliterate.ablate.plan_checks import check_plan_against
+from abliterate.ablate.plan_directions import prepared_directions
 from abliterate.directions import prepare_direction
 
 

@@ -84,7 +84,7 @@ def test_a_per_layer_set_trial_removes_one_direction_after_the_final_norm(tmp_pa
     """The file keeps per-prompt activations up to index L only: a per-layer trial with a set (k > 1) gives the last
     layer's entry, at index L+1, the mean difference alone, and the plan passes the checks a trial runs (a search
     on a real model crashed on this combination)."""
-    from abliterate.ablate.plan import check_plan_shapes
+    from abliterate.ablate.plan_checks import check_plan_shapes
 
     s = suggestion(k=6, first=3, last=10, projected=True)
     space = make_space(12, 13, ("attention_output", "mlp_output"), s, positions=(-2, -1), sets=True, final_norm=True)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from abliterate.measure.measurement_file import load_measurements
-from abliterate.ablate.plan import load_plan, prepared_directions
+from abliterate.ablate.plan import load_plan
+from abliterate.ablate.plan_directions import prepared_directions
 from abliterate.ablate.record import RECORD_NAME
 from abliterate.safetensors_header import read_header
 from abliterate.ablate.job import CRASH_ENV, run_ablation

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from abliterate.ablate import gguf_codec
 from abliterate.ablate.gguf_file import GGUFPart, output_names, plan_layout, read_part, split_parts, type_name
 from abliterate.ablate.gguf_roles import ARCH_FAMILY, classify_gguf, known_architectures
-from abliterate.ablate.plan import Plan, check_plan_against, check_plan_shapes
+from abliterate.ablate.plan import Plan
+from abliterate.ablate.plan_checks import check_plan_against, check_plan_shapes
 from abliterate.ablate.preflight import free_bytes
 from abliterate.ablate.record import build_record, file_sha256, record_bytes
 from abliterate.ablate.resume import MARKER_DIR, clean_partial, input_key, seal_shard, shard_done

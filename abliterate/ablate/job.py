@@ -36,7 +36,8 @@ from abliterate.ablate.warnings import directions_projected, emit, measurement_w
 from abliterate.measure.measurement_file import (final_norm_in_file, load_measurements, measurement_contents,
                                                  measurement_metadata, measurement_shape)
 from abliterate.ablate.model_folder import INDEX_NAME, ModelFolder, open_model_folder, resolve_model_path
-from abliterate.ablate.plan import Plan, check_plan_against, check_plan_contents, check_plan_shapes
+from abliterate.ablate.plan import Plan
+from abliterate.ablate.plan_checks import check_plan_against, check_plan_contents, check_plan_shapes
 from abliterate.ablate.record import RECORD_NAME, build_record, file_sha256, model_card, record_bytes
 from abliterate.ablate.safetensors_io import POSITIONAL_IO, copy_range, layout_unchanged, write_safetensors
 

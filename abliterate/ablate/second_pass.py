@@ -28,7 +28,7 @@ def first_pass_hint(plan) -> str:
 def check_second_pass_file(plan, num_layers: int, hidden_size: int) -> None:
     """Phase-1 checks of the second pass (headers only, no tensor library): its measurement file exists, is not the
     first pass's, has the model's L+1 indices and hidden size, and holds what its entries ask for."""
-    from abliterate.ablate.plan import check_plan_contents, check_plan_shapes
+    from abliterate.ablate.plan_checks import check_plan_contents, check_plan_shapes
     from abliterate.measure.measurement_file import final_norm_in_file, measurement_contents, measurement_shape
 
     second = plan.second_pass
@@ -58,8 +58,8 @@ def check_second_pass_shape(plan, num_indices: int, measured_hidden: int, num_la
 
 
 def loaded_second_pass(plan, num_layers: int, hidden_size: int):
-    """The second pass's measurements, loaded and checked, and its prepared directions (plan.prepared_directions)."""
-    from abliterate.ablate.plan import check_plan_against
+    """The second pass's measurements, loaded and checked, and its prepared directions (plan_directions.prepared_directions)."""
+    from abliterate.ablate.plan_checks import check_plan_against
     from abliterate.measure.measurement_file import load_measurements
 
     measurements = load_measurements(plan.second_pass.measurements)

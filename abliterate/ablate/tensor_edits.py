@@ -33,7 +33,7 @@ class EditTarget:
     """The edit a tensor gets, before any direction is loaded: its role, which prepared direction, the scale."""
 
     role: architectures.TensorRole
-    direction_key: tuple  # Plan.direction_key: a key of plan.prepared_directions
+    direction_key: tuple  # Plan.direction_key: a key of plan_directions.prepared_directions
     scale: float  # the effective scale for this tensor's scale group (Plan.effective_scale)
 
 

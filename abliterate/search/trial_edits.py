@@ -3,7 +3,7 @@
 The same `Plan` that sharded_ablate streams, with the same decisions and math: every parameter is classified with
 `architectures.classify` (the loaded model's names are the on-disk keys for the families in the table; fused
 in-memory experts have their own rows), `tensor_edits.edit_target` decides what is edited and with which scale,
-`plan.prepared_directions` gives the directions (fractional indices included), writers behind a post-sublayer
+`plan_directions.prepared_directions` gives the directions (fractional indices included), writers behind a post-sublayer
 norm are edited along `edits.through_norm`, and `edits.edit_tensor` edits each tensor on its own device
 in float32. The result is then rounded through the dtype the ablated folder would store (a bf16 checkpoint loaded
 in float32 gets the bf16 values sharded_ablate writes), so the trial model is the folder's model, loaded.
@@ -34,7 +34,8 @@ import torch
 
 from abliterate.ablate.architectures import classify
 from abliterate.ablate.edits import column_edit as make_column_edit, edit_tensor, through_norm
-from abliterate.ablate.plan import check_plan_shapes, prepared_directions
+from abliterate.ablate.plan_checks import check_plan_shapes
+from abliterate.ablate.plan_directions import prepared_directions
 from abliterate.ablate.tensor_edits import check_every_layer_edited, edit_target, role_name
 from abliterate.cli import UserError
 from abliterate.loading import text_config
