@@ -203,16 +203,6 @@ def _compile_marker(marker: str):
     return re.compile((r"(?<!\w)" if phrase[:1].isalnum() else "") + re.escape(phrase) + (r"(?!\w)" if phrase[-1:].isalnum() else ""))
 
 
-
-
-
-
-
-
-
-
-
-
 class AnswerLabeller:
     """Label answers ``refusal`` / ``answer`` / ``degenerate`` (rule: module docstring)."""
 
