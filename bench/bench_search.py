@@ -233,6 +233,8 @@ def run_fidelity(model_dir: Path, meas: Path, out_dir: Path, fidelity: str, minu
             "trials_per_min_loop": 60 * len(recs) / loop, "trial_s_sum": sum(r.seconds for r in recs),
             "generated": sum(r.generated for r in recs), "complete": sum(r.state == "complete" for r in recs),
             "predicted_only": sum(r.state == "predicted" for r in recs), "pruned": sum(r.state == "pruned" for r in recs),
+            "first_stage_only": sum(bool(r.one_pass) and r.one_pass.get("rows") == "first" for r in recs),
+            "seconds_by_decision": _seconds_by_decision(recs),
             "pick": {"trial": chosen.number, "refusals": chosen.failures, "n": chosen.n_harmful,
                      "refusal_rate": chosen.refusal_rate, "kl": chosen.kl, "seed": chosen.seed},
             "load_avg_at_start": load, "records": recs}
@@ -261,6 +263,16 @@ def one_pass_after(model_dir: Path, meas: Path, recs, harmful: list[str], harmle
             s = one.score()
         out.append((s.raw_rate, r.refusal_rate, s.certain_failures, r.failures))
     return out
+
+
+def _seconds_by_decision(recs) -> dict:
+    """{decision: [trials, mean trial seconds]} (the full search's trials: "generated" or their prune reason)."""
+    out: dict = {}
+    for r in recs:
+        key = (r.one_pass or {}).get("decision") or (r.pruned if r.state == "pruned" else "generated")
+        n, total = out.get(key, (0, 0.0))
+        out[key] = (n + 1, total + r.seconds)
+    return {k: [n, round(total / n, 2)] for k, (n, total) in out.items()}
 
 
 def compare_fidelity(model_dir: Path, meas: Path, workdir: Path, minutes: float, extra: list[str],
@@ -301,6 +313,9 @@ def fidelity_report(c: dict) -> str:
                      f"{r['trials_per_min_loop']:.1f} trials/min; pick: trial {p['trial']}"
                      f"{' (seed: ' + p['seed'] + ')' if p['seed'] else ''}, refusals {p['refusals']}/{p['n']} "
                      f"({p['refusal_rate']:.1%}), KL {p['kl']:.4f}; load average at start {r['load_avg_at_start']:.1f}")
+        lines.append("       trials, mean seconds by decision: " + "; ".join(
+            f"{k} {n} x {sec:.1f} s" for k, (n, sec) in sorted(r["seconds_by_decision"].items(), key=lambda x: -x[1][0]))
+            + (f" ({r['first_stage_only']} stopped after the one pass's first stage)" if r["first_stage_only"] else ""))
     lines.append(f"trials per minute, multi / full: {m['trials_per_min_loop'] / f['trials_per_min_loop']:.2f}x")
     lines.append(f"Spearman(one-pass raw rate, generated refusal rate) over the full run's {c['spearman_full_run_trials']}"
                  f" complete trials: {c['spearman_full_run']:.3f}; over the multi run's "
@@ -325,6 +340,8 @@ def main() -> int:
     p.add_argument("--search-args", default=None, help="with --fidelity-minutes: search flags instead of the "
                    "organism's (one string, e.g. '--harmful-n 32 --max-new-tokens 32')")
     p.add_argument("--quick", action="store_true", help="the demo's quick organism (shipped: nothing to train)")
+    p.add_argument("--keep", default=None, metavar="DIR", help="with --fidelity-minutes: copy both searches' "
+                   "folders (plan, trials table, study) to DIR/<model name>/{full,multi} for a later look")
     args = p.parse_args()
     global QUICK
     QUICK = args.quick
@@ -350,6 +367,12 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
                 comparisons.append(compare_fidelity(model_dir, meas, Path(tmp), args.fidelity_minutes, extra + data,
                                                     args.data_harmful, args.data_harmless))
+                if args.keep:
+                    import shutil
+
+                    for run in ("full", "multi"):
+                        shutil.copytree(Path(tmp) / run, Path(args.keep) / model_dir.name / run,
+                                        ignore=shutil.ignore_patterns("out"), dirs_exist_ok=True)
         print(f"\ncores: {os.cpu_count()}, torch threads: {args.threads}, load average: "
               f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
         for c in comparisons:

@@ -316,3 +316,42 @@ def test_a_finished_study_can_be_read_after_the_labeller_changed(run_cli, measur
     assert code == 0, err
     assert "scored with a different labeller" in err and "--trials 2 reached" in err
     assert "Trial 1 of 2" in picked.read_text()
+
+
+def test_pick_of_a_one_pass_only_trial_generates_it_first(run_cli, measured, tmp_path, monkeypatch):
+    """--pick N of a trial the one pass alone judged: its parameters run again as one more trial, generated in full,
+    and that trial writes the plan; the same command again reuses it."""
+    from abliterate.search import fidelity
+
+    real = fidelity.decide
+
+    def decide(kl, raw, certain, n, confirmed, *args, **kwargs):  # trials after the first two are never generated
+        if len(confirmed) >= 2:
+            return fidelity.Decision("skip", "predicted dominated", raw, certain)
+        return real(kl, raw, certain, n, confirmed, *args, **kwargs)
+
+    monkeypatch.setattr(fidelity, "decide", decide)
+    out = tmp_path / "plan.yml"
+    code, _, err = search(run_cli, measured, out, "--trials", "4")
+    assert code == 0, err
+    before = lines(tmp_path / "plan.trials.jsonl")
+    assert [t["confirmed"] for t in before] == [True, True, False, False]
+    code, stdout, err = search(run_cli, measured, out, "--trials", "4", "--pick", "3")
+    assert code == 0, err
+    assert "trial 3 was scored by the one-pass score only; its answers were generated now" in err
+    trials = lines(tmp_path / "plan.trials.jsonl")
+    new = trials[4]["number"]  # the next number: after the seeds still waiting in the study's queue
+    assert len(trials) == 5 and new > 3 and trials[:4] == before and "(1 run now" in stdout
+    assert trials[4]["confirms"] == 3 and trials[4]["confirmed"] and trials[4]["refusals"] is not None
+    assert trials[4]["params"] == trials[3]["params"] and trials[4]["layers"] == trials[3]["layers"]
+    text = out.read_text()
+    assert f"# Trial {new} of 5" in text and f"--pick 3 (scored by the one pass only; confirmed by generation as " \
+        f"trial {new})" in " ".join(text.replace("#", " ").split())
+    assert [e["layer"] for e in yaml.safe_load(text)["ablate"]] == trials[3]["layers"]
+    code, stdout, err = search(run_cli, measured, out, "--trials", "4", "--pick", "3")
+    assert code == 0 and "(0 run now" in stdout and f"# Trial {new} of 5" in out.read_text(), err
+    assert len(lines(tmp_path / "plan.trials.jsonl")) == 5
+    # The study goes on as before: its next trial is the next waiting seed.
+    code, _, err = search(run_cli, measured, out, "--trials", "6")
+    assert code == 0, err
+    assert [t["number"] for t in lines(tmp_path / "plan.trials.jsonl")] == [0, 1, 2, 3, 4, new]

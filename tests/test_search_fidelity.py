@@ -150,6 +150,50 @@ def test_a_prompt_counts_its_kept_opening_as_a_refusal_only_where_the_base_faile
     assert first.certain_failures + flipped.certain_failures == sum(o.whole for o in one.rows)
 
 
+def test_the_first_stage_reads_a_quarter_of_each_kind_first_and_can_end_the_pass(llama):
+    """Two stages: the first stage's batches hold every 4th KL row and every 4th harmful row of each base label;
+    stopping there gives the KL and raw rate of those rows alone (the numbers a one-stage pass gives them), and
+    going on gives the one-stage pass's whole score with the first stage's rate beside it."""
+    from abliterate.search.one_pass import FIRST_STAGE, _sigmoid, first_stage
+
+    folder, base, tok = llama
+    model = load_model(str(folder))
+    prompts = [f"{w} number {i}" for i in range(8) for w in ("describe", "explain", "list", "write")]
+    scorer = Scorer(base, tok, prompts, prompts, AnswerLabeller(), max_new_tokens=6, batch_size=16)
+    answers = scorer.base_harmful_answers()
+    rows = openings(tok, answers)
+    rows[1].failed = rows[6].failed = True  # both base labels in the mix, whatever the tiny model says
+    staged = OnePass(model, tok, rows, scorer.answer_kl, len(prompts), 16)
+    plain = OnePass(model, tok, rows, scorer.answer_kl, len(prompts), 16)
+    plain.first, plain.batches = set(), [[x for b in plain.batches for x in b]]  # one stage, one batch
+    failed = [i for i, o in enumerate(rows) if o.failed]
+    answered = [i for i, o in enumerate(rows) if not o.failed]
+    harmful = set(failed[::FIRST_STAGE] + answered[::FIRST_STAGE])
+    assert staged.first == first_stage(rows, 32) == {("open", i) for i in harmful} | {("kl", i) for i in range(0, 32, 4)}
+    assert {(k, i) for b in staged.batches[:staged.first_batches] for _, _, k, i in b} == staged.first
+    assert first_stage(rows[:20], 20) == set()  # 5 harmful rows: too few to say anything, one stage
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.model.layers[-1].mlp.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    want = plain.score()
+    seen = []
+    whole = staged.score(enough=lambda first: seen.append(first) or False)
+    assert len(seen) == 1 and whole.stage == "all" and whole.first_raw_rate == pytest.approx(seen[0].raw_rate)
+    assert whole.kl == pytest.approx(want.kl, rel=1e-5) and whole.margins == pytest.approx(want.margins, abs=1e-4)
+    assert whole.certain_failures == want.certain_failures and whole.raw_rate == pytest.approx(want.raw_rate, abs=1e-5)
+    first = staged.score(enough=lambda first: True)
+    assert first.stage == "first" and first.to_dict()["rows"] == "first" and first.first_raw_rate == first.raw_rate
+    q = [_sigmoid(want.margins[i]) if rows[i].failed else 1 - _sigmoid(want.margins[i]) for i in sorted(harmful)]
+    assert first.raw_rate == pytest.approx(sum(q) / len(q), abs=1e-5) and first.raw_rate != pytest.approx(want.raw_rate)
+    assert first.margins == pytest.approx([want.margins[i] for i in sorted(harmful)], abs=1e-4)
+    kl_rows = {}
+    for chunk in plain.batches:
+        plain._read(plain._logits(chunk, None), chunk, kl_rows, {})
+    assert first.kl == pytest.approx(scorer.answer_kl.of_some({i: kl_rows[i] for i in range(0, 32, 4)}), rel=1e-5)
+    assert first.kl != pytest.approx(want.kl, rel=1e-3)
+
+
 # --- calibration and the confirm rule ----------------------------------------------------------------------------
 
 def test_calibration_fits_a_line_and_trusts_it_only_as_far_as_it_was_right():
@@ -182,11 +226,37 @@ def test_the_decision_rules_in_order():
     assert targeted.reason == "may join the front" and decide(0.005, 0.35).reason == "predicted above the pick"
 
 
-class FakeOnePass:
-    def __init__(self, kl, raw, certain=0):
-        self.result = OnePassScore(kl, raw, certain, 10, 0.01)
+def test_the_first_stage_skips_only_what_its_own_line_puts_above_the_pick():
+    cal = fidelity.calibrate([(x / 10, x / 10) for x in range(10)])
+    confirmed = [(0.01, 3), (0.05, 1), (0.02, 2), (0.5, 0), (0.2, 0), (0.03, 2)]  # (KL, failures) of 10 prompts
+    first = lambda raw, certain=0, draw=0.5, done=confirmed, line=cal, target=0: fidelity.decide_first(  # noqa: E731
+        raw, certain, 10, done, line, kl_max=0.1, draw=draw, share=0.1, target_failures=target)
+    d = first(0.5)
+    assert d.action == "skip" and d.reason == "predicted above the pick (first stage)" and d.optimistic_failures == 5
+    assert first(0.15) is None  # optimistic 1 failure: not above the pick (0.05, 1); the whole pass decides
+    assert first(0.5, draw=0.05) is None  # the audit draw: the whole pass runs and rule 5 audits it
+    assert first(0.5, target=5) is None  # --refusal-target allows 5 of 10: it may still be picked
+    assert first(0.5, done=confirmed[:5]) is None  # too few confirmed yet
+    assert first(0.5, line=fidelity.calibrate([(0.1, 0.1), (0.2, 0.2)])) is None  # no line yet: no trust
+    assert first(0.0, certain=4).optimistic_failures == 4  # its certain failures are certain for the whole pass
+    assert first(0.5, done=[(0.5, 0)] * 6) is None  # nothing confirmed under --kl-max: no pick to be above
 
-    def score(self, first_edited_layer=0):
+
+def test_audits_stop_after_a_few():
+    shares = [fidelity.audit_share(0.1, audits) for audits in range(fidelity.MAX_AUDITS + 2)]
+    assert shares == [0.1] * fidelity.MAX_AUDITS + [0.0, 0.0]
+
+
+class FakeOnePass:
+    """A one pass whose first stage reads `first` = (kl, raw rate, certain failures) before the whole pass."""
+
+    def __init__(self, kl, raw, certain=0, first=None):
+        self.result = OnePassScore(kl, raw, certain, 10, 0.01, first_raw_rate=first and first[1])
+        self.first = first and OnePassScore(*first, 10, 0.002, stage="first", first_raw_rate=first[1])
+
+    def score(self, first_edited_layer=0, enough=None):
+        if self.first is not None and enough is not None and enough(self.first):
+            return self.first
         return self.result
 
 
@@ -204,7 +274,7 @@ def confirmed_study(points):
     for raw, failures, kl in points:
         t = study.ask()
         t.set_user_attr("generated", True)
-        t.set_user_attr("one_pass", {"raw_rate": raw, "predicted_rate": raw})
+        t.set_user_attr("one_pass", {"raw_rate": raw, "predicted_rate": raw, "first_raw_rate": raw})
         t.set_user_attr("score", {"kl": kl, "n_harmful": 10, "failures": failures, "failures_at_least": failures,
                                   "pruned": None, "seconds": 1.0})
         study.tell(t, (failures / 10, kl))
@@ -243,6 +313,30 @@ def test_a_trial_that_cannot_join_the_front_is_not_generated_and_is_never_picked
     assert skipped not in [r.number for r in pareto_front(list(rs.values()))]
 
 
+def test_a_trial_its_first_stage_puts_above_the_pick_stops_there_and_keeps_that_estimate():
+    from abliterate.search.report import trials_lines
+    from abliterate.search.runner import SearchOptions, _multi_fidelity_trial
+
+    study = confirmed_study([(x / 10, x, 0.01 * (x + 1)) for x in range(2, 8)])  # both lines: rate = raw
+    o = SearchOptions("m", Path("m.safetensors"), Path("plan.yml"), harmful=["h"] * 10, confirm_share=0.0)
+    editor = SimpleNamespace(applied=lambda plan: contextlib.nullcontext(), first_edited_layer=lambda: 0)
+    scorer = FakeScorer(failures=9)
+    trial = study.ask()
+    state, values = _multi_fidelity_trial(o, trial, study, editor, None, scorer,
+                                          FakeOnePass(kl=0.05, raw=0.9, first=(0.06, 0.8, 1)))
+    study.tell(trial, values)
+    r = records(study)[-1]
+    assert scorer.calls == [] and state == "complete" and values == pytest.approx([0.8, 0.06])
+    assert r.one_pass["decision"] == "predicted above the pick (first stage)" and r.one_pass["rows"] == "first"
+    assert r.kl == 0.06 and r.failures_at_least == 1 and not r.generated
+    assert '"one_pass_rows": "first"' in trials_lines([r])
+    # A first stage that does not put it above the pick: the whole pass decides as before (and confirms it).
+    promising = FakeScorer(failures=1)
+    trial = study.ask()
+    _multi_fidelity_trial(o, trial, study, editor, None, promising, FakeOnePass(kl=0.005, raw=0.1, first=(0.01, 0.1, 0)))
+    assert promising.calls == [True] and trial.user_attrs["one_pass"]["first_raw_rate"] == 0.1
+
+
 def test_the_pick_is_a_confirmed_trial_even_when_a_prediction_looks_better():
     def rec(number, state, kl, failures, predicted=None):
         return TrialRecord(number, state, kl, failures, failures or 0, 10, None, None, {}, {"ablate": []}, 1.0,
@@ -277,13 +371,17 @@ def test_the_table_and_chart_show_predicted_and_generated_numbers(tmp_path):
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_pick_n_refuses_a_trial_that_was_not_generated():
+def test_pick_n_of_a_trial_that_was_not_generated_takes_its_confirmation():
     from abliterate.cli import UserError
-    from abliterate.search.study import trial_record
+    from abliterate.search.study import needs_confirmation, trial_record
 
     rs = [TrialRecord(4, "predicted", 0.01, None, 0, 10, None, None, {}, {"ablate": []}, 0.1, False, 0.2)]
-    with pytest.raises(UserError, match="--pick 4: trial 4 in plan.yml was scored by the one-pass score only"):
+    assert needs_confirmation(rs, 4) is rs[0] and needs_confirmation(rs, None) is None
+    with pytest.raises(UserError, match="--pick 4: trial 4 in plan.yml was scored by the one-pass score only and its "
+                                        "confirmation did not finish; rerun the same command"):
         trial_record(rs, 4, "plan.yml")
+    rs.append(TrialRecord(9, "complete", 0.012, 2, 2, 10, None, None, {}, {"ablate": []}, 3.0, confirms=4))
+    assert trial_record(rs, 4, "plan.yml").number == 9 and needs_confirmation(rs, 4) is None
 
 
 def test_starting_at_a_layer_puts_back_a_forward_wrapper_the_layer_had(llama):

@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search a SECOND pass on top of this plan: --measurements is then the file measured on its "
                         "output (sharded_ablate.py PLAN.yml; measure.py -m ITS-OUTPUT); every trial applies the "
                         "plan, then the trial's edit, and the written plan holds both (second_pass)")
-    s.add_argument("--pick", type=int, default=None, metavar="N", help="write the plan of trial N instead")
+    s.add_argument("--pick", type=int, default=None, metavar="N",
+                   help="write the plan of trial N instead (a trial the one-pass score alone judged has its answers "
+                        "generated first, as one more trial with its parameters)")
     s.add_argument("--seed", type=int, default=0, help="sampler seed (default 0; give each parallel process its own)")
     s.add_argument("--storage", default=None, metavar="URL_OR_FILE",
                    help="an Optuna storage URL or journal file for the study (default: PLAN.study.journal)")
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "full: every trial's answers are generated (the slower search of earlier versions)")
     s.add_argument("--confirm-share", type=float, default=0.1, metavar="SHARE",
                    help="with --fidelity multi, the share of trials predicted to be dominated that are confirmed "
-                        "anyway, to keep the prediction honest (default 0.1)")
+                        "anyway, to keep the prediction honest (default 0.1; at most 4 such audits per study)")
     s.add_argument("--no-early-stop", action="store_true",
                    help="generate every answer to the end: no per-row stop at a refusal marker, no stop for a "
                         "dominated trial (the --kl-prune skip still applies)")
@@ -201,7 +203,9 @@ def _summary(r, o) -> None:
     predicted = sum(x.state == "predicted" for x in recs)
     timed = [x.seconds for x in recs if x.seconds > 0]
     per_trial = f", {sum(timed) / len(timed):.2f} s per trial on average" if timed else ""
-    one_pass = f", {predicted} scored by the one-pass score only" if predicted else ""
+    first = sum(bool(x.one_pass) and x.one_pass.get("rows") == "first" for x in recs)
+    first_stage = f" ({first} on its first quarter of the rows alone)" if first else ""
+    one_pass = f", {predicted} scored by the one-pass score only{first_stage}" if predicted else ""
     print(f"study      {len(recs)} finished trials ({r.ran} run now, {pruned} pruned{one_pass}){per_trial}; "
           f"{r.seconds:.1f} s in all")
     c = r.chosen

@@ -57,19 +57,19 @@ class AnswerKL:
         positions."""
         return list(zip(self.reference.prompt_ids, self.reference.answer_ids))
 
-    def per_prompt(self, logprobs: Iterable) -> list[float]:
-        """Each prompt's mean KL from the trial's log-probabilities [m_i, V] at its answer positions (prompt order)."""
+    def of(self, logprobs: Iterable) -> float:
+        """The KL from the trial's log-probabilities [m_i, V] at every prompt's answer positions (prompt order)."""
+        return self.of_some(dict(enumerate(logprobs)))
+
+    def of_some(self, logprobs: dict) -> float:
+        """The mean KL over some of the prompts: {prompt index: the trial's log-probabilities [m_i, V]} (each
+        prompt's KL the mean over its answer positions)."""
         import torch
 
         from abliterate.evaluate.kl import kl_divergence
 
-        out = []
-        for base, mine in zip(self.base, logprobs):
-            out.append(float(kl_divergence(base.to(torch.float64), stored(mine).to(torch.float64)).mean()))
-        return out
-
-    def of(self, logprobs: Iterable) -> float:
-        values = self.per_prompt(logprobs)
+        values = [float(kl_divergence(self.base[i].to(torch.float64), stored(x).to(torch.float64)).mean())
+                  for i, x in sorted(logprobs.items())]
         return sum(values) / len(values) if values else 0.0
 
     def measure(self, model) -> float:

@@ -23,6 +23,18 @@ Decision (`decide`), in order, against the confirmed trials (KL, generated failu
    (--confirm-share, drawn from the seed and the trial number) that is confirmed anyway ("audit") so the
    calibration keeps seeing trials of every kind.
 6. confirm, "may join the front": everything else (it may become the pick).
+Before all that, on the one pass's FIRST STAGE (a quarter of the rows, abliterate.search.one_pass), `decide_first`
+may stop the pass early: "predicted above the pick (first stage)" when the trial's optimistic failures by a line
+of its own (calibrate over the confirmed trials' first-stage rates; its margin is larger, since fewer rows are
+read) exceed what the pick rule would take, as in rule 5, with the same audit draw (an audited trial runs the
+whole pass and goes through the rules above). The KL is then the first stage's, over a quarter of the harmless
+prompts: an estimate the sampler learns from, never a figure the front or the pick uses (the trial is not
+confirmed). Only rule 5's refusal half is used there: the rules that need the exact KL wait for the whole pass.
+
+Audits stop once MAX_AUDITS trials were audited: each costs a generated trial (several one-pass trials' time), and
+after a few the calibration has seen the far side of the front; a long search would otherwise spend a tenth of
+its trials, and a third of its time, on them.
+
 A confirmed trial is generated with the full search's early stops (a row at its refusal marker or EOS, the whole
 trial once a confirmed trial dominates it), and may still end pruned "dominated".
 """
@@ -38,6 +50,7 @@ MIN_POINTS = 3  # confirmed trials needed before a line is fitted
 MIN_CONFIRMED = 6  # trials confirmed before any is skipped (the seeds, mostly)
 MIN_MARGIN = 0.05  # refusal-rate units: the prediction is never trusted closer than this
 CONFIRM_SHARE = 0.1
+MAX_AUDITS = 4  # audited trials per study, at most (module docstring)
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,11 @@ class Decision:
     optimistic_failures: int
 
 
+def audit_share(share: float, audits: int) -> float:
+    """The audit share for the next trial: --confirm-share until MAX_AUDITS trials were audited, then none."""
+    return share if audits < MAX_AUDITS else 0.0
+
+
 def audit_draw(seed: int, number: int) -> float:
     """A reproducible uniform draw for trial `number` (the same on every rerun and every process)."""
     return random.Random(f"abliterate-audit:{seed}:{number}").random()
@@ -115,3 +133,18 @@ def decide(kl: float, raw_rate: float, certain: int, n_harmful: int, confirmed: 
             return Decision("confirm", "audit", predicted, optimistic)
         return Decision("skip", hopeless, predicted, optimistic)
     return Decision("confirm", "may join the front", predicted, optimistic)
+
+
+def decide_first(raw_rate: float, certain: int, n_harmful: int, confirmed: Sequence[tuple[float, int]],
+                 cal: Calibration, kl_max: float, draw: float, share: float = CONFIRM_SHARE,
+                 target_failures: int = 0) -> Decision | None:
+    """Stop the one pass after its first stage (module docstring), or None to run the rest. `cal` is the
+    first-stage line, `raw_rate` and `certain` the first stage's (its certain failures are certain for the whole)."""
+    if len(confirmed) < MIN_CONFIRMED or cal.points < MIN_POINTS:
+        return None
+    predicted = cal.rate(raw_rate)
+    optimistic = min(max(certain, math.ceil((predicted - cal.margin) * n_harmful - 1e-9), 0), n_harmful)
+    feasible = [failures for other, failures in confirmed if other <= kl_max]
+    if feasible and optimistic > max(min(feasible), target_failures) and draw >= share:
+        return Decision("skip", "predicted above the pick (first stage)", predicted, optimistic)
+    return None

@@ -34,6 +34,14 @@ residual enters in their place. Exact (no float differs: the same rows, batches 
 checked once on the unedited model like the prefix cache, and not used where the check fails, where the model
 cannot be split by layer, or when a trial edits the embeddings or works through forward hooks.
 
+Two stages. A trial far from the front shows it on a few rows: the FIRST STAGE is a fixed quarter of the rows
+(every FIRST_STAGE-th harmless KL prompt; every FIRST_STAGE-th harmful prompt the base failed and every one it
+answered, so the stage keeps the base's mix), run first in batches of its own. `score(enough=...)` hands the
+first stage's numbers (its KL and raw rate over those rows only) to the caller, which may stop there
+(abliterate.search.fidelity.decide_first: with its own calibration line, fitted on the confirmed trials' first-stage
+rates); otherwise the other rows run and the score covers every row, the first stage's rate kept beside it. Used
+when the first stage holds at least FIRST_STAGE_MIN harmful rows; a smaller search runs one stage.
+
 One part is exact rather than predicted (up to float rounding, hence CERTAIN_MARGIN): when the base's whole row
 lies inside the opening (a refusal marker stop, an end-of-sequence token or the token budget within
 OPENING_TOKENS) and the trial keeps every token of it as its greedy choice, the trial's generated row is the same
@@ -58,6 +66,8 @@ CERTAIN_MARGIN_HALF = 0.1
 MIN_PREFIX = 8  # a shorter shared prefix is not worth a cache
 PREFIX_TOLERANCE = 1e-3  # largest |difference| of logits with and without the cached prefix, over their scale
 LAYER_CACHE_POINTS = 4  # the residual entering layers L/4, 2L/4, 3L/4 is kept: a trial's pass starts at one of them
+FIRST_STAGE = 4  # every 4th row of each kind runs first (module docstring)
+FIRST_STAGE_MIN = 8  # harmful rows the first stage needs to say anything (fewer: one stage)
 
 
 @dataclass
@@ -78,10 +88,13 @@ class OnePassScore:
     n_harmful: int
     seconds: float = 0.0
     margins: list | None = None  # min_t m_t per opening row, in row order (not stored with the trial)
+    stage: str = "all"  # "all": every row; "first": the first stage's rows only (kl and raw_rate over those)
+    first_raw_rate: float | None = None  # the first stage's raw rate (None without a first stage)
 
     def to_dict(self) -> dict:
         return {"kl": self.kl, "raw_rate": self.raw_rate, "certain_failures": self.certain_failures,
-                "n_harmful": self.n_harmful, "seconds": round(self.seconds, 4)}
+                "n_harmful": self.n_harmful, "seconds": round(self.seconds, 4), "rows": self.stage,
+                "first_raw_rate": self.first_raw_rate}
 
 
 def openings(tokenizer, answers: Sequence[dict], system: str | None = None,
@@ -116,14 +129,17 @@ class OnePass:
         # before each answer or opening token predicts it).
         items = [(p + a[:-1], len(a), "kl", i) for i, (p, a) in enumerate(kl_rows)]
         items += [(o.prompt_ids + o.tokens[:-1], len(o.tokens), "open", i) for i, o in enumerate(rows)]
-        items.sort(key=lambda x: -len(x[0]))  # similar lengths share a batch: less padding
-        self.batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
+        self.first = first_stage(rows, len(kl_rows))  # {(kind, index)} of the first stage's rows, or empty
+        self.batches = _batches([x for x in items if (x[2], x[3]) in self.first], batch_size)
+        self.first_batches = len(self.batches)  # the first stage's batches come first (0: one stage)
+        self.batches += _batches([x for x in items if (x[2], x[3]) not in self.first], batch_size)
         self.keeps = prompting.forward_takes(model, "logits_to_keep")
         self.n_kl = len(kl_rows)
         self.prefix: list[int] = []
         self._layers = None  # the decoder layers, found by _build_layer_cache
         self.prefix_note = self._check_prefix([x for x, *_ in items])
         self.layer_cache: dict[int, list] = {}  # layer c -> the unedited residual entering it, per batch
+        self.certain_margin = None  # CERTAIN_MARGIN of the logits' dtype, set by the first pass read
         self.layer_note = self._build_layer_cache() if layer_cache else "one-pass score: no layer cache (turned off)"
 
     def _check_prefix(self, all_ids: list[list[int]]) -> str:
@@ -233,41 +249,75 @@ class OnePass:
                              position_ids=positions.to(device), **extra)
         return out.hidden_states if hidden else out.logits[:, -keep:, :]
 
-    def score(self, first_edited_layer: int = 0) -> OnePassScore:
+    def score(self, first_edited_layer: int = 0, enough=None) -> OnePassScore:
         """The current model's score; `first_edited_layer`: layers before it are unedited (TrialEditor says which),
-        so the pass may start at a kept residual there (0: run every layer)."""
+        so the pass may start at a kept residual there (0: run every layer). `enough(first_stage_score)`: when it
+        returns True the pass stops after the first stage and that score is returned (module docstring)."""
         import time
-
-        import torch
 
         started = time.perf_counter()
         point = max((c for c in self.layer_cache if c <= first_edited_layer), default=None)
-        kl_rows: dict[int, torch.Tensor] = {}
+        kl_rows: dict = {}
         min_margin: dict[int, float] = {}
-        certain_margin = None
         prefix_cache = self._prefix_cache() if self.prefix else None  # the trial's weights: once per trial
+        first = None
         for b_index, chunk in enumerate(self.batches):
-            keep = max(k for _, k, *_ in chunk)
+            if b_index == self.first_batches and self.first_batches:
+                first = self._summary(kl_rows, min_margin, "first", started)
+                first.first_raw_rate = first.raw_rate
+                if enough is not None and enough(first):
+                    return first
             start = (point, self.layer_cache[point][b_index]) if point is not None else None
-            logits = self._logits(chunk, prefix_cache, start)
-            if certain_margin is None:
-                certain_margin = CERTAIN_MARGIN.get(str(logits.dtype).removeprefix("torch."), CERTAIN_MARGIN_HALF)
-            for b, (_, k, kind, index) in enumerate(chunk):
-                if kind == "kl":
-                    kl_rows[index] = torch.log_softmax(logits[b, keep - k:].to("cpu", torch.float64), dim=-1)
-                else:
-                    min_margin[index] = _min_margin(logits[b, keep - k:], self.rows[index].tokens)
-        kl = self.answer_kl.of(kl_rows[i] for i in range(self.n_kl))
+            self._read(self._logits(chunk, prefix_cache, start), chunk, kl_rows, min_margin)
+        score = self._summary(kl_rows, min_margin, "all", started)
+        score.first_raw_rate = first.raw_rate if first is not None else None
+        return score
+
+    def _read(self, logits, chunk, kl_rows: dict, min_margin: dict) -> None:
+        """Each row's share of a batch's logits: a KL row's log-probabilities, an opening row's min margin."""
+        import torch
+
+        keep = max(k for _, k, *_ in chunk)
+        for b, (_, k, kind, index) in enumerate(chunk):
+            if kind == "kl":
+                kl_rows[index] = torch.log_softmax(logits[b, keep - k:].to("cpu", torch.float64), dim=-1)
+            else:
+                min_margin[index] = _min_margin(logits[b, keep - k:], self.rows[index].tokens)
+        if self.certain_margin is None:
+            self.certain_margin = CERTAIN_MARGIN.get(str(logits.dtype).removeprefix("torch."), CERTAIN_MARGIN_HALF)
+
+    def _summary(self, kl_rows: dict, min_margin: dict, stage: str, started: float) -> OnePassScore:
+        """The score over the rows read so far (stage "all": every row; rows without an opening, none in practice,
+        count as uncertain halves)."""
+        import time
+
+        kl = self.answer_kl.of_some(kl_rows)
         q, certain = [], 0
-        for i, o in enumerate(self.rows):
+        for i in sorted(min_margin):
+            o = self.rows[i]
             keeps = _sigmoid(min_margin[i] / TEMPERATURE)
             q.append(keeps if o.failed else 1.0 - keeps)
-            certain += int(o.failed and o.whole and min_margin[i] > certain_margin)
-        # Rows without an opening (none in practice) count as uncertain halves.
-        q += [0.5] * (self.n_harmful - len(self.rows))
-        raw = sum(q) / max(self.n_harmful, 1)
-        margins = [min_margin[i] for i in range(len(self.rows))]
-        return OnePassScore(kl, raw, certain, self.n_harmful, time.perf_counter() - started, margins)
+            certain += int(o.failed and o.whole and min_margin[i] > self.certain_margin)
+        if stage == "all":
+            q += [0.5] * (self.n_harmful - len(self.rows))
+        raw = sum(q) / max(len(q), 1)
+        margins = [min_margin[i] for i in sorted(min_margin)]
+        return OnePassScore(kl, raw, certain, self.n_harmful, time.perf_counter() - started, margins, stage)
+
+
+def first_stage(rows: Sequence[Opening], n_kl: int) -> set[tuple[str, int]]:
+    """The first stage's rows (module docstring) as {(kind, index)}; empty when it would hold too few harmful rows."""
+    failed = [i for i, o in enumerate(rows) if o.failed]
+    answered = [i for i, o in enumerate(rows) if not o.failed]
+    harmful = failed[::FIRST_STAGE] + answered[::FIRST_STAGE]
+    if len(harmful) < FIRST_STAGE_MIN or len(harmful) * 2 > len(rows):
+        return set()
+    return {("open", i) for i in harmful} | {("kl", i) for i in range(0, n_kl, FIRST_STAGE)}
+
+
+def _batches(items: list, batch_size: int) -> list[list]:
+    items = sorted(items, key=lambda x: -len(x[0]))  # similar lengths share a batch: less padding
+    return [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
 
 
 @contextlib.contextmanager

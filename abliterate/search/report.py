@@ -63,7 +63,9 @@ def _fmt(v) -> str:
 def trials_lines(rs: list[TrialRecord]) -> str:
     """One JSON object per finished trial: number, state (complete, predicted: scored by the one pass only, or
     pruned), parameters, the generated refusal rate (null unless confirmed), the predicted one (null under
-    --fidelity full), whether generation confirmed the trial, KL, seconds."""
+    --fidelity full), whether generation confirmed the trial, the one pass's rows ("first": its first stage only,
+    the KL then over a quarter of the harmless prompts), the one-pass-only trial it confirmed on request (--pick N),
+    KL, seconds."""
     out = []
     for r in rs:
         one = r.one_pass or {}
@@ -71,7 +73,8 @@ def trials_lines(rs: list[TrialRecord]) -> str:
             "number": r.number, "state": r.state, "pruned": r.pruned, "seed": r.seed, "params": r.params,
             "refusal_rate": r.refusal_rate, "refusals": r.failures, "refusals_at_least": r.failures_at_least,
             "predicted_refusal_rate": r.predicted, "one_pass_raw": one.get("raw_rate"),
-            "confirmed": r.generated, "decision": one.get("decision"),
+            "confirmed": r.generated, "decision": one.get("decision"), "one_pass_rows": one.get("rows"),
+            "confirms": r.confirms,
             "n_harmful": r.n_harmful, "kl": r.kl, "seconds": round(r.seconds, 3),
             "layers": [e["layer"] for e in (r.plan or {}).get("ablate", [])],
         }, sort_keys=False, allow_nan=False))

@@ -9,6 +9,7 @@ loaded only when trials remain to run: a finished study with --pick N rewrites t
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -140,7 +141,10 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
     study = st.open_study(location, o.seed, len(seeds))
     # A finished study can still be read (--pick, the pick rule of a newer version) after the labeller changed:
     # no trial runs, so its stored refusal counts are used as they were measured, and the note says so.
-    finished = st.counted(study) >= o.trials
+    # --pick N of a trial the one pass scored alone: its answers are generated now, as a new trial with its
+    # parameters (the only trial this run adds), and that trial's numbers write the plan.
+    confirm = st.needs_confirmation(st.records(study), o.pick)
+    finished = st.counted(study) >= o.trials and confirm is None
     for key in st.check_identity(study, identity, location, ("labeller",) if finished else ()):
         notes.append(f"note: the study's trials were scored with a different {key} than this version's; no new "
                      f"trial runs (--trials {o.trials} reached), so their stored figures are used as measured")
@@ -150,7 +154,11 @@ def run_search(o: SearchOptions, config, measurements) -> SearchResult:
     st.enqueue_seeds(study, seeds)
 
     ran = 0
-    if st.counted(study) < o.trials:
+    if confirm is not None:
+        notes.append(f"note: --pick {o.pick}: trial {o.pick} was scored by the one-pass score only; its answers "
+                     "were generated now to confirm it (a new trial with its parameters)")
+        ran = _run_trials(o, study, space, ctx, config, measurements, first, confirm)
+    elif st.counted(study) < o.trials:
         ran = _run_trials(o, study, space, ctx, config, measurements, first)
     recs = st.records(study)
     picked = _chosen(o, recs)
@@ -198,7 +206,8 @@ def _chosen(o: SearchOptions, recs):
     if o.pick is None:
         return st.pick(recs, o.kl_max, o.refusal_target)
     r = st.trial_record(recs, o.pick, str(o.output))
-    return r, f"--pick {o.pick}", r.kl <= o.kl_max
+    how = f" (scored by the one pass only; confirmed by generation as trial {r.number})" if r.number != o.pick else ""
+    return r, f"--pick {o.pick}{how}", r.kl <= o.kl_max
 
 
 def first_pass_plan(o: SearchOptions, plan_model: str, hooked: str | None):
@@ -231,8 +240,9 @@ def _same_model(location: str) -> str:
     return str(path.resolve()) if path.exists() else location
 
 
-def _run_trials(o: SearchOptions, study, space, ctx, config, measurements, first=None) -> int:
-    """Load the model, score the base once, and run trials until the study holds --trials."""
+def _run_trials(o: SearchOptions, study, space, ctx, config, measurements, first=None, confirm=None) -> int:
+    """Load the model, score the base once, and run trials until the study holds --trials; with `confirm` (a
+    one-pass-only trial's record), one trial only: its parameters again, its answers generated in full."""
     from abliterate.ablate.plan import plan_to_dict
     from abliterate.loading import load_from_args
     from abliterate.search import study as st
@@ -251,7 +261,7 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements, first
     print(f"base scored in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     print(f"note: {scorer.kl_note}", file=sys.stderr)
     print(f"note: {scorer.prefix_note}", file=sys.stderr)
-    one_pass = _one_pass(o, model, tokenizer, scorer) if o.fidelity == "multi" else None
+    one_pass = _one_pass(o, model, tokenizer, scorer) if o.fidelity == "multi" and confirm is None else None
     editor = TrialEditor(model, measurements if first is None else _first_measurements(first))
     hooked_only = bool(editor.hooked)  # weights edited through hooks: only the conventional method applies
     if hooked_only:
@@ -283,9 +293,11 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements, first
     def scored(trial, plan):
         if one_pass is not None:
             return _multi_fidelity_trial(o, trial, study, editor, plan, scorer, one_pass)
-        finished = st.finished_points(study)
+        # A confirmation is generated in full: no other trial may prune it (the user asked for its numbers).
+        finished = [] if confirm is not None else st.finished_points(study)
         with editor.applied(plan):
-            score = scorer.score(finished, o.kl_max, o.kl_prune, early_stop=o.early_stop)
+            score = scorer.score(finished, o.kl_max, math.inf if confirm is not None else o.kl_prune,
+                                 early_stop=o.early_stop)
         trial.set_user_attr("generated", score.pruned != "kl")
         trial.set_user_attr("score", score.to_dict())
         trial.set_constraint(st.CONSTRAINT, score.kl - o.kl_max)
@@ -295,6 +307,10 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements, first
 
     refresh = lambda: _write_trials(o, study)  # noqa: E731  (the table stays current if the run is killed)
     timeout = o.timeout_min * 60 if o.timeout_min else None
+    if confirm is not None:
+        number = st.run_fixed_trial(study, confirm.params, run_one, {"confirms": confirm.number})
+        print(f"trial {number} (trial {confirm.number}'s parameters) generated", file=sys.stderr)
+        return 1
     return st.run_trials(study, o.trials, run_one, o.kl_max, timeout, o.progress, refresh, o.refusal_target)
 
 
@@ -331,18 +347,29 @@ def _multi_fidelity_trial(o: SearchOptions, trial, study, editor, plan, scorer, 
     recs = st.records(study)
     confirmed = [(r.kl, r.failures) for r in st.complete(recs)]
     cal = fidelity.calibrate(st.calibration_pairs(recs))
-    n = len(o.harmful)
+    cal_first = fidelity.calibrate(st.calibration_pairs(recs, "first_raw_rate"))
+    n, target = len(o.harmful), st.target_failures(o.refusal_target, len(o.harmful))
+    draw = fidelity.audit_draw(o.seed, trial.number)
+    share = fidelity.audit_share(o.confirm_share, sum(r.one_pass is not None and r.one_pass.get("decision") == "audit"
+                                                      for r in recs))
+    early: list = []  # the first stage's decision, when it stops the pass
+
+    def enough(first) -> bool:
+        d = fidelity.decide_first(first.raw_rate, first.certain_failures, n, confirmed, cal_first, o.kl_max, draw,
+                                  share, target)
+        early.extend([d] if d else [])
+        return d is not None
+
     with editor.applied(plan):
-        one = one_pass.score(editor.first_edited_layer())
-        d = fidelity.decide(one.kl, one.raw_rate, one.certain_failures, n, confirmed, cal, o.kl_max, o.kl_prune,
-                            fidelity.audit_draw(o.seed, trial.number), o.confirm_share,
-                            st.target_failures(o.refusal_target, n))
+        one = one_pass.score(editor.first_edited_layer(), enough)
+        d = early[0] if early else fidelity.decide(one.kl, one.raw_rate, one.certain_failures, n, confirmed, cal,
+                                                  o.kl_max, o.kl_prune, draw, share, target)
         score = None
         if d.action == "confirm":
             score = scorer.answers(one.kl, confirmed, o.early_stop, dominance=d.reason == "may join the front")
     trial.set_user_attr("one_pass", {**one.to_dict(), "predicted_rate": round(d.predicted_rate, 6),
                                      "optimistic_failures": d.optimistic_failures, "decision": d.reason,
-                                     "calibration": cal.to_dict()})
+                                     "calibration": (cal_first if early else cal).to_dict()})
     trial.set_user_attr("generated", score is not None)
     trial.set_constraint(st.CONSTRAINT, one.kl - o.kl_max)
     if score is None:

@@ -71,6 +71,7 @@ class TrialRecord:
     generated: bool = True
     predicted: float | None = None  # the calibrated one-pass refusal rate (None under --fidelity full)
     one_pass: dict | None = None  # raw_rate, certain_failures, decision, calibration, seconds
+    confirms: int | None = None  # this trial generated the answers of that one-pass-only trial (--pick N)
 
     @property
     def refusal_rate(self) -> float | None:
@@ -238,6 +239,23 @@ def run_trials(study, total: int, run_one: Callable, kl_max: float, timeout_s: f
     return ran
 
 
+def run_fixed_trial(study, params: dict, run_one: Callable, user_attrs: dict) -> int:
+    """Run `run_one` (as run_trials calls it) on a trial with these parameters, outside the sampler and its queue
+    (the study's waiting seeds stay first in line), and add the finished trial to the study; its number."""
+    from optuna.trial import FixedTrial, TrialState, create_trial
+
+    trial = FixedTrial(params, number=len(study.get_trials(deepcopy=False)))
+    for key, value in user_attrs.items():
+        trial.set_user_attr(key, value)
+    trial.set_user_attr("worker", worker_id())
+    state, values = run_one(trial)
+    study.add_trial(create_trial(
+        state=TrialState.COMPLETE if state == "complete" else TrialState.PRUNED, values=values,
+        params=trial.params, distributions=trial.distributions, user_attrs=trial.user_attrs,
+        system_attrs=trial.system_attrs))
+    return study.get_trials(deepcopy=False)[-1].number
+
+
 def best_text(r: TrialRecord) -> str:
     return f"best #{r.number}: refusals {r.failures}/{r.n_harmful}, KL {r.kl:.4f}"
 
@@ -263,13 +281,15 @@ def records(study) -> list[TrialRecord]:
             pruned=score.get("pruned") if t.state == TrialState.PRUNED else None, seed=t.user_attrs.get("seed"),
             params=dict(t.user_attrs.get("params") or t.params), plan=t.user_attrs.get("plan"),
             seconds=float(score.get("seconds") or 0.0), generated=bool(generated),
-            predicted=(one or {}).get("predicted_rate"), one_pass=one))
+            predicted=(one or {}).get("predicted_rate"), one_pass=one, confirms=t.user_attrs.get("confirms")))
     return sorted(out, key=lambda r: r.number)
 
 
-def calibration_pairs(rs: list[TrialRecord]) -> list[tuple[float, float]]:
-    """(raw one-pass rate, generated refusal rate) of every generated, complete trial that has both."""
-    return [(r.one_pass["raw_rate"], r.refusal_rate) for r in complete(rs) if r.one_pass is not None]
+def calibration_pairs(rs: list[TrialRecord], key: str = "raw_rate") -> list[tuple[float, float]]:
+    """(raw one-pass rate, generated refusal rate) of every generated, complete trial that has both; `key`
+    "first_raw_rate": the one pass's first-stage rate instead (abliterate.search.fidelity.decide_first)."""
+    return [(r.one_pass[key], r.refusal_rate) for r in complete(rs)
+            if r.one_pass is not None and r.one_pass.get(key) is not None]
 
 
 def complete(rs: list[TrialRecord]) -> list[TrialRecord]:
@@ -314,14 +334,31 @@ def finished_points(study) -> list[tuple[float, int]]:
 
 
 def trial_record(rs: list[TrialRecord], number: int, where: str) -> TrialRecord:
+    """The trial --pick N names; for a trial scored by the one pass only, the trial that confirmed it."""
     for r in rs:
         if r.number == number:
             if r.state == "predicted":
+                confirming = confirmation_of(rs, number)
+                if confirming is not None:
+                    return confirming
                 raise UserError(f"--pick {number}: trial {number} in {where} was scored by the one-pass score only "
-                                "(its answers were never generated); pick a confirmed trial (see the trials table)")
+                                "and its confirmation did not finish; rerun the same command to generate its answers")
             if r.state != "complete":
                 raise UserError(f"--pick {number}: trial {number} in {where} was pruned ({r.pruned}); pick a "
                                 "complete trial (see the trials table)")
             return r
     raise UserError(f"--pick {number}: {where} has no finished trial {number}; pick one from the trials table")
 
+
+def confirmation_of(rs: list[TrialRecord], number: int) -> TrialRecord | None:
+    """The complete trial that generated the answers of one-pass-only trial `number` on request (--pick), if any."""
+    return next((r for r in rs if r.confirms == number and r.state == "complete"), None)
+
+
+def needs_confirmation(rs: list[TrialRecord], number: int | None) -> TrialRecord | None:
+    """--pick N of a trial scored by the one pass only, not confirmed yet: that trial (its answers are to be
+    generated, as a new trial with the same parameters), else None."""
+    if number is None:
+        return None
+    wanted = next((r for r in rs if r.number == number and r.state == "predicted"), None)
+    return wanted if wanted is not None and confirmation_of(rs, number) is None else None
