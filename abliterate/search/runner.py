@@ -3,7 +3,8 @@ plan, the trials table and the Pareto chart. The command (abliterate.commands.se
 `SearchOptions` and prints the summary this returns.
 
 Every input is checked before anything is written (the study file is the first thing created). The model is
-loaded only when trials remain to run: a finished study with --pick N rewrites the outputs without it.
+loaded only when trials remain to run: a finished study with --pick N rewrites the outputs without it, unless
+trial N was scored by the one pass alone (then its parameters run once more, generated, as one new trial).
 """
 
 from __future__ import annotations
