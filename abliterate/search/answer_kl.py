@@ -59,18 +59,17 @@ class AnswerKL:
 
     def of(self, logprobs: Iterable) -> float:
         """The KL from the trial's log-probabilities [m_i, V] at every prompt's answer positions (prompt order)."""
-        return self.of_some(dict(enumerate(logprobs)))
+        values = [self.prompt_kl(i, x) for i, x in enumerate(logprobs)]
+        return sum(values) / len(values) if values else 0.0
 
-    def of_some(self, logprobs: dict) -> float:
-        """The mean KL over some of the prompts: {prompt index: the trial's log-probabilities [m_i, V]} (each
-        prompt's KL the mean over its answer positions)."""
+    def prompt_kl(self, index: int, logprobs) -> float:
+        """Prompt `index`'s KL: the mean over its answer positions, from the trial's log-probabilities [m_i, V]
+        there (taken one prompt at a time, so a caller keeps a number per prompt, not a vocabulary-wide tensor)."""
         import torch
 
         from abliterate.evaluate.kl import kl_divergence
 
-        values = [float(kl_divergence(self.base[i].to(torch.float64), stored(x).to(torch.float64)).mean())
-                  for i, x in sorted(logprobs.items())]
-        return sum(values) / len(values) if values else 0.0
+        return float(kl_divergence(self.base[index].to(torch.float64), stored(logprobs).to(torch.float64)).mean())
 
     def measure(self, model) -> float:
         """The KL of `model` as it is now (one teacher-forced pass per batch)."""

@@ -257,7 +257,7 @@ class OnePass:
 
         started = time.perf_counter()
         point = max((c for c in self.layer_cache if c <= first_edited_layer), default=None)
-        kl_rows: dict = {}
+        kl_rows: dict[int, float] = {}  # KL row index -> its KL
         min_margin: dict[int, float] = {}
         prefix_cache = self._prefix_cache() if self.prefix else None  # the trial's weights: once per trial
         first = None
@@ -274,13 +274,14 @@ class OnePass:
         return score
 
     def _read(self, logits, chunk, kl_rows: dict, min_margin: dict) -> None:
-        """Each row's share of a batch's logits: a KL row's log-probabilities, an opening row's min margin."""
+        """Each row's share of a batch's logits: a KL row's KL, an opening row's min margin."""
         import torch
 
         keep = max(k for _, k, *_ in chunk)
         for b, (_, k, kind, index) in enumerate(chunk):
-            if kind == "kl":
-                kl_rows[index] = torch.log_softmax(logits[b, keep - k:].to("cpu", torch.float64), dim=-1)
+            if kind == "kl":  # its KL at once: a number per prompt is kept, not [k, V] log-probabilities
+                kl_rows[index] = self.answer_kl.prompt_kl(
+                    index, torch.log_softmax(logits[b, keep - k:].to("cpu", torch.float64), dim=-1))
             else:
                 min_margin[index] = _min_margin(logits[b, keep - k:], self.rows[index].tokens)
         if self.certain_margin is None:
@@ -291,7 +292,7 @@ class OnePass:
         count as uncertain halves)."""
         import time
 
-        kl = self.answer_kl.of_some(kl_rows)
+        kl = sum(kl_rows.values()) / len(kl_rows) if kl_rows else 0.0
         q, certain = [], 0
         for i in sorted(min_margin):
             o = self.rows[i]
