@@ -151,27 +151,28 @@ def test_a_prompt_counts_its_kept_opening_as_a_refusal_only_where_the_base_faile
 
 
 def test_the_first_stage_reads_a_quarter_of_each_kind_first_and_can_end_the_pass(llama):
-    """Two stages: the first stage's batches hold every 4th KL row and every 4th harmful row of each base label;
+    """Two stages: the first stage's batches hold every FIRST_STAGE-th KL row and harmful row of each base label;
     stopping there gives the KL and raw rate of those rows alone (the numbers a one-stage pass gives them), and
     going on gives the one-stage pass's whole score with the first stage's rate beside it."""
     from abliterate.search.one_pass import FIRST_STAGE, _sigmoid, first_stage
 
     folder, base, tok = llama
     model = load_model(str(folder))
-    prompts = [f"{w} number {i}" for i in range(8) for w in ("describe", "explain", "list", "write")]
+    prompts = [f"{w} number {i}" for i in range(12) for w in ("describe", "explain", "list", "write")]
     scorer = Scorer(base, tok, prompts, prompts, AnswerLabeller(), max_new_tokens=6, batch_size=16)
     answers = scorer.base_harmful_answers()
     rows = openings(tok, answers)
     rows[1].failed = rows[6].failed = True  # both base labels in the mix, whatever the tiny model says
-    staged = OnePass(model, tok, rows, scorer.answer_kl, len(prompts), 16)
-    plain = OnePass(model, tok, rows, scorer.answer_kl, len(prompts), 16)
+    staged = OnePass(model, tok, rows, scorer.answer_kl, len(prompts), 24)
+    plain = OnePass(model, tok, rows, scorer.answer_kl, len(prompts), 24)
     plain.first, plain.batches = set(), [[x for b in plain.batches for x in b]]  # one stage, one batch
     failed = [i for i, o in enumerate(rows) if o.failed]
     answered = [i for i, o in enumerate(rows) if not o.failed]
     harmful = set(failed[::FIRST_STAGE] + answered[::FIRST_STAGE])
-    assert staged.first == first_stage(rows, 32) == {("open", i) for i in harmful} | {("kl", i) for i in range(0, 32, 4)}
+    kl_first = list(range(0, 48, FIRST_STAGE))
+    assert staged.first == first_stage(rows, 48) == {("open", i) for i in harmful} | {("kl", i) for i in kl_first}
     assert {(k, i) for b in staged.batches[:staged.first_batches] for _, _, k, i in b} == staged.first
-    assert first_stage(rows[:20], 20) == set()  # 5 harmful rows: too few to say anything, one stage
+    assert first_stage(rows[:20], 20) == set()  # 4 harmful rows: too few to say anything, one stage
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.model.layers[-1].mlp.parameters():
@@ -190,7 +191,7 @@ def test_the_first_stage_reads_a_quarter_of_each_kind_first_and_can_end_the_pass
     kl_rows = {}
     for chunk in plain.batches:
         plain._read(plain._logits(chunk, None), chunk, kl_rows, {})
-    first_kl = [kl_rows[i] for i in range(0, 32, 4)]
+    first_kl = [kl_rows[i] for i in kl_first]
     assert first.kl == pytest.approx(sum(first_kl) / len(first_kl), rel=1e-5)
     assert first.kl != pytest.approx(want.kl, rel=1e-3)
 

@@ -23,11 +23,11 @@ Decision (`decide`), in order, against the confirmed trials (KL, generated failu
    (--confirm-share, drawn from the seed and the trial number) that is confirmed anyway ("audit") so the
    calibration keeps seeing trials of every kind.
 6. confirm, "may join the front": everything else (it may become the pick).
-Before all that, on the one pass's FIRST STAGE (a quarter of the rows, abliterate.search.one_pass), `decide_first`
+Before all that, on the one pass's FIRST STAGE (a sixth of the rows, abliterate.search.one_pass), `decide_first`
 may stop the pass early: "predicted above the pick (first stage)" when the trial's optimistic failures by a line
 of its own (calibrate over the confirmed trials' first-stage rates; its margin is larger, since fewer rows are
 read) exceed what the pick rule would take, as in rule 5, with the same audit draw (an audited trial runs the
-whole pass and goes through the rules above). The KL is then the first stage's, over a quarter of the harmless
+whole pass and goes through the rules above). The KL is then the first stage's, over a sixth of the harmless
 prompts: an estimate the sampler learns from, never a figure the front or the pick uses (the trial is not
 confirmed). Only rule 5's refusal half is used there: the rules that need the exact KL wait for the whole pass.
 

@@ -34,7 +34,7 @@ residual enters in their place. Exact (no float differs: the same rows, batches 
 checked once on the unedited model like the prefix cache, and not used where the check fails, where the model
 cannot be split by layer, or when a trial edits the embeddings or works through forward hooks.
 
-Two stages. A trial far from the front shows it on a few rows: the FIRST STAGE is a fixed quarter of the rows
+Two stages. A trial far from the front shows it on a few rows: the FIRST STAGE is a fixed sixth of the rows
 (every FIRST_STAGE-th harmless KL prompt; every FIRST_STAGE-th harmful prompt the base failed and every one it
 answered, so the stage keeps the base's mix), run first in batches of its own. `score(enough=...)` hands the
 first stage's numbers (its KL and raw rate over those rows only) to the caller, which may stop there
@@ -66,7 +66,7 @@ CERTAIN_MARGIN_HALF = 0.1
 MIN_PREFIX = 8  # a shorter shared prefix is not worth a cache
 PREFIX_TOLERANCE = 1e-3  # largest |difference| of logits with and without the cached prefix, over their scale
 LAYER_CACHE_POINTS = 4  # the residual entering layers L/4, 2L/4, 3L/4 is kept: a trial's pass starts at one of them
-FIRST_STAGE = 4  # every 4th row of each kind runs first (module docstring)
+FIRST_STAGE = 6  # every 6th row of each kind runs first (module docstring)
 FIRST_STAGE_MIN = 8  # harmful rows the first stage needs to say anything (fewer: one stage)
 
 

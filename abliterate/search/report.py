@@ -64,7 +64,7 @@ def trials_lines(rs: list[TrialRecord]) -> str:
     """One JSON object per finished trial: number, state (complete, predicted: scored by the one pass only, or
     pruned), parameters, the generated refusal rate (null unless confirmed), the predicted one (null under
     --fidelity full), whether generation confirmed the trial, the one pass's rows ("first": its first stage only,
-    the KL then over a quarter of the harmless prompts), the one-pass-only trial it confirmed on request (--pick N),
+    the KL then over a sixth of the harmless prompts), the one-pass-only trial it confirmed on request (--pick N),
     KL, seconds."""
     out = []
     for r in rs:
