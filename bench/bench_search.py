@@ -233,7 +233,7 @@ def run_fidelity(model_dir: Path, meas: Path, out_dir: Path, fidelity: str, minu
             "trials_per_min_loop": 60 * len(recs) / loop, "trial_s_sum": sum(r.seconds for r in recs),
             "generated": sum(r.generated for r in recs), "complete": sum(r.state == "complete" for r in recs),
             "predicted_only": sum(r.state == "predicted" for r in recs), "pruned": sum(r.state == "pruned" for r in recs),
-            "first_stage_only": sum(bool(r.one_pass) and r.one_pass.get("rows") == "first" for r in recs),
+            "first_stage_only": sum(r.first_stage_only for r in recs),
             "seconds_by_decision": _seconds_by_decision(recs),
             "pick": {"trial": chosen.number, "refusals": chosen.failures, "n": chosen.n_harmful,
                      "refusal_rate": chosen.refusal_rate, "kl": chosen.kl, "seed": chosen.seed},
@@ -269,7 +269,7 @@ def _seconds_by_decision(recs) -> dict:
     """{decision: [trials, mean trial seconds]} (the full search's trials: "generated" or their prune reason)."""
     out: dict = {}
     for r in recs:
-        key = (r.one_pass or {}).get("decision") or (r.pruned if r.state == "pruned" else "generated")
+        key = r.decision or (r.pruned if r.state == "pruned" else "generated")
         n, total = out.get(key, (0, 0.0))
         out[key] = (n + 1, total + r.seconds)
     return {k: [n, round(total / n, 2)] for k, (n, total) in out.items()}

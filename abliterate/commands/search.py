@@ -203,7 +203,7 @@ def _summary(r, o) -> None:
     predicted = sum(x.state == "predicted" for x in recs)
     timed = [x.seconds for x in recs if x.seconds > 0]
     per_trial = f", {sum(timed) / len(timed):.2f} s per trial on average" if timed else ""
-    first = sum(bool(x.one_pass) and x.one_pass.get("rows") == "first" for x in recs)
+    first = sum(x.first_stage_only for x in recs)
     first_stage = f" ({first} on its first sixth of the rows alone)" if first else ""
     one_pass = f", {predicted} scored by the one-pass score only{first_stage}" if predicted else ""
     print(f"study      {len(recs)} finished trials ({r.ran} run now, {pruned} pruned{one_pass}){per_trial}; "

@@ -134,7 +134,6 @@ class OnePass:
         self.first_batches = len(self.batches)  # the first stage's batches come first (0: one stage)
         self.batches += _batches([x for x in items if (x[2], x[3]) not in self.first], batch_size)
         self.keeps = prompting.forward_takes(model, "logits_to_keep")
-        self.n_kl = len(kl_rows)
         self.prefix: list[int] = []
         self._layers = None  # the decoder layers, found by _build_layer_cache
         self.prefix_note = self._check_prefix([x for x, *_ in items])
@@ -264,14 +263,11 @@ class OnePass:
         for b_index, chunk in enumerate(self.batches):
             if b_index == self.first_batches and self.first_batches:
                 first = self._summary(kl_rows, min_margin, "first", started)
-                first.first_raw_rate = first.raw_rate
                 if enough is not None and enough(first):
                     return first
             start = (point, self.layer_cache[point][b_index]) if point is not None else None
             self._read(self._logits(chunk, prefix_cache, start), chunk, kl_rows, min_margin)
-        score = self._summary(kl_rows, min_margin, "all", started)
-        score.first_raw_rate = first.raw_rate if first is not None else None
-        return score
+        return self._summary(kl_rows, min_margin, "all", started, first.raw_rate if first is not None else None)
 
     def _read(self, logits, chunk, kl_rows: dict, min_margin: dict) -> None:
         """Each row's share of a batch's logits: a KL row's KL, an opening row's min margin."""
@@ -287,14 +283,16 @@ class OnePass:
         if self.certain_margin is None:
             self.certain_margin = CERTAIN_MARGIN.get(str(logits.dtype).removeprefix("torch."), CERTAIN_MARGIN_HALF)
 
-    def _summary(self, kl_rows: dict, min_margin: dict, stage: str, started: float) -> OnePassScore:
-        """The score over the rows read so far (stage "all": every row; rows without an opening, none in practice,
-        count as uncertain halves)."""
+    def _summary(self, kl_rows: dict, min_margin: dict, stage: str, started: float,
+                 first_raw_rate: float | None = None) -> OnePassScore:
+        """The score over the rows read so far (stage "all": every row, with the first stage's rate beside it;
+        rows without an opening, none in practice, count as uncertain halves; stage "first": its rate is its own)."""
         import time
 
         kl = sum(kl_rows.values()) / len(kl_rows) if kl_rows else 0.0
+        read = sorted(min_margin)
         q, certain = [], 0
-        for i in sorted(min_margin):
+        for i in read:
             o = self.rows[i]
             keeps = _sigmoid(min_margin[i] / TEMPERATURE)
             q.append(keeps if o.failed else 1.0 - keeps)
@@ -302,8 +300,9 @@ class OnePass:
         if stage == "all":
             q += [0.5] * (self.n_harmful - len(self.rows))
         raw = sum(q) / max(len(q), 1)
-        margins = [min_margin[i] for i in sorted(min_margin)]
-        return OnePassScore(kl, raw, certain, self.n_harmful, time.perf_counter() - started, margins, stage)
+        margins = [min_margin[i] for i in read]
+        return OnePassScore(kl, raw, certain, self.n_harmful, time.perf_counter() - started, margins, stage,
+                            raw if stage == "first" else first_raw_rate)
 
 
 def first_stage(rows: Sequence[Opening], n_kl: int) -> set[tuple[str, int]]:

@@ -73,7 +73,7 @@ def trials_lines(rs: list[TrialRecord]) -> str:
             "number": r.number, "state": r.state, "pruned": r.pruned, "seed": r.seed, "params": r.params,
             "refusal_rate": r.refusal_rate, "refusals": r.failures, "refusals_at_least": r.failures_at_least,
             "predicted_refusal_rate": r.predicted, "one_pass_raw": one.get("raw_rate"),
-            "confirmed": r.generated, "decision": one.get("decision"), "one_pass_rows": one.get("rows"),
+            "confirmed": r.generated, "decision": r.decision, "one_pass_rows": one.get("rows"),
             "confirms": r.confirms,
             "n_harmful": r.n_harmful, "kl": r.kl, "seconds": round(r.seconds, 3),
             "layers": [e["layer"] for e in (r.plan or {}).get("ablate", [])],

@@ -351,8 +351,7 @@ def _multi_fidelity_trial(o: SearchOptions, trial, study, editor, plan, scorer, 
     cal_first = fidelity.calibrate(st.calibration_pairs(recs, "first_raw_rate"))
     n, target = len(o.harmful), st.target_failures(o.refusal_target, len(o.harmful))
     draw = fidelity.audit_draw(o.seed, trial.number)
-    share = fidelity.audit_share(o.confirm_share, sum(r.one_pass is not None and r.one_pass.get("decision") == "audit"
-                                                      for r in recs))
+    share = fidelity.audit_share(o.confirm_share, sum(r.decision == "audit" for r in recs))
     early: list = []  # the first stage's decision, when it stops the pass
 
     def enough(first) -> bool:

@@ -74,6 +74,16 @@ class TrialRecord:
     confirms: int | None = None  # this trial generated the answers of that one-pass-only trial (--pick N)
 
     @property
+    def decision(self) -> str | None:
+        """The multi-fidelity rule that decided the trial (abliterate.search.fidelity), None under --fidelity full."""
+        return (self.one_pass or {}).get("decision")
+
+    @property
+    def first_stage_only(self) -> bool:
+        """The one pass stopped after its first stage (abliterate.search.one_pass)."""
+        return (self.one_pass or {}).get("rows") == "first"
+
+    @property
     def refusal_rate(self) -> float | None:
         return None if self.failures is None else self.failures / self.n_harmful
 
