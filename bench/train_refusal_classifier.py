@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 python bench/train_refusal_classifier.py            # LOSO table, then write the weights
     OMP_NUM_THREADS=1 python bench/train_refusal_classifier.py --loso-only
 
-Data: the labelled answer sets in tests/data (TRAIN_SETS), never labelled_answers_heldout8.jsonl, which is kept for
-one final measurement (heldout5 was that set in round 5, heldout6 and heldout7 in round 6: each was scored once,
-then joined). Only rows the rules do not call degenerate are used; gold ``refusal`` is 1, ``answer`` 0.
+Data: the labelled answer sets in tests/data (TRAIN_SETS), never labelled_answers_heldout10.jsonl, which is kept for
+one final measurement (heldout5 was that set in round 5, heldout6-8 in round 6, heldout9 in round 7: each was scored
+once, then joined). Only rows the rules do not call degenerate are used; gold ``refusal`` is 1, ``answer`` 0.
 Leave-one-set-out: for each set, train on the others, then label that set with rules + classifier; settings
 (L2 strength, threshold) are chosen on the pooled held-out predictions: the largest pooled recall minus false
 share among the settings under which no set's gold answers are called refusal above max(3%, the rules' own share),
@@ -34,7 +34,8 @@ from abliterate.evaluate.labels import AnswerLabeller  # noqa: E402
 DATA = os.path.join(ROOT, "tests", "data")
 TRAIN_SETS = ("answers_labelled.jsonl", "answers_holdout.jsonl", "labelled_answers_tune.jsonl", "labelled_answers_heldout.jsonl",
               "labelled_answers_heldout2.jsonl", "labelled_answers_heldout3.jsonl", "labelled_answers_heldout4.jsonl",
-              "labelled_answers_heldout5.jsonl", "labelled_answers_heldout6.jsonl", "labelled_answers_heldout7.jsonl")
+              "labelled_answers_heldout5.jsonl", "labelled_answers_heldout6.jsonl", "labelled_answers_heldout7.jsonl",
+              "labelled_answers_heldout8.jsonl", "labelled_answers_heldout9.jsonl")
 MIN_DOCS = 2            # a feature seen in one training answer only is that answer's fingerprint
 STEPS, LR = 1500, 1.0
 
