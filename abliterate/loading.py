@@ -161,6 +161,10 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None, devic
     import torch
     from transformers import AutoModelForCausalLM
 
+    if device and device != "cpu":
+        from abliterate.ablate.preflight import pick_device
+
+        pick_device(device)  # one line, not torch's traceback, for a device this machine lacks (cuda, cuda:N)
     config = read_config(model, trust_remote_code)
     where, extra = pretrained_args(model)
     dmap = default_device_map(device, device_map)

@@ -100,11 +100,22 @@ def split_answer(text: str, harmony: bool, rendered_prompt: str = "") -> Harmony
 
 
 def input_device(model):
-    """Where input ids go: the embedding's device (right with accelerate device maps too)."""
+    """Where input ids go: the embedding's device (right with accelerate device maps too). An embedding that an
+    accelerate device map offloads (mapped to "cpu" beside a GPU, or to "disk") has its weight on the meta device,
+    where no input can go: it runs on its hook's execution device, so the inputs go there."""
     try:
-        return model.get_input_embeddings().weight.device
+        embedding = model.get_input_embeddings()
+        device = embedding.weight.device
     except AttributeError:
         return getattr(model, "device", None)
+    if device.type == "meta":
+        import torch
+
+        hook = getattr(embedding, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+            if getattr(h, "execution_device", None) is not None:
+                return torch.device(h.execution_device)
+    return device
 
 
 def forward_takes(model, keyword: str) -> bool:

@@ -7,6 +7,12 @@ For each tiny model (llama, gpt_oss, qwen3_moe) with a system prompt (so the sha
   measure   on --device and on cpu through measure.py: cosine of the directions per index (float32 both);
   ablate    the same plan with sharded_ablate --device DEVICE and --device cpu: largest difference per tensor;
   timing    both commands' wall time on each device.
+  search    a tiny search.py (SEARCH_TRIALS trials, 8 tokens, seed 0, float32) with --device DEVICE and --device
+            cpu, with --fidelity full and with the default multi-fidelity: the first trials are the seeds, so both
+            devices run the same parameters; per trial the KL must agree (relative KL_RTOL), the refusal counts of
+            trials generated on both must be equal and the one-pass raw rate agree (RAW_ATOL); a decision or state
+            that differs is reported, as is a cache note that differs. A cache the search could not use (its note
+            says "could not") fails the check: those paths fall back silently. Wall time and seconds per trial.
 Then the out-of-memory path: measurement with the GPU capped to a sliver of its memory must halve the batch
 (the note is printed) and still give the CPU's directions. On a machine without CUDA, --device cpu runs every
 step against itself, which checks only that the script works.
@@ -17,6 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
+import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +41,11 @@ PROMPTS = {
                  "tell me a story about a cake", "summarize the article", "how do I bake bread"],
 }
 
+SEARCH_TRIALS = 6  # within the seeds and TPE's seeded random start: both devices run the same parameters
+KL_RTOL = 1e-3  # a trial's KL on DEVICE against the CPU's, relative (float32 on both)
+KL_ATOL = 1e-9
+RAW_ATOL = 1e-4  # the one-pass raw refusal rate: a mean of sigmoids of logit margins
+
 
 def run(main, argv) -> tuple[int, str, float]:
     err = io.StringIO()
@@ -40,6 +53,57 @@ def run(main, argv) -> tuple[int, str, float]:
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main([str(a) for a in argv])
     return code, err.getvalue(), time.perf_counter() - t
+
+
+def run_search(main, arch: str, model: Path, meas: Path, files: dict, work: Path, dev: str, fidelity: str):
+    """(exit code, stderr, seconds, trials table rows) of a tiny search on `dev` (a fresh study each time)."""
+    out = work / f"{arch}-search-{fidelity}-{dev.replace(':', '_')}" / "plan.yml"
+    shutil.rmtree(out.parent, ignore_errors=True)  # a study left by an earlier run would be continued, not run
+    out.parent.mkdir(parents=True)
+    code, err, seconds = run(main, ["-m", model, "--measurements", meas, "-o", out, "--output-model",
+                                    out.parent / "ablated", "--data-harmful", files["harmful"], "--data-harmless",
+                                    files["harmless"], "--harmful-n", 6, "--harmless-n", 6, "--max-new-tokens", 8,
+                                    "--kl-tokens", 8, "--trials", SEARCH_TRIALS, "--seed", 0, "--system", SYSTEM,
+                                    "--fidelity", fidelity, "--dtype", "float32", "--device", dev, "--batch-size", 4,
+                                    "--no-progress"])
+    table = out.parent / "plan.trials.jsonl"
+    trials = [json.loads(x) for x in table.read_text().splitlines()] if code == 0 and table.is_file() else []
+    return code, err, seconds, trials
+
+
+def compare_search(mine: list[dict], cpu: list[dict]) -> tuple[list[str], list[str], dict]:
+    """(failures, other differences, the largest differences) of DEVICE's trials against the CPU's."""
+    bad, other = [], []
+    worst = {"kl rel": 0.0, "raw": None}
+    if [t["number"] for t in mine] != [t["number"] for t in cpu]:
+        bad.append(f"trials {[t['number'] for t in mine]} vs {[t['number'] for t in cpu]} on cpu")
+    for a, b in zip(mine, cpu):
+        n = a["number"]
+        if a["params"] != b["params"]:
+            bad.append(f"trial {n}: other parameters than on cpu")
+            continue
+        if (a["kl"] is None) != (b["kl"] is None):
+            bad.append(f"trial {n}: KL {a['kl']} vs {b['kl']} on cpu")
+        elif a["kl"] is not None:
+            diff = abs(a["kl"] - b["kl"])
+            worst["kl rel"] = max(worst["kl rel"], diff / max(abs(b["kl"]), 1e-30))
+            if diff > KL_RTOL * abs(b["kl"]) + KL_ATOL:
+                bad.append(f"trial {n}: KL {a['kl']:.6g} vs {b['kl']:.6g} on cpu")
+        if a["refusals"] is not None and b["refusals"] is not None and a["refusals"] != b["refusals"]:
+            bad.append(f"trial {n}: refusals {a['refusals']} vs {b['refusals']} on cpu")
+        if a["one_pass_raw"] is not None and b["one_pass_raw"] is not None:
+            diff = abs(a["one_pass_raw"] - b["one_pass_raw"])
+            worst["raw"] = max(worst["raw"] or 0.0, diff)
+            if diff > RAW_ATOL:
+                bad.append(f"trial {n}: one-pass raw rate {a['one_pass_raw']:.6f} vs {b['one_pass_raw']:.6f} on cpu")
+        if (a["state"], a["decision"]) != (b["state"], b["decision"]):
+            other.append(f"trial {n}: {a['state']} ({a['decision']}) vs {b['state']} ({b['decision']}) on cpu")
+    return bad, other, worst
+
+
+def search_notes(err: str) -> list[str]:
+    """The search's lines about its caches (prefix, layer cache): where each was used or why not."""
+    return [line for line in err.splitlines() if line.startswith(("note: one-pass score:", "note: generation:"))]
 
 
 def main() -> int:
@@ -50,7 +114,7 @@ def main() -> int:
 
     import torch
 
-    from abliterate.commands import ablate, measure
+    from abliterate.commands import ablate, measure, search
     from abliterate.measure.measurement_file import load_measurements
     from abliterate.demo.tiny_models import save_tiny_model_folder
     from tests.ablate_helpers import load_folder_tensors
@@ -92,6 +156,34 @@ def main() -> int:
         failures += not ok
         print(f"{arch:<10} directions cos min {float(cos.min()):.6f}; ablated tensors max |diff| {worst:.2e}; "
               + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()) + ("" if ok else "   <-- MISMATCH"))
+
+        # search: the same tiny study on both devices, the CPU's measurement file, full and multi-fidelity
+        for fidelity in ("full", "multi"):
+            runs = {}
+            for dev in dict.fromkeys([args.device, "cpu"]):
+                runs[dev] = run_search(search.main, arch, model, work / f"{arch}-cpu.safetensors", files, work, dev,
+                                       fidelity)
+                if runs[dev][0]:
+                    print(f"{arch}: search --fidelity {fidelity} on {dev} failed:\n{runs[dev][1]}")
+                    return 1
+            bad, other, worst = compare_search(runs[args.device][3], runs["cpu"][3])
+            notes = {dev: search_notes(r[1]) for dev, r in runs.items()}
+            bad += [f"{dev}: {n.removeprefix('note: ')}" for dev, ns in notes.items() for n in ns if "could not" in n]
+            other += [f"{args.device}: {n.removeprefix('note: ')}" for n in notes[args.device]
+                      if n not in notes["cpu"]]
+            n = len(runs[args.device][3])
+            generated = sum(t["confirmed"] for t in runs[args.device][3])
+            raw = "-" if worst["raw"] is None else f"{worst['raw']:.1e}"
+            timing = ", ".join(f"search {dev} {r[2]:.2f}s ({sum(t['seconds'] for t in r[3]) / max(len(r[3]), 1):.3f}s "
+                               "per trial)" for dev, r in runs.items())
+            failures += bool(bad)
+            print(f"{arch:<10} search {fidelity:<5} {n} trials ({generated} generated); KL max rel diff "
+                  f"{worst['kl rel']:.1e}; one-pass raw max |diff| {raw}; {timing}"
+                  + ("   <-- MISMATCH" if bad else ""))
+            for line in bad:
+                print(f"           {line}")
+            for line in other:
+                print(f"           (differs) {line}")
 
     if args.device.startswith("cuda") and torch.cuda.is_available():
         # Out of memory on purpose: a cap far below one batch's needs makes measure halve its batch.

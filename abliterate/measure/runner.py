@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from abliterate.cli import UserError
+from abliterate.prompting import input_device
 from abliterate.measure.hooks import LastTokenHooks
 from abliterate.measure.layers import find_decoder_layers, find_final_norm, text_config
 from abliterate.measure.measurement_file import Measurements
@@ -84,7 +85,7 @@ class Runner:
         self.pad_id = pad_token_id
         self.options = options
         self.batch_size = options.batch_size
-        self.device = model.get_input_embeddings().weight.device
+        self.device = input_device(model)  # the embedding's (its hook's, when a device map offloads it)
         self.oom_said = False
         self.tokens_seen = 0
         self.padded_tokens = 0  # token positions run through the model, padding and the shared prefix included

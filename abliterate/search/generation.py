@@ -117,8 +117,9 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
             last_pos = positions[:, -1]
             for step in range(max_new_tokens):
                 keep = []
+                tokens = next_ids.tolist()  # one device-to-host copy (and sync) per step, not one per row
                 for b, i in enumerate(rows):
-                    token = int(next_ids[b])
+                    token = tokens[b]
                     done = token in eos
                     ended = "eos" if done else "budget"
                     if not done:
