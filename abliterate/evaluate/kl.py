@@ -107,8 +107,10 @@ def teacher_forced_logprobs(model, tokenizer, reference: AnswerReference, batch_
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=position_ids.to(device), **extra).logits[:, -keep:, :]
-        logprobs = torch.log_softmax(logits.to("cpu", torch.float64), dim=-1)
-        yield [logprobs[i, keep - len(a):] for i, (_, a) in enumerate(chunk)]
+        # float64 log-softmax where the logits are (a GPU's float64 is IEEE like the CPU's), one row at a time (a
+        # [k, V] float64 tensor, not the batch's), then moved: the CPU never runs the vocabulary-wide softmax of a GPU
+        yield [torch.log_softmax(logits[i, keep - len(a):].to(torch.float64), dim=-1).to("cpu")
+               for i, (_, a) in enumerate(chunk)]
 
 
 def answer_kl(base, model, tokenizer, reference: AnswerReference, batch_size: int = 8,

@@ -69,7 +69,9 @@ class AnswerKL:
 
         from abliterate.evaluate.kl import kl_divergence
 
-        return float(kl_divergence(self.base[index].to(torch.float64), stored(logprobs).to(torch.float64)).mean())
+        # On the trial's device (the base row goes there: [m, V] float32), rounded to the stored precision first
+        mine = logprobs.to(torch.float32).to(torch.float64)
+        return float(kl_divergence(self.base[index].to(mine.device, torch.float64), mine).mean())
 
     def measure(self, model) -> float:
         """The KL of `model` as it is now (one teacher-forced pass per batch)."""

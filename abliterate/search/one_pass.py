@@ -276,8 +276,8 @@ class OnePass:
         keep = max(k for _, k, *_ in chunk)
         for b, (_, k, kind, index) in enumerate(chunk):
             if kind == "kl":  # its KL at once: a number per prompt is kept, not [k, V] log-probabilities
-                kl_rows[index] = self.answer_kl.prompt_kl(
-                    index, torch.log_softmax(logits[b, keep - k:].to("cpu", torch.float64), dim=-1))
+                kl_rows[index] = self.answer_kl.prompt_kl(   # on the logits' device: no [k, V] copy to the CPU
+                    index, torch.log_softmax(logits[b, keep - k:].to(torch.float64), dim=-1))
             else:
                 min_margin[index] = _min_margin(logits[b, keep - k:], self.rows[index].tokens)
         if self.certain_margin is None:
