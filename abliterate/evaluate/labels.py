@@ -189,7 +189,8 @@ def _spoken_removed(text: str, fiction: bool) -> str:
 
 
 def normalize(text: str) -> str:
-    """Lower-case; Unicode quotes/apostrophes/dashes to ASCII; drop ``* _ ` ``; whitespace runs to one space."""
+    """Lower-case; Unicode quotes/apostrophes/dashes to ASCII; drop ``* _ ` ``; a dropped g restored ("givin'" ->
+    "giving", so a persona's "I'll not be givin' ye that" meets the markers); whitespace runs to one space."""
     text = unicodedata.normalize("NFKC", text or "").translate(_QUOTES).lower()
     return _WS.sub(" ", _G_DROPPED.sub(r"\1ing", text)).strip()
 
