@@ -13,6 +13,10 @@ For each tiny model (llama, gpt_oss, qwen3_moe) with a system prompt (so the sha
             trials generated on both must be equal and the one-pass raw rate agree (RAW_ATOL); a decision or state
             that differs is reported, as is a cache note that differs. A cache the search could not use (its note
             says "could not") fails the check: those paths fall back silently. Wall time and seconds per trial.
+  hooks     the search's hooked trial edits on --device: the tiny model edited through forward hooks on every float
+            writer and router (TrialEditor hooks="all", what quantized and MXFP4 weights get) against the same plan
+            edited in place: largest logit difference (HOOK_ATOL), and the model exactly unedited afterwards. On CUDA
+            also a tiny search with --quant 4bit (bitsandbytes): it must finish and say its weights go through hooks.
 Then the out-of-memory path: measurement with the GPU capped to a sliver of its memory must halve the batch
 (the note is printed) and still give the CPU's directions. On a machine without CUDA, --device cpu runs every
 step against itself, which checks only that the script works.
@@ -45,6 +49,7 @@ SEARCH_TRIALS = 6  # within the seeds and TPE's seeded random start: both device
 KL_RTOL = 1e-3  # a trial's KL on DEVICE against the CPU's, relative (float32 on both)
 KL_ATOL = 1e-9
 RAW_ATOL = 1e-4  # the one-pass raw refusal rate: a mean of sigmoids of logit margins
+HOOK_ATOL = 1e-4  # logits of the hooked edit against the in-place edit (float32, the same device)
 
 
 def run(main, argv) -> tuple[int, str, float]:
@@ -104,6 +109,42 @@ def compare_search(mine: list[dict], cpu: list[dict]) -> tuple[list[str], list[s
 def search_notes(err: str) -> list[str]:
     """The search's lines about its caches (prefix, layer cache): where each was used or why not."""
     return [line for line in err.splitlines() if line.startswith(("note: one-pass score:", "note: generation:"))]
+
+
+def check_hooks(folder: Path, meas: Path, device: str, work: Path) -> tuple[float, bool]:
+    """(largest |logit difference| hooked vs in place, whether the hooked model is exactly unedited afterwards)."""
+    import torch
+
+    from abliterate.ablate.plan import parse_plan
+    from abliterate.loading import load_model, load_tokenizer
+    from abliterate.measure.layers import find_decoder_layers
+    from abliterate.measure.measurement_file import load_measurements
+    from abliterate.prompting import encode, render, user_messages
+    from abliterate.search.trial_edits import TrialEditor
+
+    tok = load_tokenizer(str(folder))
+    models = {kind: load_model(str(folder), dtype="float32", device=device) for kind in ("hooked", "in place")}
+    editors = {"hooked": TrialEditor(models["hooked"], load_measurements(meas), hooks="all"),
+               "in place": TrialEditor(models["in place"], load_measurements(meas))}
+    n = len(find_decoder_layers(models["hooked"]))
+    plan = parse_plan({"model": str(folder), "measurements": str(meas), "output": str(work / "hooks-out"),
+                       "ablate": [{"layer": i, "measurement": n - 0.5, "scale": 1.0 - 0.1 * i} for i in range(n)]},
+                      "device_check.yml", work)
+    batch = encode(tok, [render(tok, user_messages(p, SYSTEM)) for p in PROMPTS["harmful"]])
+
+    def logits(model):
+        with torch.inference_mode():
+            device_of = model.get_input_embeddings().weight.device
+            return model(**{k: v.to(device_of) for k, v in batch.items()}).logits.float().cpu()
+
+    before = logits(models["hooked"])
+    got = {}
+    for kind, editor in editors.items():
+        with editor.applied(plan):
+            got[kind] = logits(models[kind])
+    moved = float((got["hooked"] - before).abs().max()) > 1e-3  # the plan changes the model at all
+    restored = torch.equal(logits(models["hooked"]), before) and moved
+    return float((got["hooked"] - got["in place"]).abs().max()), restored
 
 
 def main() -> int:
@@ -184,6 +225,33 @@ def main() -> int:
                 print(f"           {line}")
             for line in other:
                 print(f"           (differs) {line}")
+
+        # hooks: the search's hooked edits (quantized and MXFP4 weights get them) against in-place edits, on DEVICE
+        worst, restored = check_hooks(model, work / f"{arch}-cpu.safetensors", args.device, work)
+        ok = worst <= HOOK_ATOL and restored
+        failures += not ok
+        print(f"{arch:<10} hooks on {args.device}: logits hooked vs in place max |diff| {worst:.2e}; unedited after: "
+              f"{restored}" + ("" if ok else "   <-- MISMATCH"))
+
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        # The hooked search as a quantized model runs it: bitsandbytes 4-bit weights on the GPU.
+        model = save_tiny_model_folder(work / "quant", arch="llama", hidden=64, layers=2)
+        meas_q = work / "quant.safetensors"
+        code, err, _ = run(measure.main, ["-m", model, "-o", meas_q, "--data-harmful", files["harmful"],
+                                          "--data-harmless", files["harmless"], "--device", args.device, "--force"])
+        if not code:
+            out = work / "quant-search" / "plan.yml"
+            shutil.rmtree(out.parent, ignore_errors=True)
+            out.parent.mkdir(parents=True)
+            code, err, seconds = run(search.main, ["-m", model, "--measurements", meas_q, "-o", out, "--quant", "4bit",
+                                                   "--data-harmful", files["harmful"], "--data-harmless",
+                                                   files["harmless"], "--harmful-n", 6, "--harmless-n", 6,
+                                                   "--max-new-tokens", 8, "--trials", 4, "--device", args.device,
+                                                   "--no-progress"])
+        said = "forward hooks" in err
+        print(f"search --quant 4bit on {args.device}: exit {code}, hooks noted: {said}"
+              + ("" if not code and said else f"   <-- FAILED\n{err.strip()[-2000:]}"))
+        failures += bool(code) or not said
 
     if args.device.startswith("cuda") and torch.cuda.is_available():
         # Out of memory on purpose: a cap far below one batch's needs makes measure halve its batch.
