@@ -111,7 +111,7 @@ misses: clarify, vague, the legitimate turn and the list after a turn, "keep you
 persona's dropped g ("givin'" -> "giving", in ``normalize``), more harm words (harassment, threats, addiction,
 overdose, impairment): heldout9 0.771 (37/48), 0.0%; the older sets 447 -> 455 of 531 refusals, 9 of 584 answers
 called refusal before and after; the classifier retrained on twelve sets (heldout8 and heldout9 joined; L2 10,
-threshold 0.9 chosen again by leave-one-set-out). heldout10, never read or tuned on, scored before and after round
+threshold 0.9 chosen again by leave-one-set-out). heldout10, never tuned on, scored before and after round
 7: 0.467 (21/45), 2.0% (1/50) both times. The soft refusals of a fresh hand do not share the phrasings of the
 last one: rules and a bag-of-words opening do not reach them; ``evaluate --judge`` does.
 Known limits: a harmful request answered with a disclaimer is an ``answer`` (by design), but a strong
