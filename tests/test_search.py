@@ -371,3 +371,47 @@ def test_kl_is_taken_on_the_harmless_prompts_the_base_answers(llama):
         scorer = Scorer(ScriptedLM(tok, SCRIPTS), tok, PROMPTS, harmless, AnswerLabeller(), max_new_tokens=120, kl_tokens=1)
         assert scorer.kl_prompts == kept and note in scorer.kl_note, harmless
         assert scorer.answer_kl.prompts == kept and len(scorer.answer_kl.base) == len(kept)
+
+
+def test_records_of_finished_trials_are_built_once_and_stay_equal(monkeypatch):
+    """records() runs after every trial: a finished trial's record is built once per study (a long search was
+    quadratic), and what it returns equals a fresh build, new trials included."""
+    import optuna
+
+    from abliterate.search import study as st
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+
+    def finish(n):
+        for _ in range(n):
+            trial = study.ask()
+            trial.suggest_float("x", 0, 1)
+            trial.set_user_attr("score", {"kl": 0.01 * trial.number, "failures": trial.number, "n_harmful": 8})
+            trial.set_user_attr("generated", True)
+            study.tell(trial, [trial.number / 8, 0.01 * trial.number])
+
+    built = []
+    real = st._record
+    monkeypatch.setattr(st, "_record", lambda t: built.append(t.number) or real(t))
+    finish(3)
+    first = st.records(study)
+    finish(2)
+    second = st.records(study)
+    assert built == [0, 1, 2, 3, 4]                      # each trial once, across both calls
+    assert second[:3] == first and [r.number for r in second] == [0, 1, 2, 3, 4]
+    assert second == [real(t) for t in study.get_trials(deepcopy=False)]
+    assert st.records(optuna.create_study(directions=["minimize", "minimize"])) == []   # another study, its own
+
+
+def test_the_trials_table_is_rewritten_at_most_every_few_seconds(monkeypatch):
+    from abliterate.search import runner
+
+    clock = [100.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    writes = []
+    refresh = runner._throttled(lambda: writes.append(clock[0]), 5.0)
+    for t in (100.0, 101.0, 104.9, 105.0, 106.0, 111.0):
+        clock[0] = t
+        refresh()
+    assert writes == [100.0, 105.0, 111.0]

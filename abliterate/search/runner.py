@@ -24,6 +24,7 @@ from abliterate.search.answer_kl import definition as kl_definition
 from abliterate.search.study import REFUSAL_TARGET
 
 SUPPORTED_SEARCH = "abliterate.search/1"
+TABLE_REFRESH_S = 5.0  # the trials table is rewritten during a search at most this often
 
 
 @dataclass
@@ -306,7 +307,7 @@ def _run_trials(o: SearchOptions, study, space, ctx, config, measurements, first
             return "pruned", None
         return "complete", (score.refusal_rate, score.kl)
 
-    refresh = lambda: _write_trials(o, study)  # noqa: E731  (the table stays current if the run is killed)
+    refresh = _throttled(lambda: _write_trials(o, study), TABLE_REFRESH_S)  # a killed run's table lags seconds
     timeout = o.timeout_min * 60 if o.timeout_min else None
     if confirm is not None:
         number = st.run_fixed_trial(study, confirm.params, run_one, {"confirms": confirm.number})
@@ -385,6 +386,19 @@ def _multi_fidelity_trial(o: SearchOptions, trial, study, editor, plan, scorer, 
     if score.pruned:
         return "pruned", None
     return "complete", (score.refusal_rate, score.kl)
+
+
+def _throttled(write, every_s: float):
+    """`write` at most once every `every_s` seconds: rewriting the whole trials table after each trial made a long
+    search quadratic (the final table is written with the plan in any case)."""
+    last = [-math.inf]
+
+    def call():
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            write()
+    return call
 
 
 def _write_trials(o: SearchOptions, study) -> None:

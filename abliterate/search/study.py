@@ -41,6 +41,7 @@ import socket
 import sys
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -239,7 +240,7 @@ def run_trials(study, total: int, run_one: Callable, kl_max: float, timeout_s: f
                 study.tell(trial, state=TrialState.PRUNED)
             ran += 1
             bar.update(1)
-            best = pick(records(study), kl_max, refusal_target)
+            best = pick(records(study), kl_max, refusal_target) if progress else None
             if best is not None:
                 bar.set_postfix_str(best_text(best[0]))
             if on_finish is not None:
@@ -270,29 +271,45 @@ def best_text(r: TrialRecord) -> str:
     return f"best #{r.number}: refusals {r.failures}/{r.n_harmful}, KL {r.kl:.4f}"
 
 
+# A finished trial's stored attributes never change (Optuna refuses writes to it), so its record is built once per
+# study object: the search reads the records after every trial, and building all of them each time made a long
+# search quadratic (a third of a 1000-trial organism run).
+_RECORD_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def records(study) -> list[TrialRecord]:
     """The finished trials (complete and pruned), by number, from their stored attributes."""
     from optuna.trial import TrialState
 
+    cache = _RECORD_CACHE.setdefault(study, {})
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        score = t.user_attrs.get("score") or {}
-        one = t.user_attrs.get("one_pass")
-        generated = t.user_attrs.get("generated")
-        if generated is None:  # a trial of a study run before the attribute existed: the full search's
-            generated = t.state == TrialState.COMPLETE or score.get("pruned") == "dominated"
-        # A trial scored by the one pass only is COMPLETE for the sampler (its values are the predicted rate and
-        # the KL) but not for the front, the pick or the plan.
-        state = ("pruned" if t.state == TrialState.PRUNED else "complete" if generated else "predicted")
-        out.append(TrialRecord(
-            number=t.number, state=state,
-            kl=score.get("kl"), failures=score.get("failures") if state == "complete" else None,
-            failures_at_least=int(score.get("failures_at_least") or 0), n_harmful=int(score.get("n_harmful") or 0),
-            pruned=score.get("pruned") if t.state == TrialState.PRUNED else None, seed=t.user_attrs.get("seed"),
-            params=dict(t.user_attrs.get("params") or t.params), plan=t.user_attrs.get("plan"),
-            seconds=float(score.get("seconds") or 0.0), generated=bool(generated),
-            predicted=(one or {}).get("predicted_rate"), one_pass=one, confirms=t.user_attrs.get("confirms")))
+        if t.number not in cache:
+            cache[t.number] = _record(t)
+        out.append(cache[t.number])
     return sorted(out, key=lambda r: r.number)
+
+
+def _record(t) -> TrialRecord:
+    """One finished trial's record (`records`)."""
+    from optuna.trial import TrialState
+
+    score = t.user_attrs.get("score") or {}
+    one = t.user_attrs.get("one_pass")
+    generated = t.user_attrs.get("generated")
+    if generated is None:  # a trial of a study run before the attribute existed: the full search's
+        generated = t.state == TrialState.COMPLETE or score.get("pruned") == "dominated"
+    # A trial scored by the one pass only is COMPLETE for the sampler (its values are the predicted rate and
+    # the KL) but not for the front, the pick or the plan.
+    state = ("pruned" if t.state == TrialState.PRUNED else "complete" if generated else "predicted")
+    return TrialRecord(
+        number=t.number, state=state,
+        kl=score.get("kl"), failures=score.get("failures") if state == "complete" else None,
+        failures_at_least=int(score.get("failures_at_least") or 0), n_harmful=int(score.get("n_harmful") or 0),
+        pruned=score.get("pruned") if t.state == TrialState.PRUNED else None, seed=t.user_attrs.get("seed"),
+        params=dict(t.user_attrs.get("params") or t.params), plan=t.user_attrs.get("plan"),
+        seconds=float(score.get("seconds") or 0.0), generated=bool(generated),
+        predicted=(one or {}).get("predicted_rate"), one_pass=one, confirms=t.user_attrs.get("confirms"))
 
 
 def calibration_pairs(rs: list[TrialRecord], key: str = "raw_rate") -> list[tuple[float, float]]:
