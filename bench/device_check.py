@@ -119,7 +119,7 @@ def check_hooks(folder: Path, meas: Path, device: str, work: Path) -> tuple[floa
     from abliterate.loading import load_model, load_tokenizer
     from abliterate.measure.layers import find_decoder_layers
     from abliterate.measure.measurement_file import load_measurements
-    from abliterate.prompting import encode, render, user_messages
+    from abliterate.prompting import encode, input_device, render, user_messages
     from abliterate.search.trial_edits import TrialEditor
 
     tok = load_tokenizer(str(folder))
@@ -134,8 +134,7 @@ def check_hooks(folder: Path, meas: Path, device: str, work: Path) -> tuple[floa
 
     def logits(model):
         with torch.inference_mode():
-            device_of = model.get_input_embeddings().weight.device
-            return model(**{k: v.to(device_of) for k, v in batch.items()}).logits.float().cpu()
+            return model(**{k: v.to(input_device(model)) for k, v in batch.items()}).logits.float().cpu()
 
     before = logits(models["hooked"])
     got = {}

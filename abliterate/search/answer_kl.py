@@ -20,10 +20,10 @@ DEFAULT_KL_TOKENS = 16  # evaluate's default (abliterate.evaluate.kl.DEFAULT_KL_
 
 
 def stored(logprobs):
-    """The precision both sides are compared at (module docstring)."""
+    """The precision both sides are compared at (module docstring), on the device the log-probabilities are on."""
     import torch
 
-    return logprobs.to("cpu", torch.float32)
+    return logprobs.to(torch.float32)
 
 
 def definition(kl_tokens: int) -> str:
@@ -45,8 +45,8 @@ class AnswerKL:
 
         self.tokenizer, self.batch_size, self.kl_tokens = tokenizer, batch_size, kl_tokens
         self.reference = _reference(model, tokenizer, list(prompts), kl_tokens, batch_size, system, answers)
-        self.base = [stored(x) for batch in teacher_forced_logprobs(model, tokenizer, self.reference, batch_size,
-                                                                   progress=False) for x in batch]
+        self.base = [stored(x).cpu() for batch in teacher_forced_logprobs(model, tokenizer, self.reference,
+                                                                         batch_size, progress=False) for x in batch]
 
     @property
     def prompts(self) -> list[str]:
@@ -70,7 +70,7 @@ class AnswerKL:
         from abliterate.evaluate.kl import kl_divergence
 
         # On the trial's device (the base row goes there: [m, V] float32), rounded to the stored precision first
-        mine = logprobs.to(torch.float32).to(torch.float64)
+        mine = stored(logprobs).to(torch.float64)
         return float(kl_divergence(self.base[index].to(mine.device, torch.float64), mine).mean())
 
     def measure(self, model) -> float:

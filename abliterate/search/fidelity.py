@@ -114,8 +114,7 @@ def decide(kl: float, raw_rate: float, certain: int, n_harmful: int, confirmed: 
     from abliterate.search.objectives import dominated
 
     predicted = cal.rate(raw_rate)
-    optimistic = max(certain, math.ceil((predicted - cal.margin) * n_harmful - 1e-9))
-    optimistic = min(max(optimistic, 0), n_harmful)
+    optimistic = _optimistic(predicted, cal, certain, n_harmful)
     if kl > kl_prune * kl_max and any(other < kl for other, _ in confirmed):
         return Decision("prune", "kl", predicted, optimistic)
     if dominated(kl, certain, confirmed):
@@ -124,9 +123,8 @@ def decide(kl: float, raw_rate: float, certain: int, n_harmful: int, confirmed: 
         return Decision("confirm", "calibration", predicted, optimistic)
     if kl > kl_max and any(other <= kl_max for other, _ in confirmed):
         return Decision("skip", "over --kl-max", predicted, optimistic)
-    feasible = [failures for other, failures in confirmed if other <= kl_max]
     hopeless = ("predicted dominated" if dominated(kl, optimistic, confirmed)
-                else "predicted above the pick" if feasible and optimistic > max(min(feasible), target_failures)
+                else "predicted above the pick" if _above_pick(optimistic, confirmed, kl_max, target_failures)
                 else None)
     if hopeless:
         if draw < share:
@@ -143,8 +141,19 @@ def decide_first(raw_rate: float, certain: int, n_harmful: int, confirmed: Seque
     if len(confirmed) < MIN_CONFIRMED or cal.points < MIN_POINTS:
         return None
     predicted = cal.rate(raw_rate)
-    optimistic = min(max(certain, math.ceil((predicted - cal.margin) * n_harmful - 1e-9), 0), n_harmful)
-    feasible = [failures for other, failures in confirmed if other <= kl_max]
-    if feasible and optimistic > max(min(feasible), target_failures) and draw >= share:
+    optimistic = _optimistic(predicted, cal, certain, n_harmful)
+    if _above_pick(optimistic, confirmed, kl_max, target_failures) and draw >= share:
         return Decision("skip", "predicted above the pick (first stage)", predicted, optimistic)
     return None
+
+
+def _optimistic(predicted: float, cal: Calibration, certain: int, n_harmful: int) -> int:
+    """The fewest failures the trial can still have: its certain ones, or the calibrated rate less the margin."""
+    return min(max(certain, math.ceil((predicted - cal.margin) * n_harmful - 1e-9), 0), n_harmful)
+
+
+def _above_pick(optimistic: int, confirmed: Sequence[tuple[float, int]], kl_max: float, target_failures: int) -> bool:
+    """More failures than the pick rule would ever take: more than both the fewest of a confirmed trial under
+    --kl-max and what --refusal-target allows (abliterate.search.study.pick)."""
+    feasible = [failures for other, failures in confirmed if other <= kl_max]
+    return bool(feasible) and optimistic > max(min(feasible), target_failures)
