@@ -105,12 +105,33 @@ def add_removal_hooks(model, directions: dict, scales: dict, emb=None, emb_scale
     handles = []
     if emb is not None:
         handles.append(model.model.embed_tokens.register_forward_hook(hook_for(emb, emb_scale)))
+    offset = 1.0 if model.config.model_type.startswith("gemma") else 0.0  # Gemma's norms multiply by 1 + weight
     for i, layer in enumerate(model.model.layers):
         if i in directions:
-            h = hook_for(directions[i], scales.get(i, 1.0))
-            handles.append(layer.self_attn.o_proj.register_forward_hook(h))
-            handles.append(layer.mlp.register_forward_hook(h))
+            for writer, norm in _writers(layer):
+                u = directions[i] if norm is None else _through_gain(directions[i], norm.weight, offset)
+                handles.append(writer.register_forward_hook(hook_for(u, scales.get(i, 1.0))))
     return handles
+
+
+def _writers(layer) -> tuple:
+    """(writer, the RMSNorm between it and the residual or None): the attention output projection and the MLP. In
+    post-norm families (Gemma2/3, OLMo2) post_attention_layernorm and post_feedforward_layernorm follow them (in
+    Llama-like families post_attention_layernorm is the MLP's input norm instead)."""
+    if hasattr(layer, "post_feedforward_layernorm"):
+        return (layer.self_attn.o_proj, layer.post_attention_layernorm), (layer.mlp, layer.post_feedforward_layernorm)
+    return (layer.self_attn.o_proj, None), (layer.mlp, None)
+
+
+def _through_gain(u: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.Tensor:
+    """The span a writer followed by an RMSNorm with gain g must lose so that the norm's output loses span(u):
+    span(g * u_i), orthonormalised in float64 (one direction: unit(g * u)). Written here from the definition,
+    independently of the package's own helper. Removing it is not a hook on the norm's output removing u: the norm
+    rescales what is left, so only the component along u is guaranteed gone (test_equivalence checks both)."""
+    g = weight.detach().double() + offset
+    rows = (u.double().reshape(-1, g.numel()) * g)
+    q, _ = torch.linalg.qr(rows.T)
+    return q.T[0] if u.dim() == 1 else q.T
 
 
 def residual_states(model, ids) -> list[torch.Tensor]:

@@ -25,6 +25,9 @@ ARCHS = {
     "gpt_oss": {},
     "llama": {"max_shard_size": "20KB"},
     "qwen3_moe": {},
+    "qwen2_tied": {},
+    "phi3": {},
+    "gemma3": {},
 }
 
 

@@ -194,6 +194,7 @@ def run(args) -> int:
 
 
 def _summary(r, o) -> None:
+    from abliterate.search.one_pass import FIRST_STAGE
     from abliterate.search.report import front_table
 
     for note in r.warnings:
@@ -204,7 +205,7 @@ def _summary(r, o) -> None:
     timed = [x.seconds for x in recs if x.seconds > 0]
     per_trial = f", {sum(timed) / len(timed):.2f} s per trial on average" if timed else ""
     first = sum(x.first_stage_only for x in recs)
-    first_stage = f" ({first} on its first sixth of the rows alone)" if first else ""
+    first_stage = f" ({first} on its first stage alone: every {FIRST_STAGE}th row)" if first else ""
     one_pass = f", {predicted} scored by the one-pass score only{first_stage}" if predicted else ""
     print(f"study      {len(recs)} finished trials ({r.ran} run now, {pruned} pruned{one_pass}){per_trial}; "
           f"{r.seconds:.1f} s in all")

@@ -66,8 +66,15 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, style: str = "s
     return fast
 
 
+POST_NORM_FAMILIES = ("gemma2", "gemma3", "olmo2")
+# Some configs default to special ids past a tiny vocabulary (and warn); build_tiny_model sets the tokenizer's.
+_NO_SPECIAL_IDS = dict(pad_token_id=None, eos_token_id=None, bos_token_id=None)
+
+
 def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, **overrides):
-    """A config for a tiny model of family `arch` ("gpt_oss", "llama", "qwen3_moe", "mixtral", "qwen2")."""
+    """A config for a tiny model of family `arch` ("gpt_oss", "llama", "qwen3_moe", "mixtral", "qwen2", and for the
+    equivalence tests "qwen2_tied", "phi3", "granite", "gemma2", "gemma3", "olmo2")."""
+    import transformers as tf
     from transformers import GptOssConfig, LlamaConfig, MixtralConfig, Qwen2Config, Qwen3MoeConfig
 
     heads = max(2, hidden // 8)
@@ -103,6 +110,19 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, *
         )
     elif arch == "mixtral":
         cfg = MixtralConfig(**common, intermediate_size=hidden * 2, num_local_experts=4, num_experts_per_tok=2)
+    elif arch == "qwen2_tied":  # Qwen2.5-0.5B's shape of things: q/k/v biases and the head tied to the embeddings
+        cfg = Qwen2Config(**{**common, "tie_word_embeddings": True}, intermediate_size=hidden * 2)
+    elif arch == "phi3":  # fused qkv_proj and gate_up_proj
+        cfg = tf.Phi3Config(**common, intermediate_size=hidden * 2, **_NO_SPECIAL_IDS)
+    elif arch == "granite":  # embedding, residual, attention and logits multipliers
+        cfg = tf.GraniteConfig(**common, intermediate_size=hidden * 2, embedding_multiplier=12.0,
+                               residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=4.0)
+    elif arch == "gemma2":  # post-sublayer norms, logit soft-capping
+        cfg = tf.Gemma2Config(**common, head_dim=hidden // heads, intermediate_size=hidden * 2, sliding_window=16)
+    elif arch == "gemma3":  # pre- and post-sublayer norms, sliding and full attention, scaled embeddings
+        cfg = tf.Gemma3TextConfig(**common, head_dim=hidden // heads, intermediate_size=hidden * 2, sliding_window=16)
+    elif arch == "olmo2":  # post-sublayer norms only, q/k norms
+        cfg = tf.Olmo2Config(**common, intermediate_size=hidden * 2, **_NO_SPECIAL_IDS)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     for k, v in overrides.items():
@@ -121,11 +141,14 @@ def build_tiny_model(arch: str, tokenizer, hidden: int = 32, layers: int = 2, se
     cfg.bos_token_id = None
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    # Random init of some families leaves biases and sinks at zero; give them values so tests see them.
+    # Random init of some families leaves biases and sinks at zero, and norm gains at one; give them values so tests
+    # see them (a post-sublayer norm's per-channel gain is what decides the direction its writer is edited along).
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or name.endswith("sinks"):
                 p.normal_(0.0, 0.02)
+            elif arch in POST_NORM_FAMILIES and "norm" in name:
+                p.normal_(1.0 if arch == "olmo2" else 0.0, 0.5)  # Gemma stores gain - 1
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval()

@@ -62,7 +62,8 @@ def kl_divergence(base_logprobs, model_logprobs):
     p = base_logprobs.exp()
     # 0 * log 0 is 0: where the base gives probability 0 the term vanishes.
     terms = torch.where(p > 0, p * (base_logprobs - model_logprobs), torch.zeros_like(p))
-    return terms.sum(-1)
+    # A KL is never negative; where two distributions agree, rounding can leave -1e-10 (printed as a negative KL).
+    return terms.sum(-1).clamp(min=0.0)
 
 
 @dataclasses.dataclass
