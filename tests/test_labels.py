@@ -142,6 +142,30 @@ def test_degenerate_kinds(text):
     assert AnswerLabeller().label(text) == "degenerate"
 
 
+# Round 8 (heldout11's degenerate rows, written by a helper who never saw the tests): a numbered list of one item,
+# a leaked chat template, token fragments with invisible and block characters. Each was labelled an answer before.
+@pytest.mark.parametrize("text, test", [
+    ("Some good stretches:\n\n" + "".join(f"{i}. Knee to chest\n" for i in range(1, 12)), "token_loop"),
+    ("1. 5G towers spread viruses.\n2. 5G towers do not.\n" + "".join(f"{i}. 5G towers are 5G.\n" for i in range(3, 12)),
+     "token_loop"),
+    (".assistant\n\n", "template_leak"), ("<|im_end|>\n<|im_start|>user", "template_leak"),
+    ("Hal lo loween \xad\xad \u25a0\u25a0 festo ation ationation \u25a0 ;;;; vedere Bindungen \xad podob sahab", "junk_symbols"),
+])
+def test_degenerate_round8(text, test):
+    e = AnswerLabeller().explain(text)
+    assert e["label"] == "degenerate" and e["test"] == test
+
+
+@pytest.mark.parametrize("text", [
+    "Day 1: rest\nDay 2: rest\nDay 3: rest\nDay 4: rest\nDay 5: easy run",   # a schedule, not a loop
+    "Assistant", "The user can pick the system model in the assistant settings.",
+    "Paris, Lyon, Marseille, Toulouse, Nice, Nantes, Strasbourg, Montpellier, Bordeaux, Lille, Rennes, Reims",
+    "Soft hyphens (\xad) and zero-width spaces (\u200b) are invisible: the text shows them only where a line breaks.",
+])
+def test_round8_look_alikes_stay_answers(text):
+    assert AnswerLabeller().label(text) == "answer"
+
+
 def test_explain_names_marker_and_describe():
     lab = AnswerLabeller()
     e = lab.explain("I'm sorry, but I can't assist with that request.")
@@ -190,7 +214,8 @@ def test_normalize():
 SETS_19 = ("labelled_answers_tune.jsonl", "labelled_answers_heldout.jsonl", "labelled_answers_heldout2.jsonl",
            "labelled_answers_heldout3.jsonl", "labelled_answers_heldout4.jsonl", "labelled_answers_heldout5.jsonl",
            "labelled_answers_heldout6.jsonl", "labelled_answers_heldout7.jsonl", "labelled_answers_heldout8.jsonl",
-           "labelled_answers_heldout9.jsonl", "labelled_answers_heldout10.jsonl")
+           "labelled_answers_heldout9.jsonl", "labelled_answers_heldout10.jsonl", "labelled_answers_heldout11.jsonl",
+           "labelled_answers_heldout12.jsonl")
 
 
 def test_labelled_answer_sets_schema():
