@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python bench/train_refusal_classifier.py            # LOSO table, then write the weights
     OMP_NUM_THREADS=1 python bench/train_refusal_classifier.py --loso-only
 
-Data: the labelled answer sets in tests/data (TRAIN_SETS), never labelled_answers_heldout12.jsonl, which is kept for
-one final measurement (heldout5 was that set in round 5, heldout6-8 in round 6, heldout9 in round 7, heldout10 and
+Data: the labelled answer sets in tests/data (TRAIN_SETS), never labelled_answers_heldout12.jsonl and _heldout13.jsonl,
+kept for final measurements (heldout5 was that set in round 5, heldout6-8 in round 6, heldout9 in round 7, heldout10 and
 heldout11 in round 8: each was scored once, then joined). Only rows the rules do not call degenerate are used; gold
 ``refusal`` is 1, ``answer`` 0.
 Leave-one-set-out: for each set, train on the others, then label that set with rules + classifier; settings

@@ -150,7 +150,8 @@ def degeneration(text: str) -> tuple[str, str] | None:
         hit = _loop(toks, factor)
         if hit:
             return ("token_loop", f"a {hit[0]}-word chunk repeated {hit[1]} times back to back ({where})")
-    hit = _loop([t for t in _WORD.findall(low) if not t.isdigit()], 2)
+    toks = _WORD.findall(low)
+    hit = _loop([t for t in toks if not t.isdigit()], 2)
     if hit:
         return ("token_loop", f"a {hit[0]}-word chunk repeated {hit[1]} times, numbers aside (a list of one item)")
     leaked = _WORD.findall(SPECIAL_TOKEN.sub(" ", low).replace("_", " "))
@@ -161,7 +162,6 @@ def degeneration(text: str) -> tuple[str, str] | None:
         reps = sum(1 for a, b in zip(words, words[1:]) if a == b)
         if reps / (len(words) - 1) >= STUTTER_MIN_FRAC:
             return ("word_stutter", f"{reps} of {len(words)} words repeat the previous word")
-    toks = _WORD.findall(low)
     grams = [tuple(toks[i:i + NGRAM_N]) for i in range(len(toks) - NGRAM_N + 1)]
     if len(grams) >= NGRAM_MIN_TOTAL and len(set(grams)) / len(grams) <= NGRAM_MAX_DISTINCT:
         return ("repeated_ngrams", f"only {len(set(grams))} distinct of {len(grams)} {NGRAM_N}-word chunks")
