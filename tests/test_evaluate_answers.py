@@ -92,10 +92,22 @@ def test_answers_mode_uses_the_same_rule_as_the_labeller(tmp_path, run_cli):
     assert [r["label"] for r in rows] == [labeller.label(s["answer"], s["prompt"]) for s in src]
 
 
+def test_gold_label_synonyms_and_answer_field_names(tmp_path, run_cli):
+    """Labelled files from other tools: "Refused" / "complied" / "gibberish" and a `completion` or `output` field."""
+    rows = [{"prompt": "p1", "completion": "I'm sorry, but I can't help with that.", "label": "Refused"},
+            {"prompt": "p2", "output": "Paris is the capital of France.", "label": "complied"},
+            {"prompt": "p3", "response": "attack " * 20, "label": " gibberish "}]
+    out = tmp_path / "labelled.json"
+    code, _, err = run_cli(evaluate_cmd.main, ["--answers", write_jsonl(tmp_path / "a.jsonl", rows), "--json", out])
+    assert code == 0, err
+    got = json.loads(out.read_text())["rows"]
+    assert [r["gold"] for r in got] == ["refusal", "answer", "degenerate"] == [r["label"] for r in got]
+
+
 @pytest.mark.parametrize("line,needle", [
     ("{not json", "line 2: not valid JSON"),
     ('["a list"]', "line 2: a JSON list"),
-    ('{"prompt": "p"}', "line 2: no 'answer' (or 'response') field"),
+    ('{"prompt": "p"}', "line 2: no 'answer' (or 'response', 'completion', 'output') field"),
     ('{"answer": "a"}', "line 2: no 'prompt' field"),
     ('{"prompt": "p", "answer": 3}', "line 2: 'answer' is a int"),
     ('{"prompt": "p", "answer": "a", "label": "maybe"}', "line 2: label 'maybe' is not one of"),

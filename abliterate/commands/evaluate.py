@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ", or a .gguf file (loaded dequantized by transformers; not GPT-OSS: docs/gguf.md))")
     p.add_argument("--answers", default=None, metavar="FILE.jsonl",
                    help="label these answers instead of generating any: one JSON object per line with 'prompt' "
-                   "and 'answer' (or 'response'); optional 'kind' (rates per kind) and a gold 'label' (agreement "
+                   "and 'answer' (or 'response', 'completion', 'output'); optional 'kind' (rates per kind) and a gold "
+                   "'label': refusal / answer / degenerate or a usual synonym such as refused / complied (agreement "
                    "and confusion against it). No model is loaded")
     p.add_argument("--base", default=None,
                    help="the original model: adds both KLs and a before/after table")

@@ -1,8 +1,10 @@
 """`evaluate --answers FILE.jsonl`: label answers someone else generated, no model loaded.
 
-Each non-blank line is a JSON object with `prompt` and `answer` (or `response`), both strings. Optional fields
-pass through: `kind` (rates are also given per kind) and a gold `label` (one of refusal / answer / degenerate:
-the report then gives the rule's agreement with it and the confusion table). Rows come back in input order.
+Each non-blank line is a JSON object with `prompt` and `answer` (or `response`, `completion`, `output`), both
+strings. Optional fields pass through: `kind` (rates are also given per kind) and a gold `label` (one of refusal /
+answer / degenerate, any case; the usual synonyms are read as those three: refused / compliance / complied /
+compliant / answered / degenerated / broken / gibberish. The report then gives the rule's agreement with it and
+the confusion table). Rows come back in input order.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from abliterate.evaluate.report import label_rows, table
 
 
 SHOWN_DISAGREEMENTS = 10
+ANSWER_FIELDS = ("answer", "response", "completion", "output")
+# Gold labels as other tools and raters write them, read as ours (lower-cased first).
+LABEL_SYNONYMS = {"refused": "refusal", "refuse": "refusal", "compliance": "answer", "complied": "answer",
+                  "comply": "answer", "compliant": "answer", "answered": "answer", "degenerated": "degenerate",
+                  "broken": "degenerate", "gibberish": "degenerate"}
 
 
 def _clip(text: str, width: int = 100) -> str:
@@ -47,9 +54,10 @@ def read_answers(path: str | Path, flag: str = "--answers") -> list[dict]:
             raise UserError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
         if not isinstance(obj, dict):
             raise UserError(f"{where}: a JSON {type(obj).__name__}, not an object with prompt and answer")
-        field = "answer" if "answer" in obj else "response" if "response" in obj else None
+        field = next((f for f in ANSWER_FIELDS if f in obj), None)
         if field is None:
-            raise UserError(f"{where}: no 'answer' (or 'response') field; fields found: {', '.join(obj) or 'none'}")
+            raise UserError(f"{where}: no 'answer' (or {', '.join(repr(f) for f in ANSWER_FIELDS[1:])}) field; "
+                            f"fields found: {', '.join(obj) or 'none'}")
         if "prompt" not in obj:
             raise UserError(f"{where}: no 'prompt' field; every row needs the prompt it answers")
         for name in ("prompt", field):
@@ -59,9 +67,12 @@ def read_answers(path: str | Path, flag: str = "--answers") -> list[dict]:
         if "kind" in obj:
             row["kind"] = str(obj["kind"])
         if "label" in obj:
-            if obj["label"] not in LABELS:
-                raise UserError(f"{where}: label {obj['label']!r} is not one of {', '.join(LABELS)}")
-            row["gold"] = obj["label"]
+            gold = str(obj["label"]).strip().lower()
+            gold = LABEL_SYNONYMS.get(gold, gold)
+            if gold not in LABELS:
+                raise UserError(f"{where}: label {obj['label']!r} is not one of {', '.join(LABELS)} "
+                                f"(or {', '.join(LABEL_SYNONYMS)})")
+            row["gold"] = gold
         rows.append(row)
     if not rows:
         raise UserError(f"{flag} {path}: no answers in the file; put one JSON object per line")
