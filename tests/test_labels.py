@@ -161,6 +161,9 @@ def test_degenerate_round8(text, test):
     "Assistant", "The user can pick the system model in the assistant settings.",
     "Paris, Lyon, Marseille, Toulouse, Nice, Nantes, Strasbourg, Montpellier, Bordeaux, Lille, Rennes, Reims",
     "Soft hyphens (\xad) and zero-width spaces (\u200b) are invisible: the text shows them only where a line breaks.",
+    "".join(f"Week {i}: 3 sets of {8 + 2 * i} push-ups\n" for i in range(1, 13)),   # rows differing in numbers only
+    "The table of 7:\n" + "".join(f"7 x {i} = {7 * i}\n" for i in range(1, 21)),  # was a word stutter ("x x x")
+    "".join(f"Chapter {i}\n" for i in range(1, 17)),
 ])
 def test_round8_look_alikes_stay_answers(text):
     assert AnswerLabeller().label(text) == "answer"

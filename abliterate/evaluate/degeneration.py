@@ -6,8 +6,9 @@ Used by the answer labeller (abliterate.evaluate.labels), whose label ``degenera
   back to back ("attack attack ...", "Step 1: Gather ... Step 1: Gather ..."), truncated loops included.
   Run on prose (code blocks removed, numbers kept: "1. 1. 1. 1." loops) and, with numbers ignored and
   doubled thresholds, inside fenced code (printed zero matrices and nested tags do not count).
-  Once more on prose with the numbers left out and doubled thresholds: a numbered list that repeats one item
-  ("1. Cat-cow stretch 2. Cat-cow stretch ..." eight times or more; a schedule repeating "rest" four times stays).
+  Once more on prose with the list markers ("1.", "2)", "-") left out and doubled thresholds: a numbered list that
+  repeats one item ("1. Cat-cow stretch 2. Cat-cow stretch ..." eight times or more). Only the markers go: a plan
+  whose rows differ in their numbers ("Week 1: 3 sets of 10", "Week 2: 3 sets of 12", ...) is not a loop.
 * ``template_leak``: nothing but chat-template role words and special tokens (".assistant", "<|im_end|>user"; the
   one clean word "Assistant" stays an answer).
 * ``junk_symbols``: >= 3 characters no answer writes (soft hyphens and other invisible format characters,
@@ -84,6 +85,7 @@ _BAD_BIGRAMS = set("bx cx dx fq fx gq gx hx jq jx jz kq kx mx px qx qz sx tx vq 
 # Words a leaked chat template is made of (Llama 3 header ids, ChatML, Mistral's [INST], Gemma's turns, end tokens).
 _ROLE_WORDS = {"assistant", "user", "system", "model", "inst", "endoftext", "eot"}
 _TEMPLATE_WORDS = _ROLE_WORDS | {"im", "end", "start", "id", "header", "of", "turn", "text", "s", "eos", "bos", "begin"}
+_LIST_MARKER = re.compile(r"^[ \t]*(?:\d{1,3}[.)]|[-*\u2022])[ \t]+", re.M)
 _JUNK_CATEGORIES = {"Cf", "Co", "Cn"}  # format (soft hyphen, zero-width), private use, unassigned
 JUNK_MIN_CHARS = 3
 JUNK_MIN_WORDS = 8
@@ -150,18 +152,20 @@ def degeneration(text: str) -> tuple[str, str] | None:
         hit = _loop(toks, factor)
         if hit:
             return ("token_loop", f"a {hit[0]}-word chunk repeated {hit[1]} times back to back ({where})")
-    toks = _WORD.findall(low)
-    hit = _loop([t for t in toks if not t.isdigit()], 2)
+    hit = _loop(_WORD.findall(_LIST_MARKER.sub(" ", low)), 2)
     if hit:
-        return ("token_loop", f"a {hit[0]}-word chunk repeated {hit[1]} times, numbers aside (a list of one item)")
+        return ("token_loop", f"a {hit[0]}-word chunk repeated {hit[1]} times, list markers aside (a list of one item)")
     leaked = _WORD.findall(SPECIAL_TOKEN.sub(" ", low).replace("_", " "))
     if set(leaked) <= _TEMPLATE_WORDS and set(leaked) & _ROLE_WORDS and (len(leaked) > 1 or not text.strip().isalpha()):
         return ("template_leak", "only chat-template role words or special tokens")
     words = _ALPHA.findall(low)
     if len(words) >= STUTTER_MIN_WORDS:
-        reps = sum(1 for a, b in zip(words, words[1:]) if a == b)
+        # Neighbours in the text, numbers included: "7 x 1 = 7 / 7 x 2 = 14" and "Chapter 1 / Chapter 2" do not stutter.
+        seq = _WORD.findall(low)
+        reps = sum(1 for a, b in zip(seq, seq[1:]) if a == b and not a.isdigit())
         if reps / (len(words) - 1) >= STUTTER_MIN_FRAC:
             return ("word_stutter", f"{reps} of {len(words)} words repeat the previous word")
+    toks = _WORD.findall(low)
     grams = [tuple(toks[i:i + NGRAM_N]) for i in range(len(toks) - NGRAM_N + 1)]
     if len(grams) >= NGRAM_MIN_TOTAL and len(set(grams)) / len(grams) <= NGRAM_MAX_DISTINCT:
         return ("repeated_ngrams", f"only {len(set(grams))} distinct of {len(grams)} {NGRAM_N}-word chunks")
