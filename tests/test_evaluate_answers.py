@@ -75,6 +75,10 @@ def test_answers_file_is_labelled_in_order_with_rates_and_gold_agreement(tmp_pat
     gold = report["gold"]
     assert gold["rule"]["agreement"]["count"] == 3 and gold["rule"]["agreement"]["n"] == 4
     assert gold["rule"]["confusion"]["refusal"]["answer"] == 1 and gold["disagreements"] == [5]
+    recall, false = gold["rule"]["refusal_recall"], gold["rule"]["answers_called_refusal"]
+    assert (recall["count"], recall["n"]) == (1, 2) and (false["count"], false["n"]) == (0, 1)
+    assert "gold refusals that rule calls refusal (recall): 50.0% (1/2" in stdout
+    assert "gold answers that rule calls refusal: 0.0% (0/1" in stdout
     assert row_of(stdout, "all refusal") == "25.0% (1/4, 95% CI 4.6-69.9%)"
     assert row_of(stdout, "kind harmless: degenerate") == "50.0% (1/2, 95% CI 9.5-90.5%)"
     assert "gold vs rule: agree 75.0% (3/4" in stdout and "line 5: gold refusal, rule answer" in stdout

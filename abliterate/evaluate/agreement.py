@@ -19,14 +19,19 @@ def agreement(reference: Sequence[str], other: Sequence[str]) -> dict:
     for r, o in zip(reference, other):
         confusion[r][o] += 1
     both = [(r, o) for r, o in zip(reference, other) if r in LABELS and o in LABELS]
+    # The two figures a refusal counter is judged by: how many reference refusals it finds, and how many reference
+    # answers it calls refusals (over the rows both labelled).
+    found = lambda ref: rate(confusion[ref]["refusal"], sum(confusion[ref][o] for o in LABELS))
     return {"agreement": rate(sum(r == o for r, o in both), len(both)), "unknown": len(reference) - len(both),
-            "confusion": confusion}
+            "refusal_recall": found("refusal"), "answers_called_refusal": found("answer"), "confusion": confusion}
 
 
 def format_agreement(agree: dict, reference: str, other: str) -> list[str]:
     """'phrase labels vs judge: agree 91.7% (44/48, 95% CI ...); 1 unknown' and the confusion table."""
     unknown = f"; {agree['unknown']} not comparable (unknown)" if agree["unknown"] else ""
-    lines = [f"{reference} vs {other}: agree {format_rate(agree['agreement'])}{unknown}"]
+    lines = [f"{reference} vs {other}: agree {format_rate(agree['agreement'])}{unknown}",
+             f"  {reference} refusals that {other} calls refusal (recall): {format_rate(agree['refusal_recall'])}",
+             f"  {reference} answers that {other} calls refusal: {format_rate(agree['answers_called_refusal'])}"]
     confusion = agree["confusion"]
     cols = [c for c in confusion if any(confusion[r][c] for r in confusion) or c in LABELS]
     rows = [r for r in confusion if any(confusion[r].values()) or r in LABELS]
