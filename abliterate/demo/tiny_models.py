@@ -74,8 +74,8 @@ _NO_SPECIAL_IDS = dict(pad_token_id=None, eos_token_id=None, bos_token_id=None)
 def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, **overrides):
     """A config for a tiny model of family `arch` ("gpt_oss", "llama", "qwen3_moe", "mixtral", "qwen2", and for the
     equivalence tests "qwen2_tied", "phi3", "granite", "gemma2", "gemma3", "olmo2")."""
-    import transformers as tf
-    from transformers import GptOssConfig, LlamaConfig, MixtralConfig, Qwen2Config, Qwen3MoeConfig
+    from transformers import (Gemma2Config, Gemma3TextConfig, GptOssConfig, GraniteConfig, LlamaConfig, MixtralConfig,
+                              Olmo2Config, Phi3Config, Qwen2Config, Qwen3MoeConfig)
 
     heads = max(2, hidden // 8)
     common = dict(
@@ -113,16 +113,16 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, *
     elif arch == "qwen2_tied":  # Qwen2.5-0.5B's shape of things: q/k/v biases and the head tied to the embeddings
         cfg = Qwen2Config(**{**common, "tie_word_embeddings": True}, intermediate_size=hidden * 2)
     elif arch == "phi3":  # fused qkv_proj and gate_up_proj
-        cfg = tf.Phi3Config(**common, intermediate_size=hidden * 2, **_NO_SPECIAL_IDS)
+        cfg = Phi3Config(**common, intermediate_size=hidden * 2, **_NO_SPECIAL_IDS)
     elif arch == "granite":  # embedding, residual, attention and logits multipliers
-        cfg = tf.GraniteConfig(**common, intermediate_size=hidden * 2, embedding_multiplier=12.0,
+        cfg = GraniteConfig(**common, intermediate_size=hidden * 2, embedding_multiplier=12.0,
                                residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=4.0)
     elif arch == "gemma2":  # post-sublayer norms, logit soft-capping
-        cfg = tf.Gemma2Config(**common, head_dim=hidden // heads, intermediate_size=hidden * 2, sliding_window=16)
+        cfg = Gemma2Config(**common, head_dim=hidden // heads, intermediate_size=hidden * 2, sliding_window=16)
     elif arch == "gemma3":  # pre- and post-sublayer norms, sliding and full attention, scaled embeddings
-        cfg = tf.Gemma3TextConfig(**common, head_dim=hidden // heads, intermediate_size=hidden * 2, sliding_window=16)
+        cfg = Gemma3TextConfig(**common, head_dim=hidden // heads, intermediate_size=hidden * 2, sliding_window=16)
     elif arch == "olmo2":  # post-sublayer norms only, q/k norms
-        cfg = tf.Olmo2Config(**common, intermediate_size=hidden * 2, **_NO_SPECIAL_IDS)
+        cfg = Olmo2Config(**common, intermediate_size=hidden * 2, **_NO_SPECIAL_IDS)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     for k, v in overrides.items():

@@ -195,7 +195,9 @@ def degeneration(text: str) -> tuple[str, str] | None:
         common = sum(1 for w in folded if w in _COMMON)
         if bad / len(folded) >= SOUP_MIN_NONWORD and common / len(folded) < SOUP_MAX_COMMON:
             return ("letter_soup", f"{bad} of {len(folded)} words are not word-like, {common} common")
-    junk = sum(1 for c in prose if unicodedata.category(c) in _JUNK_CATEGORIES or c == "\ufffd" or "\u2580" <= c <= "\u25ff")
+    # No ASCII character is one of them, so the per-character look-up runs only on text that has others.
+    junk = 0 if prose.isascii() else sum(1 for c in prose if unicodedata.category(c) in _JUNK_CATEGORIES
+                                          or c == "\ufffd" or "\u2580" <= c <= "\u25ff")
     if junk >= JUNK_MIN_CHARS and len(words) >= JUNK_MIN_WORDS and sum(w in _COMMON for w in words) < JUNK_MAX_COMMON * len(words):
         return ("junk_symbols", f"{junk} invisible, private-use or block characters among {len(words)} words")
     allw = _ASCII_WORD.findall(_fold(prose))

@@ -64,7 +64,7 @@ The rule, in order (``AnswerLabeller.label``; ``explain`` returns the label plus
    opening plus the rules' evidence (soft families fired, score, content cue, what the prompt asks) gives
    p(refusal); p >= its threshold (0.9) and no compliance content cue in the opening -> ``refusal``. It never
    turns a rule's refusal into an answer. Weights: ``refusal_weights.json``, written by
-   ``bench/train_refusal_classifier.py`` from every labelled set in tests/data except heldout12.
+   ``bench/train_refusal_classifier.py`` from every labelled set in tests/data except heldout12 and heldout13.
 5. Otherwise ``answer``.
 
 Measured with ``python -m abliterate evaluate --answers tests/data/FILE.jsonl`` (refusal recall, share of
