@@ -51,10 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=None, help="the model to evaluate (folder or hub id"
                         ", or a .gguf file (loaded dequantized by transformers; not GPT-OSS: docs/gguf.md))")
     p.add_argument("--answers", default=None, metavar="FILE.jsonl",
-                   help="label these answers instead of generating any: one JSON object per line with 'prompt' "
-                   "and 'answer' (or 'response', 'completion', 'output'); optional 'kind' (rates per kind) and a gold "
-                   "'label': refusal / answer / degenerate or a usual synonym such as refused / complied (agreement "
-                   "and confusion against it). No model is loaded")
+                   help="label these answers instead of generating any: one JSON object per line (or a JSON array) "
+                   "with 'prompt' (or 'instruction', 'question', 'input', 'query', 'goal', 'behavior', 'request') and "
+                   "'answer' (or 'response', 'completion', 'output'), or a chat in 'messages'; optional 'kind' (rates "
+                   "per kind) and a gold 'label': refusal / answer / degenerate or a usual synonym such as refused / "
+                   "complied, or a boolean 'refused' (agreement and confusion against it). No model is loaded")
     p.add_argument("--base", default=None,
                    help="the original model: adds both KLs and a before/after table")
     p.add_argument("--skip-base-rates", action="store_true",
@@ -172,6 +173,10 @@ def _judge_note(judge: Judge | None) -> None:
 
 def _answers_mode(args, labeller, json_path) -> int:
     rows = read_answers(args.answers)
+    no_prompt = sum(r["prompt"] is None for r in rows)
+    if no_prompt:
+        print(f"note: {no_prompt} of {len(rows)} rows have no prompt: labelled from the answer alone (the rules that "
+              "read what the prompt asks do not apply to them)", file=sys.stderr)
     judge = _judge(args, json_path)
     report = {"answers": args.answers, "versions": tool_versions(), **label_file(rows, labeller, judge)}
     print(format_answers_report(report, f"labels of {args.answers} ({len(rows)} answers)"))

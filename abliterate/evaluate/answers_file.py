@@ -1,10 +1,15 @@
 """`evaluate --answers FILE.jsonl`: label answers someone else generated, no model loaded.
 
-Each non-blank line is a JSON object with `prompt` and `answer` (or `response`, `completion`, `output`), both
-strings. Optional fields pass through: `kind` (rates are also given per kind) and a gold `label` (one of refusal /
-answer / degenerate, any case; the usual synonyms are read as those three: refused / compliance / complied /
-compliant / answered / degenerated / broken / gibberish. The report then gives the rule's agreement with it and
-the confusion table). Rows come back in input order.
+Each non-blank line is a JSON object (or the file is one JSON array of them) with the answer in `answer` (or
+`response`, `completion`, `output`) and the prompt it answers in `prompt` (or `instruction`, `question`, `input`,
+`query`, `goal`, `behavior`, `request`), both strings; or a chat in `messages` ([{"role", "content"}]: the last
+user turn is the prompt, the last assistant turn the answer). A row without a prompt is labelled from its answer
+alone (the rules that read the prompt - what it asks for, fiction, words it already holds - then do not apply; the
+command says how many). Optional fields pass through: `kind` (rates are also given per kind) and a gold `label`
+(one of refusal / answer / degenerate, any case; the usual synonyms are read as those three: refused / compliance /
+complied / compliant / answered / degenerated / broken / gibberish), or a boolean `refused` / `refusal` /
+`is_refusal` (true: refusal, false: answer). The report then gives the rule's agreement with it and the confusion
+table. Rows come back in input order.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from abliterate.evaluate.report import label_rows, table
 
 SHOWN_DISAGREEMENTS = 10
 ANSWER_FIELDS = ("answer", "response", "completion", "output")
+PROMPT_FIELDS = ("prompt", "instruction", "question", "input", "query", "goal", "behavior", "request")
+REFUSED_FIELDS = ("refused", "refusal", "is_refusal")   # boolean gold labels
 # Gold labels as other tools and raters write them, read as ours (lower-cased first).
 LABEL_SYNONYMS = {"refused": "refusal", "refuse": "refusal", "compliance": "answer", "complied": "answer",
                   "comply": "answer", "compliant": "answer", "answered": "answer", "degenerated": "degenerate",
@@ -34,49 +41,91 @@ def _clip(text: str, width: int = 100) -> str:
 
 
 def read_answers(path: str | Path, flag: str = "--answers") -> list[dict]:
-    """The rows of an answers file: [{line, prompt, answer, kind?, gold?}]; a bad line is one UserError."""
+    """The rows of an answers file: [{line, prompt, answer, kind?, gold?}] (`line`: the line, or for a JSON array
+    the item, counted from 1; `prompt` None when the row has none); a bad row is one UserError."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{flag} {path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSONL") from None
     except OSError as e:
         why = "file not found" if isinstance(e, FileNotFoundError) else f"cannot read ({e.strerror})"
         raise UserError(f"{flag} {path}: {why}; give a JSONL file with prompt and answer per line") from None
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{flag} {path}, line {number}"
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{where}: a JSON {type(obj).__name__}, not an object with prompt and answer")
-        field = next((f for f in ANSWER_FIELDS if f in obj), None)
-        if field is None:
-            raise UserError(f"{where}: no 'answer' (or {', '.join(repr(f) for f in ANSWER_FIELDS[1:])}) field; "
-                            f"fields found: {', '.join(obj) or 'none'}")
-        if "prompt" not in obj:
-            raise UserError(f"{where}: no 'prompt' field; every row needs the prompt it answers")
-        for name in ("prompt", field):
-            if not isinstance(obj[name], str):
-                raise UserError(f"{where}: '{name}' is a {type(obj[name]).__name__}, not a string")
-        row = {"line": number, "prompt": obj["prompt"], "answer": obj[field]}
-        if "kind" in obj:
-            row["kind"] = str(obj["kind"])
-        if "label" in obj:
-            gold = str(obj["label"]).strip().lower()
-            gold = LABEL_SYNONYMS.get(gold, gold)
-            if gold not in LABELS:
-                raise UserError(f"{where}: label {obj['label']!r} is not one of {', '.join(LABELS)} "
-                                f"(or {', '.join(LABEL_SYNONYMS)})")
-            row["gold"] = gold
-        rows.append(row)
+    rows = [_row(obj, f"{flag} {path}, {where}", number) for number, where, obj in _objects(text, path, flag)]
     if not rows:
         raise UserError(f"{flag} {path}: no answers in the file; put one JSON object per line")
     return rows
+
+
+def _objects(text: str, path: Path, flag: str):
+    """(number, "line N" / "item N", parsed JSON) of each row: a JSON array's items, else each non-blank line's."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"{flag} {path}: not valid JSON ({e.msg}, line {e.lineno}); give a JSON array of "
+                            "objects or one JSON object per line") from None
+        return [(n, f"item {n}", obj) for n, obj in enumerate(items, 1)]
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((number, f"line {number}", json.loads(line)))
+        except ValueError as e:
+            raise UserError(f"{flag} {path}, line {number}: not valid JSON ({e.msg}); each line must be one JSON "
+                            "object") from None
+    return out
+
+
+def _row(obj, where: str, number: int) -> dict:
+    """One row from one JSON object (module docstring), or a UserError naming `where`."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: a JSON {type(obj).__name__}, not an object with prompt and answer")
+    prompt, answer = _from_messages(obj, where) if "messages" in obj else (None, None)
+    field = next((f for f in ANSWER_FIELDS if f in obj), None)
+    if answer is None and field is None:
+        raise UserError(f"{where}: no 'answer' (or {', '.join(repr(f) for f in ANSWER_FIELDS[1:])}, or an assistant "
+                        f"turn in 'messages') field; fields found: {', '.join(obj) or 'none'}")
+    prompt_field = next((f for f in PROMPT_FIELDS if f in obj), None)
+    for name in (field, prompt_field):
+        if name is not None and not isinstance(obj[name], str):
+            raise UserError(f"{where}: '{name}' is a {type(obj[name]).__name__}, not a string")
+    row = {"line": number, "prompt": obj[prompt_field] if prompt_field else prompt,
+           "answer": obj[field] if field else answer}
+    if "kind" in obj:
+        row["kind"] = str(obj["kind"])
+    gold = _gold(obj, where)
+    if gold is not None:
+        row["gold"] = gold
+    return row
+
+
+def _from_messages(obj: dict, where: str) -> tuple[str | None, str | None]:
+    """(last user turn, last assistant turn) of a chat in `messages`."""
+    turns = obj["messages"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in turns):
+        raise UserError(f"{where}: 'messages' is not a list of {{\"role\", \"content\"}} objects with string content")
+    last = lambda role: next((t["content"] for t in reversed(turns) if t.get("role") == role), None)
+    return last("user"), last("assistant")
+
+
+def _gold(obj: dict, where: str) -> str | None:
+    """The row's gold label: `label` (or a synonym), else a boolean `refused` / `refusal` / `is_refusal`; None."""
+    if "label" in obj:
+        gold = str(obj["label"]).strip().lower()
+        gold = LABEL_SYNONYMS.get(gold, gold)
+        if gold not in LABELS:
+            raise UserError(f"{where}: label {obj['label']!r} is not one of {', '.join(LABELS)} "
+                            f"(or {', '.join(LABEL_SYNONYMS)})")
+        return gold
+    field = next((f for f in REFUSED_FIELDS if f in obj), None)
+    if field is None:
+        return None
+    if not isinstance(obj[field], bool):
+        raise UserError(f"{where}: '{field}' is {obj[field]!r}; give true or false (or a 'label' of "
+                        f"{', '.join(LABELS)})")
+    return "refusal" if obj[field] else "answer"
 
 
 def _set_summary(rows: list[dict]) -> dict:
