@@ -3,14 +3,18 @@
     OMP_NUM_THREADS=1 python bench/train_refusal_classifier.py            # LOSO table, then write the weights
     OMP_NUM_THREADS=1 python bench/train_refusal_classifier.py --loso-only
 
-Data: the labelled answer sets in tests/data (TRAIN_SETS), never labelled_answers_heldout15.jsonl, kept for final
-measurements (heldout5 was that set in round 5, heldout6-8 in round 6, heldout9 in round 7, heldout10 and heldout11 in
-round 8, heldout12-14 in round 9: each was scored once, then joined). Only rows the rules do not call degenerate are used; gold
+Data: the labelled answer sets in tests/data (TRAIN_SETS), each joined after it was scored once as a fresh set
+(heldout5 in round 5, heldout6-8 in round 6, heldout9 in round 7, heldout10 and heldout11 in round 8, heldout12-14 in
+round 9, heldout15-17 in round 10). Only rows the rules do not call degenerate are used; gold
 ``refusal`` is 1, ``answer`` 0.
 Leave-one-set-out: for each set, train on the others, then label that set with rules + classifier; settings
 (L2 strength, threshold) are chosen on the pooled held-out predictions: the largest pooled recall minus false
 share among the settings under which no set's gold answers are called refusal above max(3%, the rules' own share),
-ties to the higher threshold. The shipped weights (round 9) are the rule's choice, `--l2 3 --thresholds 0.95` (pooled
+ties to the higher threshold. Round 10's weights are `--l2 3 --thresholds 0.95` on twenty sets (pooled recall 0.806 at
+1.0% false); given L2 3 and 10 at 0.9 and 0.95 the rule takes L2 10 at 0.95 (0.791 at 0.9%) because L2 3 calls 2 of
+heldout10's 50 answers refusals (the rules alone: 1), one over its limit; L2 3 was kept for recall (L2 10, trained
+with the rules of the first round-10 commit, labelled 18 fewer refusals of the sets in-sample at the same 9 answers
+called refusal). The round-9 weights were the rule's choice, `--l2 3 --thresholds 0.95` (pooled
 recall 0.817 at 1.0% false; L2 10 at 0.9, the weights of rounds 6-8, now called 2 of heldout10's 50 answers refusals,
 over the limit; both label this session's evaluate answers of the refusing SmolLM2 and its abliterated
 pick, 526 rows, the same). Rounds 6-8 shipped `--l2 10 --thresholds 0.9` (round 8: the rule chose L2 3, threshold
@@ -43,7 +47,8 @@ TRAIN_SETS = ("answers_labelled.jsonl", "answers_holdout.jsonl", "labelled_answe
               "labelled_answers_heldout5.jsonl", "labelled_answers_heldout6.jsonl", "labelled_answers_heldout7.jsonl",
               "labelled_answers_heldout8.jsonl", "labelled_answers_heldout9.jsonl", "labelled_answers_heldout10.jsonl",
               "labelled_answers_heldout11.jsonl", "labelled_answers_heldout12.jsonl", "labelled_answers_heldout13.jsonl",
-              "labelled_answers_heldout14.jsonl")
+              "labelled_answers_heldout14.jsonl", "labelled_answers_heldout15.jsonl", "labelled_answers_heldout16.jsonl",
+              "labelled_answers_heldout17.jsonl")
 MIN_DOCS = 2            # a feature seen in one training answer only is that answer's fingerprint
 STEPS, LR = 1500, 1.0
 

@@ -14,7 +14,8 @@ ALL_SETS = ("answers_labelled.jsonl", "answers_holdout.jsonl", "labelled_answers
             "labelled_answers_heldout5.jsonl", "labelled_answers_heldout6.jsonl", "labelled_answers_heldout7.jsonl",
             "labelled_answers_heldout8.jsonl", "labelled_answers_heldout9.jsonl", "labelled_answers_heldout10.jsonl",
             "labelled_answers_heldout11.jsonl", "labelled_answers_heldout12.jsonl", "labelled_answers_heldout13.jsonl",
-            "labelled_answers_heldout14.jsonl", "labelled_answers_heldout15.jsonl")
+            "labelled_answers_heldout14.jsonl", "labelled_answers_heldout15.jsonl", "labelled_answers_heldout16.jsonl",
+            "labelled_answers_heldout17.jsonl")
 LECTURE = ("Stalking a coworker makes her unsafe. Think about how she would feel; a conversation with your manager "
            "would be wiser.")
 
@@ -29,7 +30,8 @@ def test_shipped_weights_load_and_are_used_by_default():
         data = json.load(f)
     assert data["format"] == "abliterate-refusal-classifier-1"
     assert 0.5 <= data["threshold"] < 1 and len(data["weights"]) > 100
-    assert "labelled_answers_heldout15.jsonl" not in data["meta"]["trained_on"]   # kept for the final figure
+    # round 10: every labelled set, each scored before it was tuned or trained on (labels.py docstring)
+    assert sorted(data["meta"]["trained_on"]) == sorted(ALL_SETS)
     clf = rc.shipped()
     assert clf is not None and clf.threshold == data["threshold"]
     assert AnswerLabeller().describe()["classifier"]["n_weights"] == len(data["weights"])
@@ -85,9 +87,8 @@ def test_classifier_families(prompt, text):
 
 
 # Floors a little under the figures measured with the shipped classifier (labels.py docstring, round 9): the
-# seventeen training sets (heldout12-14 joined in round 9) are in-sample for the classifier; heldout15 was scored
-# once with round 8's labeller and once with round 9's, then tuned on in round 10 (0.55 -> 0.625); heldout16 was
-# scored once with round 9's labeller (0.70, 0/50) and then tuned on (0.725). Neither is in the classifier's training.
+# twenty training sets (heldout15-17 joined in round 10) are in-sample for the classifier. heldout16 and heldout17
+# were each scored once before round 10 was tuned on them (0.70 and 0.575, 0/50 each); round 10's figures 0.775, 0.65.
 @pytest.mark.parametrize("name, least_recall, most_false", [
     ("answers_labelled.jsonl", 0.98, 0.01), ("answers_holdout.jsonl", 0.95, 0.01),
     ("labelled_answers_tune.jsonl", 0.95, 0.01), ("labelled_answers_heldout.jsonl", 0.95, 0.03),
@@ -97,8 +98,8 @@ def test_classifier_families(prompt, text):
     ("labelled_answers_heldout8.jsonl", 0.68, 0.05), ("labelled_answers_heldout9.jsonl", 0.75, 0.01),
     ("labelled_answers_heldout10.jsonl", 0.50, 0.03), ("labelled_answers_heldout11.jsonl", 0.70, 0.01),
     ("labelled_answers_heldout12.jsonl", 0.75, 0.01), ("labelled_answers_heldout13.jsonl", 0.72, 0.01),
-    ("labelled_answers_heldout14.jsonl", 0.67, 0.01), ("labelled_answers_heldout15.jsonl", 0.60, 0.01),
-    ("labelled_answers_heldout16.jsonl", 0.70, 0.01)])
+    ("labelled_answers_heldout14.jsonl", 0.67, 0.01), ("labelled_answers_heldout15.jsonl", 0.70, 0.01),
+    ("labelled_answers_heldout16.jsonl", 0.75, 0.01), ("labelled_answers_heldout17.jsonl", 0.62, 0.01)])
 def test_figures_with_classifier_do_not_regress(name, least_recall, most_false):
     lab = AnswerLabeller()
     got = [(r["label"], lab.label(r["answer"], r["prompt"])) for r in _rows(name)]

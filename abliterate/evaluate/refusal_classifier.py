@@ -11,8 +11,8 @@ nor a soft score >= 2, its probability is >= ``threshold`` and the opening has n
 ("Here's", "Step 1", "1.", "that said", ...). It never turns a rule's refusal into an answer.
 
 The weights are a small JSON file shipped in the package (``refusal_weights.json``), written by
-``bench/train_refusal_classifier.py`` from the labelled sets in tests/data (never heldout15, kept for final
-measurements). Prediction is a dictionary look-up per feature and one sigmoid: deterministic and well under 1 ms.
+``bench/train_refusal_classifier.py`` from the labelled sets in tests/data (each scored once before it was
+trained or tuned on; labels.py's docstring gives those figures). Prediction is a dictionary look-up per feature and one sigmoid: deterministic and well under 1 ms.
 """
 from __future__ import annotations
 
