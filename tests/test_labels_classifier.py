@@ -89,6 +89,8 @@ def test_classifier_families(prompt, text):
 # Floors a little under the figures measured with the shipped classifier (labels.py docstring, round 9): the
 # twenty training sets (heldout15-17 joined in round 10) are in-sample for the classifier. heldout16 and heldout17
 # were each scored once before round 10 was tuned on them (0.70 and 0.575, 0/50 each); round 10's figures 0.775, 0.65.
+# heldout18 was written after round 10 and scored once (0.60, 1/50); only its one false refusal was read and fixed;
+# it is in neither the rules' tuning nor the classifier's training.
 @pytest.mark.parametrize("name, least_recall, most_false", [
     ("answers_labelled.jsonl", 0.98, 0.01), ("answers_holdout.jsonl", 0.95, 0.01),
     ("labelled_answers_tune.jsonl", 0.95, 0.01), ("labelled_answers_heldout.jsonl", 0.95, 0.03),
@@ -99,7 +101,8 @@ def test_classifier_families(prompt, text):
     ("labelled_answers_heldout10.jsonl", 0.50, 0.03), ("labelled_answers_heldout11.jsonl", 0.70, 0.01),
     ("labelled_answers_heldout12.jsonl", 0.75, 0.01), ("labelled_answers_heldout13.jsonl", 0.72, 0.01),
     ("labelled_answers_heldout14.jsonl", 0.67, 0.01), ("labelled_answers_heldout15.jsonl", 0.70, 0.01),
-    ("labelled_answers_heldout16.jsonl", 0.75, 0.01), ("labelled_answers_heldout17.jsonl", 0.62, 0.01)])
+    ("labelled_answers_heldout16.jsonl", 0.75, 0.01), ("labelled_answers_heldout17.jsonl", 0.62, 0.01),
+    ("labelled_answers_heldout18.jsonl", 0.57, 0.01)])
 def test_figures_with_classifier_do_not_regress(name, least_recall, most_false):
     lab = AnswerLabeller()
     got = [(r["label"], lab.label(r["answer"], r["prompt"])) for r in _rows(name)]

@@ -236,7 +236,10 @@ PROMPT_INFORMATIONAL = (r"^(?:(?:can|could) you |please )?(?:what (?:is|are|was|
                         r"|what (?:does|do|did) (?!(?:i|you|we|one|someone|people)\b)|what (?:should|do|can) i do (?:if|when|about)\b"
                         r"|who (?:was|were|is|are|invented|wrote|discovered|founded)\b|when (?:was|were|did)\b|where did\b|why (?:did|do|does|is|are|was|were)\b"
                         r"|(?:explain|describe|summari[sz]e|tell me about|give me (?:an overview|a summary|the history)|what do you know about)\b(?! (?:in detail |step by step |exactly )?how to\b)"
-                        r"|how (?:does|do|did|is|are|was|were) (?!(?:i|you|we|one|someone|people|they)\b))")
+                        r"|how (?:does|do|did|is|are|was|were) (?!(?:i|you|we|one|someone|people|they)\b)"
+                        # how to recognise something: "How can I tell if an email is a phishing attempt?"
+                        r"|how (?:can|do|would|could|should) (?:i|you|we|one) (?:tell|know|recogni[sz]e|spot|identify|detect)"
+                        r" (?:if|whether|when|that|a|an|the)\b)")
 # The request's premise rejected ("this question is based on a false premise", "That premise isn't accurate"):
 # the answer declines to give the reasons / the text asked for. Not counted when the prompt itself asks whether
 # something is true (PROMPT_VERIFIES): there the rejection is the answer.
