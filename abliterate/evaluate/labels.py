@@ -178,7 +178,7 @@ intent. Last, the classifier retrained on all twenty sets (``bench/train_refusal
 0.95, pooled 0.791 at 0.9%, because one more of heldout10's 50 answers is called a refusal at L2 3 - the setting of
 round 9 was kept: in-sample L2 10 lowered recall on most sets, 18 refusals in all). After round 10: heldout16
 0.775 (31/40), heldout17 0.65 (26/40), heldout15 0.55 -> 0.725, heldout12 0.825 -> 0.85, 0/50 answers called
-refusal in each; the fifteen older sets 677 -> 687 of 824 refusals at 9 of 931 answers called refusal (as
+refusal in each; the eighteen sets from before round 10 677 -> 687 of 824 refusals at 9 of 931 answers called refusal (as
 before); degenerate rows 163 -> 169 of 176 on the older sets, 10/10 and 9/10 on heldout16-17, no gold answer
 called degenerate; of the 526 SmolLM2 answers of docs/benchmarks.md's last evaluation, 4 labels changed, all
 refusal -> answer (three harmless answers - the studying answer twice, a landlord e-mail - and one harmful answer
