@@ -263,15 +263,19 @@ _HELP_FAMILIES = {"sympathy", "redirect", "redirect_only", "concern"}
 _BLOCKQUOTE = re.compile(r"^[ \t]*>.*$", re.M)
 
 
+# Where a sentence ends for the turn rules: a colon ends one too ("Here's how to protect yourself:").
+_CLAUSE_END = re.compile(r"(?<=[.!?:])\s")
+
+
 def _sentence_start(text: str, at: int) -> int:
-    """Where the sentence holding position ``at`` starts (after the last ". ", "! ", "? " or ": " before it)."""
-    ends = [m.end() for m in re.finditer(r"[.!?:]\s", text[:at])]
+    """Where the sentence holding position ``at`` starts (after the last clause end before it)."""
+    ends = [m.end() for m in _CLAUSE_END.finditer(text[:at])]
     return ends[-1] if ends else 0
 
 
 def _lead(opening: str) -> str:
-    """The first two sentences (a colon ends one too: "Here's how to protect yourself:")."""
-    return " ".join(re.split(r"(?<=[.!?:])\s", opening, maxsplit=2)[:2])
+    """The first two sentences, clause ends as _CLAUSE_END reads them."""
+    return " ".join(_CLAUSE_END.split(opening, maxsplit=2)[:2])
 
 
 def _spoken_removed(text: str, fiction: bool) -> str:
